@@ -1,0 +1,135 @@
+"""The fine-tuning pipeline as a Prefect flow: validate → format → QLoRA SFT → DPO → evaluate → gate.
+
+Reads top to bottom like the recipe it is; the logic lives in tasks/.
+"""
+from __future__ import annotations
+
+import traceback
+from pathlib import Path
+from typing import Any, Optional
+
+from prefect import flow, get_run_logger, task
+from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
+from prefect.cache_policies import NO_CACHE
+
+from configs.loader import apply_overrides, config_from_dict, load_config
+from configs.schema import PipelineConfig
+from tasks import stages
+from tasks.errors import PipelineError
+from tasks.tracking import RunLogger, ui_command
+
+
+def transient_only(task, task_run, state) -> bool:
+    """Retry what can heal by itself (I/O, a busy registry), never bad input or a bad config."""
+    try:
+        state.result()
+    except PipelineError:
+        return False
+    except Exception:
+        return True
+    return False
+
+
+def _log(msg: str) -> None:
+    get_run_logger().info(msg)
+
+
+def _progress(artifact_id, label: str):
+    def update(step: int, max_steps: int, metrics: dict[str, float]) -> None:
+        if artifact_id is not None and max_steps:
+            update_progress_artifact(artifact_id, progress=100.0 * step / max_steps,
+                                     description=f"{label}: step {step}/{max_steps}, loss {metrics.get('loss', float('nan')):.4f}")
+    return update
+
+
+@task(name="resolve-model", retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=transient_only,
+      cache_policy=NO_CACHE)
+def resolve_model(cfg: PipelineConfig) -> stages.ModelInfo:
+    return stages.resolve_model(cfg)
+
+
+@task(name="validate-data", cache_policy=NO_CACHE)
+def validate_data(cfg: PipelineConfig, model: stages.ModelInfo, work_dir: Path, run: RunLogger) -> stages.CleanData:
+    return stages.validate_data(cfg, model, work_dir, run, _log)
+
+
+@task(name="format-chat", cache_policy=NO_CACHE)
+def format_chat(cfg: PipelineConfig, model: stages.ModelInfo, data: stages.CleanData, run: RunLogger):
+    return stages.format_stage(cfg, model, data, run)
+
+
+@task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only, cache_policy=NO_CACHE)
+def train(kind: str, cfg: PipelineConfig, model: stages.ModelInfo, examples: list[dict], work_dir: Path,
+          run: RunLogger, sft_adapter: Optional[str] = None):
+    artifact = create_progress_artifact(progress=0.0, key=f"{kind}-progress", description=f"{kind} training")
+    result = stages.train_stage(kind, cfg, model, examples, work_dir, run, _progress(artifact, kind), sft_adapter)
+    update_progress_artifact(artifact, progress=100.0, description=f"{kind} done: {result.global_step} steps")
+    return result
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate(cfg: PipelineConfig, model: stages.ModelInfo, train_sft: list[dict], heldout: list[dict],
+             heldout_pairs: list[dict], adapters: dict[str, str], run: RunLogger):
+    return stages.evaluate_stage(cfg, model, train_sft, heldout, heldout_pairs, adapters, run, _log)
+
+
+def resolve_config(config: Optional[PipelineConfig], recipe: Optional[str], overrides: list[str]) -> PipelineConfig:
+    if recipe:
+        return load_config(recipe, overrides)
+    base = (config or PipelineConfig()).model_dump(mode="json")
+    return config_from_dict(apply_overrides(base, overrides), "flow parameters") if overrides else (config or PipelineConfig())
+
+
+@flow(name="fine-tune")
+def pipeline_flow(
+    config: PipelineConfig = PipelineConfig(),
+    recipe: Optional[str] = None,
+    overrides: list[str] = [],
+) -> dict[str, Any]:
+    """One pipeline run. `config` is the typed form; a `recipe` YAML (plus `key.sub=value` overrides) replaces it."""
+    cfg = resolve_config(config, recipe, list(overrides))
+    run = RunLogger.start(cfg, tags={"pipeline": "fine-tune"})
+    return run_pipeline(cfg, run)
+
+
+def run_pipeline(cfg: PipelineConfig, run: RunLogger) -> dict[str, Any]:
+    """The body of the flow, shared with sweep arms: any failure marks the MLflow run FAILED and is re-raised."""
+    logger = get_run_logger()
+    work_dir = Path(cfg.output_dir) / run.run_id
+    work_dir.mkdir(parents=True, exist_ok=True)
+    try:
+        run.log_config(cfg)
+        model = resolve_model(cfg)
+        data = validate_data(cfg, model, work_dir, run)
+        train_set, heldout_set = format_chat(cfg, model, data, run)
+
+        sft = train("sft", cfg, model, train_set.sft, work_dir, run)
+        adapters = {"sft": sft.adapter_dir}
+        histories = {"sft": sft.history}
+        if cfg.dpo.enabled and train_set.preference:
+            dpo = train("dpo", cfg, model, train_set.preference, work_dir, run, sft_adapter=sft.adapter_dir)
+            adapters["dpo"] = dpo.adapter_dir
+            histories["dpo"] = dpo.history
+
+        results = evaluate(cfg, model, train_set.sft, heldout_set.sft, heldout_set.preference, adapters, run)
+        run.log_artifact(stages.plot_losses(histories, work_dir / "loss_curves.png"), "plots")
+
+        rows = stages.comparison_rows(results)
+        table = stages.comparison_table(rows)
+        create_table_artifact(rows, key="heldout-comparison", description="Held-out comparison: base vs few-shot vs SFT vs DPO")
+        summary = (f"# Fine-tune run `{run.run_id}`\n\nMLflow run: {run.url()}\n\n{table}\n\n"
+                   f"Open the MLflow UI: `{ui_command(cfg)}`\n")
+        create_markdown_artifact(summary, key="fine-tune-summary", description="Pipeline summary")
+        run.log_text(summary, "summary.md")
+        run.finish("FINISHED")
+        print(f"\n{table}\n\nMLflow run {run.run_id}: {run.url()}\nOpen the MLflow UI: {ui_command(cfg)}\n")
+        return {"run_id": run.run_id, "metrics": {v: r.metrics for v, r in results.items()}, "work_dir": str(work_dir)}
+    except BaseException as err:
+        reason = f"{type(err).__name__}: {err}"
+        logger.error(f"pipeline failed: {reason}")
+        run.set_tags({"failure_reason": reason[:5000]})
+        run.log_text(traceback.format_exc(), "failure/traceback.txt")
+        run.finish("FAILED")
+        create_markdown_artifact(f"# Fine-tune run failed\n\nMLflow run `{run.run_id}`\n\n**Reason:** {reason}\n",
+                                 key="fine-tune-failure", description="Why the run failed")
+        raise

@@ -1,0 +1,55 @@
+"""Standalone data validation: the same checks and contracts as the pipeline, without training."""
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal, Optional
+
+from prefect import flow, task
+from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.cache_policies import NO_CACHE
+
+from configs.schema import PipelineConfig
+from tasks import stages
+from tasks.errors import ContractError
+
+
+def validate_file(cfg: PipelineConfig, path: str, kind: Literal["sft", "preference"], out: Optional[str] = None) -> bool:
+    """Print the report; True when the contract passed. Fatal input problems raise DataError."""
+    from tasks.model import load_tokenizer
+    from tasks.quality import chat_token_lengths
+    from tasks.report import print_report
+
+    model = stages.resolve_model(cfg)
+    token_length = chat_token_lengths(load_tokenizer(model.path, cfg.model))
+    out_dir = Path(out or Path(cfg.output_dir) / "validate" / Path(path).stem)
+    try:
+        _, report, files = stages.validate_split(path, kind, cfg, token_length, out_dir)
+        passed = True
+    except ContractError as err:
+        import json
+
+        report = json.loads((out_dir / "report.json").read_text(encoding="utf-8"))
+        files = {"quarantine": out_dir / "quarantine.jsonl", "json": out_dir / "report.json"}
+        passed = False
+        print(f"contract failed: {err}")
+    print(print_report(report))
+    print(f"report: {files['json']}\nquarantine: {files['quarantine']}")
+    return passed
+
+
+@task(name="validate-file", cache_policy=NO_CACHE)
+def validate_task(cfg: PipelineConfig, path: str, kind: str) -> bool:
+    return validate_file(cfg, path, kind)  # type: ignore[arg-type]
+
+
+@flow(name="validate-data")
+def validate_flow(path: str, kind: Literal["sft", "preference"] = "sft",
+                  config: PipelineConfig = PipelineConfig()) -> bool:
+    """Validate one data file against the quality checks and the GX contracts in data_contracts/."""
+    passed = validate_task(config, path, kind)
+    report_path = Path(config.output_dir) / "validate" / Path(path).stem / "report.md"
+    if report_path.exists():
+        create_markdown_artifact(report_path.read_text(encoding="utf-8"), key="validation-report")
+    if not passed:
+        raise ContractError(f"{path}: data contract failed; see {report_path}")
+    return passed

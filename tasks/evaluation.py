@@ -110,7 +110,8 @@ def answer_logps(model, tokenizer, prompts, answers, cfg: EvalConfig, max_length
 def heldout_loss(logps: list[float], counts: list[int]) -> dict[str, float]:
     tokens = sum(counts)
     loss = -sum(logps) / tokens if tokens else float("nan")
-    return {"heldout_loss": loss, "heldout_perplexity": math.exp(min(loss, 50.0))}
+    # heldout_logprob is the same evidence as the loss, oriented so that higher is better like every gate metric.
+    return {"heldout_loss": loss, "heldout_perplexity": math.exp(min(loss, 50.0)), "heldout_logprob": -loss}
 
 
 def preference_scores(policy: tuple[list[float], list[float]], reference: tuple[list[float], list[float]],

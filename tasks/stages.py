@@ -34,6 +34,7 @@ class CleanData:
     heldout_preference: list[Record]
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     paths: dict[str, str] = field(default_factory=dict)
+    files: dict[str, dict[str, str]] = field(default_factory=dict)
 
 
 def resolve_model(cfg: PipelineConfig) -> ModelInfo:
@@ -96,66 +97,108 @@ def validate_split(path: str, kind: Kind, cfg: PipelineConfig, token_length, out
     return result.kept, report, files
 
 
-def validate_data(cfg: PipelineConfig, model: ModelInfo, work_dir: Path, run: Optional[RunLogger], log: Log = print) -> CleanData:
-    """Every split through the same checks; leakage between train and held-out fails the run."""
+def data_cache_key(cfg: PipelineConfig, model: ModelInfo, paths: dict[str, Optional[str]]) -> str:
+    """Content address of validation: the bytes of every input, the checks' settings and code, the template."""
+    import hashlib
+
+    h = hashlib.sha256()
+    for split in sorted(paths):
+        h.update(split.encode())
+        path = Path(paths[split]) if paths[split] else None
+        files = sorted(p for p in path.rglob("*") if p.is_file()) if path and path.is_dir() else [path] if path else []
+        for f in files:
+            if f.exists():
+                h.update(f.read_bytes())
+            else:
+                h.update(f"missing:{f}".encode())
+    h.update(cfg.quality.model_dump_json().encode())
+    h.update(cfg.data.model_dump_json(exclude={"demo"}).encode())
+    h.update(f"{model.path}|{model.template_fingerprint}|{cfg.seed}".encode())
+    here = Path(__file__).resolve().parent
+    for module in ("importers.py", "quality.py", "contracts.py", "report.py", "stages.py"):
+        h.update((here / module).read_bytes())
+    for suite in sorted((here.parent / "data_contracts").glob("*.json")):
+        h.update(suite.read_bytes())
+    return h.hexdigest()[:20]
+
+
+def validate_data(cfg: PipelineConfig, model: ModelInfo, paths: dict[str, Optional[str]], out_dir: Path,
+                  log: Log = print) -> CleanData:
+    """Every split through the same checks; leakage between train and held-out fails the run.
+
+    Writes reports and quarantine files under out_dir (content-addressed by the caller, so a cached
+    result still points at files that exist)."""
     from tasks.model import load_tokenizer
     from tasks.quality import chat_token_lengths, check_leakage
-    from tasks.report import report_metrics
 
     tokenizer = load_tokenizer(model.path, cfg.model)
     token_length = chat_token_lengths(tokenizer)
-    paths = data_paths(cfg, work_dir)
-    if not paths["sft"]:
+    if not paths.get("sft"):
         raise DataError("data.sft_path is not set", "config")
     out: dict[str, list[Record]] = {}
     reports: dict[str, dict[str, Any]] = {}
+    files: dict[str, dict[str, str]] = {}
     for split, kind in (("sft", "sft"), ("preference", "preference"), ("heldout", "sft"),
                         ("heldout_preference", "preference")):
         if not paths.get(split):
             out[split] = []
             continue
         # Held-out sets are small by design; the training-size contracts apply to train splits only.
-        kept, report, files = validate_split(paths[split], kind, cfg, token_length, work_dir / "data" / split,
-                                             enforce_contract=not split.startswith("heldout"))
+        kept, report, written = validate_split(paths[split], kind, cfg, token_length, out_dir / split,
+                                               enforce_contract=not split.startswith("heldout"))
         out[split], reports[split] = kept, report
+        files[split] = {k: str(v) for k, v in written.items()}
         log(f"validated {split}: {report['counts_in']} rows in, {len(kept)} kept, dropped by reason {report['reasons']}")
-        if run is not None:
-            run.log_metrics(report_metrics(report, prefix=f"data/{split}/"))
-            if split == "sft":
-                run.log_metrics({"data/kept_ratio": report["kept_ratio"]})
-            for f in files.values():
-                run.log_artifact(f, f"data/{split}")
-            run.log_dataset([r.row for r in kept], name=f"{split}", context="heldout" if split.startswith("heldout") else "train",
-                            source=paths[split])
     if not out["heldout"]:
         out["sft"], out["heldout"] = _split(out["sft"], 0.1, cfg.seed)
         log(f"no held-out file: held out {len(out['heldout'])} SFT rows (seeded split)")
     for train_split, held_split in (("sft", "heldout"), ("preference", "heldout_preference")):
         hits = check_leakage(out[train_split], out[held_split], cfg.quality.near_duplicate_threshold)
         if hits:
-            if run is not None:
-                run.log_dict(hits[:200], f"data/leakage_{held_split}.json")
+            leak_file = out_dir / f"leakage_{held_split}.json"
+            leak_file.write_text(json.dumps(hits[:1000], ensure_ascii=False, indent=1, default=str), encoding="utf-8")
             first = hits[0]
             raise ContractError(
                 f"train/held-out leakage: {len(hits)} {held_split} row(s) duplicate {train_split} rows "
-                f"(first: {held_split} line {first.get('heldout_line')} ~ {train_split} line {first.get('train_line')}, "
-                f"{first.get('kind')})")
-    return CleanData(out["sft"], out["preference"], out["heldout"], out["heldout_preference"], reports,
+                f"(first: {first.get('heldout_source')}:{first.get('heldout_line')} ~ "
+                f"{first.get('train_source')}:{first.get('train_line')}, {first.get('kind')}); see {leak_file}")
+    data = CleanData(out["sft"], out["preference"], out["heldout"], out["heldout_preference"], reports,
                      {k: v for k, v in paths.items() if v})
+    data.files = files
+    return data
 
 
-def format_stage(cfg: PipelineConfig, model: ModelInfo, data: CleanData, run: Optional[RunLogger]):
+def log_data(data: CleanData, run: RunLogger) -> None:
+    from tasks.report import report_metrics
+
+    for split, report in data.reports.items():
+        run.log_metrics(report_metrics(report, prefix=f"data/{split}/"))
+        for f in data.files.get(split, {}).values():
+            if Path(f).exists():
+                run.log_artifact(f, f"data/{split}")
+    if "sft" in data.reports:
+        run.log_metrics({"data/kept_ratio": data.reports["sft"]["kept_ratio"]})
+    for split in ("sft", "preference", "heldout", "heldout_preference"):
+        rows = getattr(data, split)
+        if rows:
+            run.log_dataset([r.row for r in rows], name=split, context="heldout" if split.startswith("heldout") else "train",
+                            source=data.paths.get(split, "heldout split of sft"))
+
+
+def format_stage(cfg: PipelineConfig, model: ModelInfo, data: CleanData):
     from tasks.formatting import format_data
     from tasks.model import load_tokenizer
 
     tokenizer = load_tokenizer(model.path, cfg.model)
     train = format_data(tokenizer, data.sft, data.preference, cfg.data.system_prompt)
     held = format_data(tokenizer, data.heldout, data.heldout_preference, cfg.data.system_prompt)
-    if run is not None:
-        run.log_metrics({f"format/{k}": v for k, v in train.token_stats.items()})
-        run.log_params({"chat_template.fingerprint": train.template_fingerprint, "chat_template.eos": model.eos_token,
-                        "model.source_sha256": model.source_sha256 or "n/a"})
     return train, held
+
+
+def log_format(train, model: ModelInfo, run: RunLogger) -> None:
+    run.log_metrics({f"format/{k}": v for k, v in train.token_stats.items()})
+    run.log_params({"chat_template.fingerprint": train.template_fingerprint, "chat_template.eos": model.eos_token,
+                    "model.source_sha256": model.source_sha256 or "n/a"})
 
 
 def train_stage(kind: str, cfg: PipelineConfig, model: ModelInfo, examples: list[dict], work_dir: Path,
@@ -183,7 +226,9 @@ def train_stage(kind: str, cfg: PipelineConfig, model: ModelInfo, examples: list
 
 
 def evaluate_stage(cfg: PipelineConfig, model: ModelInfo, train_sft: list[dict], heldout: list[dict],
-                   heldout_pairs: list[dict], adapters: dict[str, str], run: Optional[RunLogger], log: Log = print):
+                   heldout_pairs: list[dict], adapters: dict[str, str], run: Optional[RunLogger], log: Log = print,
+                   candidate: Optional[str] = None):
+    """Score base, few-shot and every adapter; `candidate` (default: the last trained) gets the headline eval/ keys."""
     from peft import PeftModel
 
     from tasks.evaluation import check_heldout, check_template, evaluate_variants
@@ -211,7 +256,7 @@ def evaluate_stage(cfg: PipelineConfig, model: ModelInfo, train_sft: list[dict],
 
         for variant, res in results.items():
             run.log_metrics({f"eval/{variant}/{k}": v for k, v in res.metrics.items()})
-        candidate = names[-1]
+        candidate = candidate or names[-1]
         run.log_metrics({f"eval/{k}": v for k, v in results[candidate].metrics.items()})
         table = pd.DataFrame([p for res in results.values() for p in res.predictions])
         run.log_table(table, "eval/predictions.json")
@@ -249,3 +294,58 @@ def plot_losses(histories: dict[str, list[dict[str, float]]], path: Path) -> Pat
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
+
+
+@dataclass
+class Champion:
+    version: str
+    run_id: str
+    adapter_dir: Optional[str]
+    recorded_metrics: dict[str, float]
+
+
+def find_champion(cfg: PipelineConfig, model: ModelInfo, log: Log = print) -> Optional[Champion]:
+    """The current champion, with its adapter when it can be re-scored on this run's held-out prompts."""
+    from tasks import registry
+
+    if not cfg.registry.enabled:
+        return None
+    client = registry.registry_client(cfg)
+    registry.check_reachable(client, cfg)
+    version = registry.champion_version(client, cfg.registry.model_name)
+    if version is None:
+        log("no champion yet: the candidate is compared with the base model only")
+        return None
+    adapter = registry.champion_adapter(client, version)
+    if adapter is not None:
+        meta_path = Path(adapter, "ftflow_meta.json")
+        meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
+        if meta.get("template_fingerprint") != model.template_fingerprint or meta.get("base_sha256") != model.source_sha256:
+            log(f"champion v{version.version} was trained on another base or template; using its recorded metrics")
+            adapter = None
+    return Champion(version.version, version.run_id, adapter, registry.champion_recorded_metrics(client, version))
+
+
+def gate_stage(cfg: PipelineConfig, model: ModelInfo, results: dict, candidate: str, adapter_dir: str,
+               champion: Optional[Champion], run: RunLogger, log: Log = print) -> dict[str, Any]:
+    """Register the candidate (idempotently) and move `champion` only through the gate; else `challenger`."""
+    from tasks import registry
+
+    baselines = {name: results[name].metrics for name in ("base", "base_fewshot") if name in results}
+    champion_metrics = None
+    if champion is not None:
+        champion_metrics = results["champion"].metrics if "champion" in results else champion.recorded_metrics
+    decision = registry.decide(results[candidate].metrics, baselines, champion_metrics, cfg)
+    log(f"gate: {decision.summary()}")
+    client = registry.registry_client(cfg)
+    registry.check_reachable(client, cfg)
+    meta = {"template_fingerprint": model.template_fingerprint, "eos_token": model.eos_token}
+    packaged = registry.package_model(cfg, adapter_dir, meta, Path(adapter_dir).parent.parent / "registry")
+    run.log_artifact(packaged, "registry_model")
+    version = registry.register_candidate(client, cfg.registry.model_name, run.run_id)
+    alias = registry.apply_decision(client, cfg.registry.model_name, version, decision, run.run_id)
+    run.log_metrics({"gate/promoted": float(decision.promote)})
+    run.set_tags({"gate.decision": decision.summary(), "gate.alias": alias, "gate.version": version})
+    run.log_dict({"promote": decision.promote, "reasons": decision.reasons, "candidate": decision.candidate,
+                  "compared_with": decision.compared_with, "version": version, "alias": alias}, "gate/decision.json")
+    return {"promoted": decision.promote, "alias": alias, "version": version, "reasons": decision.reasons}

@@ -34,9 +34,16 @@ def list_recipes() -> list[str]:
 def _parse_value(text: str) -> Any:
     # YAML scalars give ints, floats, bools, null and [lists] the way a user types them.
     try:
-        return yaml.safe_load(text)
+        value = yaml.safe_load(text)
     except yaml.YAMLError:
         return text
+    if isinstance(value, str):
+        # YAML 1.1 reads `1e-2` as a string; a user typing it means a number.
+        try:
+            return float(value) if any(c in value for c in ".eE") else int(value)
+        except ValueError:
+            return value
+    return value
 
 
 def apply_overrides(raw: dict, overrides: Iterable[str], source: str = "command line") -> dict:

@@ -124,7 +124,8 @@ class TrainCommon(Strict):
 
 
 class SFTConfig(TrainCommon):
-    assistant_only_loss: bool = Field(True, description="Compute the loss on assistant turns only.")
+    assistant_only_loss: bool = Field(
+        True, description="Loss on the final assistant turn only (prompt tokens masked); false trains on the whole text.")
 
 
 class DPOConfig(TrainCommon):

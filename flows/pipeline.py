@@ -5,6 +5,7 @@ Reads top to bottom like the recipe it is; the logic lives in tasks/.
 from __future__ import annotations
 
 import traceback
+from dataclasses import dataclass
 from datetime import timedelta
 from pathlib import Path
 from typing import Any, Optional
@@ -120,40 +121,87 @@ def pipeline_flow(
     return run_pipeline(cfg, run)
 
 
+@dataclass
+class Prepared:
+    model: stages.ModelInfo
+    data: stages.CleanData
+    train_set: Any
+    heldout_set: Any
+    validated_dir: Path
+
+
+@dataclass
+class Trained:
+    adapters: dict[str, str]
+    histories: dict[str, list]
+    results: dict
+    candidate: str
+    wall_s: float = 0.0
+    peak_memory_mb: float = 0.0
+    trainable_params: int = 0
+
+
+def prepare(cfg: PipelineConfig, run: RunLogger, work_dir: Path, failure_files: list) -> Prepared:
+    """Resolve the model, validate and format the data (cached by content), and log the data to `run`."""
+    model = resolve_model(cfg)
+    paths = collect_data(cfg, work_dir)
+    validated_dir = Path(cfg.output_dir) / "validated" / stages.data_cache_key(cfg, model, paths)
+    failure_files.append(validated_dir)
+    data = validate_data(cfg, model, paths, validated_dir)
+    train_set, heldout_set = format_chat(cfg, model, data, validated_dir)
+    log_data(data, train_set, model, run)
+    return Prepared(model, data, train_set, heldout_set, validated_dir)
+
+
+def train_and_evaluate(cfg: PipelineConfig, prep: Prepared, run: RunLogger, work_dir: Path,
+                       champion: Optional[stages.Champion]) -> Trained:
+    """SFT, then DPO from the SFT adapter, then every variant (and the champion, if any) on the held-out set."""
+    sft = train("sft", cfg, prep.model, prep.train_set.sft, work_dir, run)
+    adapters, histories = {"sft": sft.adapter_dir}, {"sft": sft.history}
+    wall, peak = sft.wall_s, sft.peak_memory_mb
+    if cfg.dpo.enabled and prep.train_set.preference:
+        dpo = train("dpo", cfg, prep.model, prep.train_set.preference, work_dir, run, sft_adapter=sft.adapter_dir)
+        adapters["dpo"], histories["dpo"] = dpo.adapter_dir, dpo.history
+        wall, peak = wall + dpo.wall_s, max(peak, dpo.peak_memory_mb)
+    candidate = list(adapters)[-1]
+    scored = dict(adapters)
+    if champion is not None and champion.adapter_dir:
+        scored["champion"] = champion.adapter_dir
+    results = evaluate(cfg, prep.model, prep.train_set.sft, prep.heldout_set.sft, prep.heldout_set.preference,
+                       scored, run, candidate)
+    run.log_artifact(stages.plot_losses(histories, work_dir / "loss_curves.png"), "plots")
+    return Trained(adapters, histories, results, candidate, wall, peak, sft.trainable_params)
+
+
+def fail_run(run: RunLogger, err: BaseException, failure_files: list, label: str = "Fine-tune run") -> None:
+    """Mark the MLflow run FAILED with the reason, keep what explains it, and leave a Prefect artifact."""
+    reason = f"{type(err).__name__}: {err}"
+    for path in failure_files:
+        if Path(path).exists():
+            run.log_artifact(path, "data")  # the quarantine and reports explain most data failures
+    get_run_logger().error(f"{label} failed: {reason}")
+    run.set_tags({"failure_reason": reason[:5000]})
+    run.log_text(traceback.format_exc(), "failure/traceback.txt")
+    run.finish("FAILED")
+    create_markdown_artifact(f"# {label} failed\n\nMLflow run `{run.run_id}`\n\n**Reason:** {reason}\n",
+                             key="run-failure", description="Why the run failed")
+
+
 def run_pipeline(cfg: PipelineConfig, run: RunLogger) -> dict[str, Any]:
-    """The body of the flow, shared with sweep arms: any failure marks the MLflow run FAILED and is re-raised."""
-    logger = get_run_logger()
+    """The body of the flow: any failure marks the MLflow run FAILED and is re-raised."""
     work_dir = Path(cfg.output_dir) / run.run_id
     work_dir.mkdir(parents=True, exist_ok=True)
-    validated_dir: Optional[Path] = None
+    failure_files: list = []
     try:
         run.log_config(cfg)
-        model = resolve_model(cfg)
-        paths = collect_data(cfg, work_dir)
-        validated_dir = Path(cfg.output_dir) / "validated" / stages.data_cache_key(cfg, model, paths)
-        data = validate_data(cfg, model, paths, validated_dir)
-        train_set, heldout_set = format_chat(cfg, model, data, validated_dir)
-        log_data(data, train_set, model, run)
-
-        sft = train("sft", cfg, model, train_set.sft, work_dir, run)
-        adapters = {"sft": sft.adapter_dir}
-        histories = {"sft": sft.history}
-        if cfg.dpo.enabled and train_set.preference:
-            dpo = train("dpo", cfg, model, train_set.preference, work_dir, run, sft_adapter=sft.adapter_dir)
-            adapters["dpo"] = dpo.adapter_dir
-            histories["dpo"] = dpo.history
-
-        candidate = list(adapters)[-1]
-        champion = find_champion(cfg, model)
-        scored = dict(adapters)
-        if champion is not None and champion.adapter_dir:
-            scored["champion"] = champion.adapter_dir
-        results = evaluate(cfg, model, train_set.sft, heldout_set.sft, heldout_set.preference, scored, run, candidate)
-        run.log_artifact(stages.plot_losses(histories, work_dir / "loss_curves.png"), "plots")
+        prep = prepare(cfg, run, work_dir, failure_files)
+        champion = find_champion(cfg, prep.model)
+        trained = train_and_evaluate(cfg, prep, run, work_dir, champion)
+        results, candidate = trained.results, trained.candidate
 
         gate = None
         if cfg.registry.enabled:
-            gate = promotion_gate(cfg, model, results, candidate, adapters[candidate], champion, run)
+            gate = promotion_gate(cfg, prep.model, results, candidate, trained.adapters[candidate], champion, run)
 
         rows = stages.comparison_rows(results)
         table = stages.comparison_table(rows)
@@ -170,13 +218,5 @@ def run_pipeline(cfg: PipelineConfig, run: RunLogger) -> dict[str, Any]:
         return {"run_id": run.run_id, "metrics": {v: r.metrics for v, r in results.items()}, "work_dir": str(work_dir),
                 "gate": gate}
     except BaseException as err:
-        reason = f"{type(err).__name__}: {err}"
-        if validated_dir is not None and validated_dir.exists():
-            run.log_artifact(validated_dir, "data")  # the quarantine and reports explain most data failures
-        logger.error(f"pipeline failed: {reason}")
-        run.set_tags({"failure_reason": reason[:5000]})
-        run.log_text(traceback.format_exc(), "failure/traceback.txt")
-        run.finish("FAILED")
-        create_markdown_artifact(f"# Fine-tune run failed\n\nMLflow run `{run.run_id}`\n\n**Reason:** {reason}\n",
-                                 key="fine-tune-failure", description="Why the run failed")
+        fail_run(run, err, failure_files)
         raise

@@ -17,7 +17,8 @@ def build_dpo_model(cfg: PipelineConfig, model_path: str, sft_adapter_dir: str):
     base = load_base_model(model_path, cfg.model, cfg.quantization)
     # Given a PeftModel that already holds the SFT adapter, TRL 1.x copies it into a frozen "ref" adapter on the
     # same base weights: the reference policy is the SFT model (DPO's KL anchor) and there is no second model copy.
-    return prepare_peft_model(base, cfg, adapter_dir=sft_adapter_dir, trainable=True)
+    return prepare_peft_model(base, cfg, adapter_dir=sft_adapter_dir, trainable=True,
+                              gradient_checkpointing=cfg.dpo.gradient_checkpointing)
 
 
 def run_dpo(

@@ -147,7 +147,7 @@ def check_template(adapter_dir: str, expected_fingerprint: str, tokenizer) -> No
 
     saved = template_fingerprint(AutoTokenizer.from_pretrained(adapter_dir))
     current = template_fingerprint(tokenizer)
-    if expected_fingerprint and saved != expected_fingerprint or saved != current:
+    if (expected_fingerprint and saved != expected_fingerprint) or saved != current:
         raise DataError(
             f"chat template fingerprint mismatch: adapter trained with {saved}, expected {expected_fingerprint or current}, "
             f"tokenizer in use has {current}", adapter_dir)

@@ -471,6 +471,9 @@ def _language_model(languages: tuple[str, ...]) -> _LanguageModel:
     )
 
 
+_KANA = re.compile(r"[\u3040-\u30ff]")
+
+
 def _language_bytes(text: str) -> bytes:
     # Twice the window in characters is plenty once noise is removed, and bounds the work per row.
     text = " ".join(text[: 2 * LANGUAGE_WINDOW_BYTES].translate(_LANGUAGE_NOISE).split())
@@ -529,6 +532,11 @@ def detect_languages(texts: list[str], candidates: tuple[str, ...] = DETECTABLE_
         for i, original in enumerate(order.tolist()):
             if lengths[i] >= LANGUAGE_MIN_BYTES:
                 result[start + original] = (model.labels[best[i]], float(probability[i]))
+    # Kanji-heavy Japanese scores as Chinese on byte n-grams, but Chinese never writes kana: the script decides.
+    if "ja" in model.labels:
+        for i, (lang, p) in enumerate(result):
+            if lang == "zh" and _KANA.search(texts[i]):
+                result[i] = ("ja", p)
     return result
 
 

@@ -35,12 +35,13 @@ def peak_memory_mb(device: str) -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def prepare_peft_model(model, cfg: PipelineConfig, adapter_dir: Optional[str] = None, trainable: bool = True):
+def prepare_peft_model(model, cfg: PipelineConfig, adapter_dir: Optional[str] = None, trainable: bool = True,
+                       gradient_checkpointing: bool = False):
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
     if cfg.quantization.mode != Quantization.none:
         # Casts norms to fp32 and enables input grads so gradients flow through frozen 4/8-bit layers.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=cfg.sft.gradient_checkpointing)
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
     if adapter_dir:
         return PeftModel.from_pretrained(model, adapter_dir, is_trainable=trainable)
     return get_peft_model(model, build_lora_config(cfg.lora))
@@ -62,13 +63,13 @@ def run_sft(
         torch.cuda.reset_peak_memory_stats()
     tokenizer = load_tokenizer(model_path, cfg.model)
     base = load_base_model(model_path, cfg.model, cfg.quantization)
-    model = prepare_peft_model(base, cfg)
+    model = prepare_peft_model(base, cfg, gradient_checkpointing=cfg.sft.gradient_checkpointing)
     trainable, total = trainable_parameters(model)
 
     ckpt_dir = out_dir / "checkpoints"
     args = SFTConfig(
         **common_args(cfg.sft, ckpt_dir, cfg.seed, device),
-        completion_only_loss=True,
+        completion_only_loss=cfg.sft.assistant_only_loss,
         packing=False,
     )
     logger = MlflowStepLogger(log_metrics, "sft/", progress)

@@ -21,7 +21,8 @@ DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 TRACKED_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "evaluate", "mlflow",
                      "prefect", "great_expectations", "accelerate")
-SECRET_KEY = re.compile(r"(token|secret|password|passwd|api[_-]?key|credential)", re.IGNORECASE)
+# Whole name parts only: `max_tokens` is a count, `hf_token` is a secret.
+SECRET_KEY = re.compile(r"(?:^|[_\-.])(token|secret|password|passwd|credentials?|api[_-]?key)(?:$|[_\-.])", re.IGNORECASE)
 URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.IGNORECASE)
 SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_\-]{20,})\b")
 REDACTED = "***"

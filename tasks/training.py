@@ -30,7 +30,7 @@ def common_args(section: TrainCommon, output_dir: Path, seed: int, device: str) 
         seed=seed,
         data_seed=seed,
         max_length=section.max_length,
-        gradient_checkpointing=section.gradient_checkpointing,
+        activation_checkpointing=section.gradient_checkpointing,
         # Metrics go to MLflow through MlflowStepLogger with an explicit run id, not the global active run.
         report_to="none",
         disable_tqdm=True,

@@ -162,8 +162,6 @@ def test_overrides_reach_the_validated_config():
     assert cfg.sft.max_steps == 2
 
 
-@pytest.mark.xfail(strict=True, reason="BUG configs/loader.py _parse_value: PyYAML (YAML 1.1) reads '1e-2' as a string; "
-                                       "pydantic coerces typed fields but `extra` passes the string on to TRL")
 def test_exponent_floats_parse_as_floats_in_extra():
     cfg = load_config(None, ["sft.extra.weight_decay=1e-2"])
     assert cfg.sft.extra["weight_decay"] == pytest.approx(0.01)

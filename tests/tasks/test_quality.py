@@ -369,3 +369,11 @@ def test_chat_token_lengths_counts_the_templated_conversation():
     longer = p["prompt"] + [{"role": "assistant", "content": p["chosen"]}]
     expected_pair = len(tokenizer.apply_chat_template(longer, tokenize=True, return_dict=True)["input_ids"])
     assert lengths([row, p]) == [expected_sft, expected_pair]
+
+
+def test_kanji_heavy_japanese_is_not_taken_for_chinese():
+    from tasks.quality import detect_languages
+
+    text = '注文をJSONで抽出:\n注文番号7537:鈴木大輔様、椅子×１０、大阪店。\n{"name": "鈴木大輔", "item": "chair"}'
+    assert detect_languages([text], ("en", "ja", "zh"))[0][0] == "ja"
+    assert detect_languages(["这是一个关于订单的中文句子，我们需要检测语言类型。"], ("en", "ja", "zh"))[0][0] == "zh"

@@ -64,8 +64,6 @@ def test_redact_config_dict_walks_nesting():
                                         "urls": ["postgresql://u:***@h/db"], "n": 3}
 
 
-@pytest.mark.xfail(strict=True, reason="BUG tasks/tracking.py SECRET_KEY matches 'token' inside 'max_tokens', so "
-                                       "quality.min_tokens/max_tokens and eval.max_new_tokens are logged as ***")
 def test_token_counts_are_not_secrets():
     flat = flatten(load_config("demo"))
     out = redact(flat)

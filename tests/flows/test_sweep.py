@@ -1,0 +1,96 @@
+"""A tiny rank sweep against a real `mlflow server` on loopback, queried back over HTTP."""
+from __future__ import annotations
+
+import json
+import socket
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from mlflow import MlflowClient
+
+from configs.loader import apply_overrides, config_from_dict
+from configs.schema import SweepConfig
+from flows.sweep import sweep_flow
+from tasks import sweeps
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server(tmp_path):
+    port = _free_port()
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
+    url = f"http://127.0.0.1:{port}"
+    deadline = time.time() + 120
+    import urllib.request
+
+    while time.time() < deadline:
+        try:
+            urllib.request.urlopen(f"{url}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None:
+                raise RuntimeError(proc.stderr.read())
+            time.sleep(1)
+    else:
+        proc.kill()
+        raise TimeoutError("mlflow server did not start")
+    yield url
+    proc.terminate()
+    proc.wait(timeout=30)
+
+
+def test_sweep_lands_as_parent_with_three_children(prefect_harness, tiny_cfg, mlflow_server):
+    cfg = config_from_dict(apply_overrides(tiny_cfg.model_dump(mode="json"), [
+        f"tracking.tracking_uri={mlflow_server}", "sweep.ranks=[8,16,32]", "sft.max_steps=2", "dpo.max_steps=2",
+        "registry.enabled=false", "eval.max_examples=2", "eval.few_shot_k=0"]))
+    out = sweep_flow(config=cfg)
+
+    client = MlflowClient(mlflow_server)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    parent = client.get_run(out["parent_run_id"])
+    assert parent.info.status == "FINISHED"
+    children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
+    assert len(children) == 3
+    pairs = sorted((int(c.data.params["lora.r"]), int(c.data.params["lora.alpha"])) for c in children)
+    assert pairs == [(8, 16), (16, 32), (32, 64)]
+    keys = [set(c.data.metrics) for c in children]
+    assert keys[0] == keys[1] == keys[2]
+    assert {"eval/heldout_exact", "arm/wall_s", "arm/peak_memory_mb", "arm/trainable_params"} <= keys[0]
+    params = sorted(c.data.metrics["arm/trainable_params"] for c in children)
+    assert params[0] * 2 == params[1] and params[1] * 2 == params[2]  # LoRA parameters grow linearly with r
+
+    artifacts = {a.path for a in client.list_artifacts(parent.info.run_id, "sweep")}
+    assert {"sweep/comparison.json", "sweep/sweep_chart.png"} <= artifacts
+    table = json.loads(Path(client.download_artifacts(parent.info.run_id, "sweep/comparison.json")).read_text())
+    assert sorted(row[table["columns"].index("r")] for row in table["data"]) == [8, 16, 32]
+    best = [c for c in children if c.data.tags.get("best_arm") == "true"]
+    assert len(best) == 1 and parent.data.params["sweep.best_run_id"] == best[0].info.run_id
+    # One validation for three arms: the arms log no data of their own.
+    assert all(not c.inputs.dataset_inputs for c in children) and parent.inputs.dataset_inputs
+
+
+def test_arms_and_best_arm_rules():
+    assert sweeps.arms(SweepConfig()) == [(8, 16), (16, 32), (32, 64)]
+    assert sweeps.arms(SweepConfig(ranks=[4, 8], alphas=[4, 8])) == [(4, 4), (8, 8)]
+    assert sweeps.arms(SweepConfig(ranks=[8], alpha_multiplier=0.5)) == [(8, 4)]
+    with pytest.raises(ValueError, match="sweep.alphas"):
+        sweeps.arms(SweepConfig(ranks=[4, 8], alphas=[4]))
+    outcomes = [
+        {"r": 32, "status": "FINISHED", "metrics": {"heldout_exact": 0.9}},
+        {"r": 8, "status": "FINISHED", "metrics": {"heldout_exact": 0.9}},
+        {"r": 16, "status": "FAILED", "metrics": {}},
+    ]
+    assert sweeps.best_arm(outcomes, "heldout_exact")["r"] == 8  # a tie goes to the smaller rank
+    assert sweeps.best_arm([outcomes[2]], "heldout_exact") is None

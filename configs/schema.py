@@ -46,6 +46,8 @@ class ModelConfig(Strict):
         ),
     )
     revision: Optional[str] = Field(None, description="Hub revision (commit, tag or branch) when name_or_path is a hub id.")
+    hf_token_block: Optional[str] = Field(
+        None, description="Name of a Prefect Secret block holding the Hugging Face token; empty uses the HF_TOKEN env var.")
     trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model repo. Off unless you trust it.")
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype for non-quantized layers; auto = bfloat16 on CUDA, float32 on CPU."
@@ -168,6 +170,12 @@ class SweepConfig(Strict):
     concurrent: bool = Field(False, description="Run arms as concurrent subflows instead of one after another.")
 
 
+class DistributedConfig(Strict):
+    num_processes: int = Field(1, ge=1, description="Training processes; more than 1 launches SFT/DPO through `accelerate launch`.")
+    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Data parallel (DDP) or fully sharded (FSDP) when num_processes > 1.")
+    main_process_port: int = Field(29500, ge=1024, le=65535, description="Rendezvous port for the processes (loopback).")
+
+
 class PipelineConfig(Strict):
     """A whole pipeline run: data → format → QLoRA SFT → DPO → evaluate → gate."""
 
@@ -184,6 +192,7 @@ class PipelineConfig(Strict):
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow Model Registry and promotion gate.")
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="LoRA rank sweep.")
+    distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Multi-process training.")
 
     @model_validator(mode="after")
     def _data_present(self) -> "PipelineConfig":

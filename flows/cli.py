@@ -24,6 +24,8 @@ def _parser() -> argparse.ArgumentParser:
     run = sub.add_parser("run", help="One pipeline run from a YAML recipe, with key.sub=value overrides.")
     run.add_argument("recipe", nargs="?", default="demo", help="Recipe file or shipped recipe name (default: demo).")
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. lora.r=8 sft.max_steps=10")
+    run.add_argument("--resume", metavar="RUN_ID", default=None,
+                     help="Continue an interrupted run: same MLflow run, training resumes from its last checkpoint.")
 
     sweep = sub.add_parser("sweep", help="LoRA rank sweep (sweep.ranks), one MLflow child run per arm.")
     sweep.add_argument("recipe", nargs="?", default="sweep")
@@ -60,7 +62,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         if args.command == "run":
             from flows.pipeline import pipeline_flow
 
-            pipeline_flow(config=cfg)
+            pipeline_flow(config=cfg, resume_run_id=args.resume)
         else:
             from flows.sweep import sweep_flow
 

@@ -114,10 +114,13 @@ def pipeline_flow(
     config: PipelineConfig = PipelineConfig(),
     recipe: Optional[str] = None,
     overrides: list[str] = [],
+    resume_run_id: Optional[str] = None,
 ) -> dict[str, Any]:
-    """One pipeline run. `config` is the typed form; a `recipe` YAML (plus `key.sub=value` overrides) replaces it."""
+    """One pipeline run. `config` is the typed form; a `recipe` YAML (plus `key.sub=value` overrides) replaces it.
+
+    `resume_run_id` continues an interrupted run: same MLflow run, same work folder, training from its last checkpoint."""
     cfg = resolve_config(config, recipe, list(overrides))
-    run = RunLogger.start(cfg, tags={"pipeline": "fine-tune"})
+    run = RunLogger.resume(cfg, resume_run_id) if resume_run_id else RunLogger.start(cfg, tags={"pipeline": "fine-tune"})
     return run_pipeline(cfg, run)
 
 

@@ -123,7 +123,10 @@ def bnb_config(q: QuantizationConfig, device: str):
 def load_tokenizer(path: str, cfg: ModelConfig):
     from transformers import AutoTokenizer
 
-    tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code)
+    from tasks.secrets import hf_token
+
+    tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                        token=hf_token(cfg))
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
@@ -132,6 +135,8 @@ def load_tokenizer(path: str, cfg: ModelConfig):
 def load_base_model(path: str, cfg: ModelConfig, q: QuantizationConfig):
     from transformers import AutoModelForCausalLM
 
+    from tasks.secrets import hf_token
+
     device = pick_device(cfg)
     quant = bnb_config(q, device)
     kwargs = dict(
@@ -139,6 +144,7 @@ def load_base_model(path: str, cfg: ModelConfig, q: QuantizationConfig):
         revision=cfg.revision,
         trust_remote_code=cfg.trust_remote_code,
         use_safetensors=True,
+        token=hf_token(cfg),
     )
     if quant is not None:
         kwargs["quantization_config"] = quant

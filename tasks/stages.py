@@ -209,7 +209,13 @@ def train_stage(kind: str, cfg: PipelineConfig, model: ModelInfo, examples: list
 
     log_metrics = run.log_metrics if run is not None else (lambda m, s: None)
     out_dir = work_dir / kind
-    if kind == "sft":
+    if cfg.distributed.num_processes > 1:
+        from tasks.launch import launch
+        from tasks.model import pick_device
+
+        result = launch(kind, cfg, model.path, examples, out_dir, run.run_id if run else None, sft_adapter,
+                        pick_device(cfg.model))
+    elif kind == "sft":
         result = run_sft(cfg, model.path, examples, out_dir, log_metrics, progress)
     else:
         result = run_dpo(cfg, model.path, sft_adapter, examples, out_dir, log_metrics, progress)

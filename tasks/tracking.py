@@ -109,6 +109,21 @@ class RunLogger:
         run = c.create_run(exp_id, run_name=run_name or cfg.tracking.run_name, tags=all_tags)
         return cls(cfg, run.info.run_id)
 
+    @classmethod
+    def resume(cls, cfg: PipelineConfig, run_id: str) -> "RunLogger":
+        from mlflow.exceptions import MlflowException
+
+        from tasks.errors import PipelineError
+
+        logger = cls(cfg, run_id)
+        try:
+            logger.client.get_run(run_id)
+        except MlflowException:
+            raise PipelineError(f"--resume {run_id}: no such MLflow run at {tracking_uri(cfg)}") from None
+        logger.client.update_run(run_id, status="RUNNING")
+        logger.client.set_tag(run_id, "resumed", "true")
+        return logger
+
     @property
     def experiment_id(self) -> str:
         return self.client.get_run(self.run_id).info.experiment_id

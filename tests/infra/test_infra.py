@@ -434,6 +434,16 @@ def test_database_urls_name_databases_and_roles_the_init_script_creates(services
     assert {urlsplit(u).path.lstrip("/") for u in urls.values()} == {"prefect", "mlflow"}
 
 
+def test_mlflow_backend_uri_names_a_driver_its_image_installs(services):
+    # A bare postgresql:// means psycopg2 under SQLAlchemy 2.0 and psycopg 3 under 2.1: name the driver.
+    scheme = urlsplit(environment(services["mlflow"])["MLFLOW_BACKEND_STORE_URI"]).scheme
+    dialect, _, driver = scheme.partition("+")
+    assert dialect == "postgresql" and driver in ("psycopg", "psycopg2"), scheme
+    package = {"psycopg": "psycopg", "psycopg2": "psycopg2-binary"}[driver]
+    installs = " ".join(rest for keyword, rest in dockerfile_instructions(INFRA / "Dockerfile.mlflow") if keyword == "RUN")
+    assert re.search(rf'"{re.escape(package)}[\[=]', installs), f"Dockerfile.mlflow does not install {package}"
+
+
 def test_mlflow_artifacts_go_to_the_bucket_minio_init_creates(services):
     mlflow, init = services["mlflow"], services["minio-init"]
     command = mlflow["command"]

@@ -45,7 +45,14 @@ def _parser() -> argparse.ArgumentParser:
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
     _quiet_env()
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    # key=value overrides may come after options too (`validate FILE --kind sft quality.pii=drop`).
+    args, extra = parser.parse_known_args(argv)
+    stray = [e for e in extra if e.startswith("-") or "=" not in e]
+    if stray:
+        parser.error(f"unrecognized arguments: {' '.join(stray)}")
+    if hasattr(args, "overrides"):
+        args.overrides = [*args.overrides, *extra]
     from configs.loader import ConfigError, list_recipes, load_config
     from tasks.errors import PipelineError
 

@@ -154,7 +154,7 @@ def prefect_server(tmp_path):
     home = tmp_path / "prefect-home"
     env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
            "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_CLI_PROMPT": "false",
-           "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port)}
+           "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port), "COLUMNS": "200"}
     env.pop("PREFECT_API_KEY", None)
     log = tmp_path / "server.log"
     with log.open("w") as out:
@@ -193,14 +193,16 @@ def test_deploy_all_then_run_retrain_like_the_dashboard(prefect_server, tiny_cfg
     env = prefect_server
     cli_log = tmp_path / "cli.log"
     _cli(["work-pool", "create", "local-process", "--type", "process", "--overwrite"], env, cli_log)
-    deployed = _cli(["--no-prompt", "deploy", "--all"], env, cli_log)
-    for name in ("fine-tune/retrain", "rank-sweep/rank-sweep", "validate-data/validate-data"):
-        assert f"Deployment '{name}' successfully created" in deployed, deployed
+    _cli(["--no-prompt", "deploy", "--all"], env, cli_log)
 
-    async def read_deployment(client):
-        return await client.read_deployment_by_name("fine-tune/retrain")
+    async def read_deployments(client):
+        return {f"{(await client.read_flow(d.flow_id)).name}/{d.name}": d for d in await client.read_deployments()}
 
-    dep = asyncio.run(_api(env, read_deployment))
+    deps = asyncio.run(_api(env, read_deployments))
+    assert set(deps) == {"fine-tune/retrain", "rank-sweep/rank-sweep", "validate-data/validate-data"}
+    assert not deps["rank-sweep/rank-sweep"].schedules and not deps["validate-data/validate-data"].schedules
+    assert deps["validate-data/validate-data"].parameter_openapi_schema["required"] == ["path"]
+    dep = deps["fine-tune/retrain"]
     assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in dep.schedules] == [("0 3 * * 1", "Asia/Tokyo", True)]
     assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
     assert dep.enforce_parameter_schema and dep.work_pool_name == "local-process"

@@ -385,6 +385,22 @@ def test_worker_volumes_match_the_image_paths(services):
     assert "/opt/ftflow/runs" in targets  # PipelineConfig.output_dir defaults to runs/ under WORKDIR /opt/ftflow
 
 
+def test_deployments_in_prefect_yaml_can_start_inside_the_worker_image():
+    instructions = dockerfile_instructions(INFRA / "Dockerfile.worker")
+    (workdir,) = [rest for keyword, rest in instructions if keyword == "WORKDIR"]
+    env = {k: v for keyword, rest in instructions if keyword == "ENV" for k, _, v in [i.partition("=") for i in rest.split()]}
+    project = yaml.safe_load((ROOT / "prefect.yaml").read_text())
+    for deployment in project["deployments"]:
+        steps = deployment.get("pull", project.get("pull")) or []
+        directories = [s["prefect.deployments.steps.set_working_directory"]["directory"] for s in steps
+                       if "prefect.deployments.steps.set_working_directory" in s]
+        # Pull steps are resolved against the flow run's environment, so $PWD must mean the code folder there.
+        resolved = [d.replace("{{ $PWD }}", env.get("PWD", "<unset>")) for d in directories]
+        assert resolved in ([], [workdir]), f"{deployment['name']} would start in {resolved}, the code is in {workdir}"
+        entry_file = deployment["entrypoint"].split(":")[0]
+        assert (ROOT / entry_file).is_file(), entry_file
+
+
 def test_mlflow_accepts_the_worker_host_header_and_refuses_others(services, monkeypatch):
     from mlflow.server.security_utils import get_allowed_hosts_from_env, is_allowed_host_header
 

@@ -37,7 +37,11 @@ def _log(msg: str) -> None:
 
 
 def _progress(artifact_id, label: str):
+    logger = get_run_logger()
+
     def update(step: int, max_steps: int, metrics: dict[str, float]) -> None:
+        shown = {k: metrics[k] for k in ("loss", "rewards/accuracies", "rewards/margins", "learning_rate") if k in metrics}
+        logger.info(f"{label} step {step}/{max_steps} " + " ".join(f"{k}={v:.4g}" for k, v in shown.items()))
         if artifact_id is not None and max_steps:
             update_progress_artifact(artifact_id, progress=100.0 * step / max_steps,
                                      description=f"{label}: step {step}/{max_steps}, loss {metrics.get('loss', float('nan')):.4f}")

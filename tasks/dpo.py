@@ -1,7 +1,6 @@
 """DPO with TRL, continuing the SFT adapter; the reference shares the same (quantized) base weights."""
 from __future__ import annotations
 
-import time
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -9,8 +8,8 @@ import torch
 
 from configs.schema import PipelineConfig
 from tasks.model import load_base_model, load_tokenizer, pick_device, trainable_parameters
-from tasks.sft import TrainResult, peak_memory_mb, prepare_peft_model
-from tasks.training import MlflowStepLogger, ProgressFn, checkpoint_step, common_args, last_checkpoint
+from tasks.sft import prepare_peft_model
+from tasks.training import MlflowStepLogger, ProgressFn, TrainResult, common_args, fit
 
 
 def build_dpo_model(cfg: PipelineConfig, model_path: str, sft_adapter_dir: str):
@@ -55,22 +54,4 @@ def run_dpo(
         processing_class=tokenizer,
         callbacks=[logger],
     )
-    resume = last_checkpoint(ckpt_dir)
-    t0 = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume)
-    wall = time.perf_counter() - t0
-
-    adapter_dir = out_dir / "adapter"
-    model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
-    tokenizer.save_pretrained(str(adapter_dir))
-    return TrainResult(
-        adapter_dir=str(adapter_dir),
-        history=logger.history,
-        trainable_params=trainable,
-        total_params=total,
-        wall_s=wall,
-        peak_memory_mb=peak_memory_mb(device),
-        resumed_from_step=checkpoint_step(resume),
-        global_step=output.global_step,
-        metrics={k: float(v) for k, v in output.metrics.items() if isinstance(v, (int, float))},
-    )
+    return fit(trainer, model, tokenizer, logger, ckpt_dir, out_dir, device, trainable, total)

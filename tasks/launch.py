@@ -14,7 +14,7 @@ from typing import Any, Optional
 
 from configs.schema import PipelineConfig
 from tasks.errors import PipelineError
-from tasks.sft import TrainResult
+from tasks.training import TrainResult
 
 
 def accelerate_command(cfg: PipelineConfig, spec_path: Path, device: str) -> list[str]:

@@ -1,8 +1,6 @@
 """QLoRA SFT: a 4-bit (or 8-bit / full) base, a peft LoRA adapter, TRL's SFTTrainer, loss on the answer only."""
 from __future__ import annotations
 
-import time
-from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -10,29 +8,7 @@ import torch
 
 from configs.schema import PipelineConfig, Quantization
 from tasks.model import build_lora_config, load_base_model, load_tokenizer, pick_device, trainable_parameters
-from tasks.training import MlflowStepLogger, ProgressFn, checkpoint_step, common_args, last_checkpoint
-
-
-@dataclass
-class TrainResult:
-    adapter_dir: str
-    history: list[dict[str, float]]
-    trainable_params: int
-    total_params: int
-    wall_s: float
-    peak_memory_mb: float
-    resumed_from_step: int = 0
-    global_step: int = 0
-    metrics: dict[str, float] = field(default_factory=dict)
-
-
-def peak_memory_mb(device: str) -> float:
-    if device == "cuda":
-        return torch.cuda.max_memory_allocated() / 2**20
-    import resource
-
-    # ru_maxrss is the process high-water mark in KiB on Linux: an upper bound for the step on CPU.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+from tasks.training import MlflowStepLogger, ProgressFn, TrainResult, common_args, fit, peak_memory_mb  # noqa: F401
 
 
 def prepare_peft_model(model, cfg: PipelineConfig, adapter_dir: Optional[str] = None, trainable: bool = True,
@@ -80,22 +56,4 @@ def run_sft(
         processing_class=tokenizer,
         callbacks=[logger],
     )
-    resume = last_checkpoint(ckpt_dir)
-    t0 = time.perf_counter()
-    output = trainer.train(resume_from_checkpoint=resume)
-    wall = time.perf_counter() - t0
-
-    adapter_dir = out_dir / "adapter"
-    trainer.save_model(str(adapter_dir))
-    tokenizer.save_pretrained(str(adapter_dir))
-    return TrainResult(
-        adapter_dir=str(adapter_dir),
-        history=logger.history,
-        trainable_params=trainable,
-        total_params=total,
-        wall_s=wall,
-        peak_memory_mb=peak_memory_mb(device),
-        resumed_from_step=checkpoint_step(resume),
-        global_step=output.global_step,
-        metrics={k: float(v) for k, v in output.metrics.items() if isinstance(v, (int, float))},
-    )
+    return fit(trainer, model, tokenizer, logger, ckpt_dir, out_dir, device, trainable, total)

@@ -3,6 +3,7 @@ from __future__ import annotations
 
 import math
 import time
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
@@ -11,6 +12,55 @@ from transformers import TrainerCallback
 from configs.schema import TrainCommon
 
 ProgressFn = Callable[[int, int, dict[str, float]], None]
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: str
+    history: list[dict[str, float]]
+    trainable_params: int
+    total_params: int
+    wall_s: float
+    peak_memory_mb: float
+    resumed_from_step: int = 0
+    global_step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    # ru_maxrss is the process high-water mark in KiB on Linux: an upper bound for the step on CPU.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def fit(trainer, model, tokenizer, logger: "MlflowStepLogger", ckpt_dir: Path, out_dir: Path, device: str,
+        trainable: int, total: int) -> TrainResult:
+    """Train (from the last checkpoint if there is one), save the trained adapter only, and report."""
+    quiet(trainer)
+    resume = last_checkpoint(ckpt_dir)
+    t0 = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume)
+    wall = time.perf_counter() - t0
+    adapter_dir = out_dir / "adapter"
+    # "default" is the adapter being trained; DPO's frozen "ref" copy stays behind.
+    model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
+    tokenizer.save_pretrained(str(adapter_dir))
+    return TrainResult(
+        adapter_dir=str(adapter_dir),
+        history=logger.history,
+        trainable_params=trainable,
+        total_params=total,
+        wall_s=wall,
+        peak_memory_mb=peak_memory_mb(device),
+        resumed_from_step=checkpoint_step(resume),
+        global_step=output.global_step,
+        metrics={k: float(v) for k, v in output.metrics.items() if isinstance(v, (int, float))},
+    )
 
 
 def common_args(section: TrainCommon, output_dir: Path, seed: int, device: str) -> dict[str, Any]:
@@ -82,6 +132,13 @@ class MlflowStepLogger(TrainerCallback):
         self.log_metrics({f"{self.prefix}{k}": v for k, v in numeric.items()}, state.global_step)
         if self.progress is not None:
             self.progress(state.global_step, state.max_steps, numeric)
+
+
+def quiet(trainer) -> None:
+    """Drop the trainer's raw dict printer: progress goes to the Prefect log and MLflow instead."""
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
 
 
 def losses(history: list[dict[str, float]]) -> list[tuple[int, float]]:

@@ -1,6 +1,6 @@
 """What does the pipeline's SFT step cost over a bare TRL script doing the same training?
 
-    .venv/bin/python bench/bench_sft_overhead.py                     # 10 steps, batch 8, 3 repeats (ABABAB)
+    .venv/bin/python bench/bench_sft_overhead.py                     # 10 steps, batch 8, 3 repeats
     .venv/bin/python bench/bench_sft_overhead.py --steps 20 --repeats 1
 
 Both arms train the real demo model (SmolLM2-135M, 4-bit NF4 double-quant, the default LoRA) on the
@@ -12,12 +12,14 @@ with the same steps, batch, max_length, learning rate, schedule and seed:
   bare      a hand-written QLoRA script: from_pretrained + BitsAndBytesConfig, get_peft_model,
             SFTTrainer(SFTConfig(report_to="none")), train, save the adapter.
 
-Each run is a fresh subprocess (cold model load every time), alternating A/B to spread machine noise
-over both arms. The timed span is the same in both: tokenizer + model load through the adapter save;
-imports, data preparation and MLflow store creation happen before the clock starts. Prints one
+Each run is a fresh subprocess (cold model load every time), in ABBA order (the arm that goes first
+alternates) so a drift in the load from other jobs falls on both arms. The timed span is the same in
+both: tokenizer + model load through the adapter save; imports, data preparation and MLflow store
+creation happen before the clock starts. Prints one
 figure per line: medians per arm of the span, of the trainer's own train_runtime per step, of the
-subprocess wall time, the final training loss (a check that both arms did the same work), and the
-ratios pipeline / bare.
+subprocess wall time, the final training loss (a check that both arms did the same work), the
+ratios pipeline / bare of those medians, and the median of the per-repeat s/step ratios (each pair
+ran back to back, so this one is the least sensitive to load from other jobs).
 """
 from __future__ import annotations
 
@@ -71,7 +73,7 @@ def run_arm(arm: str, spec_path: Path, work: Path, index: int) -> dict:
     if proc.returncode != 0:
         sys.stderr.write(log_path.read_text()[-4000:])
         raise SystemExit(f"{arm} run {index} failed with exit code {proc.returncode} (log: {log_path})")
-    return {**json.loads(result_path.read_text()), "process_s": process_s}
+    return {**json.loads(result_path.read_text()), "repeat": index, "process_s": process_s}
 
 
 def median_of(runs: list[dict], arm: str, key: str) -> float:
@@ -117,12 +119,14 @@ def drive(args: argparse.Namespace) -> None:
         print(f"repeats: {args.repeats}")
         runs = []
         for i in range(args.repeats):
-            for arm in ARMS:
+            # ABBA...: alternating which arm goes first cancels a steady drift in machine load.
+            for arm in (ARMS if i % 2 == 0 else ARMS[::-1]):
                 r = run_arm(arm, spec_path, work, i)
                 runs.append(r)
                 print(f"run {i + 1} {arm}: span {r['span_s']:.2f} s, outside train() {r['outside_train_s']:.2f} s, "
                       f"train_runtime {r['train_runtime']:.2f} s ({r['train_runtime'] / r['global_step']:.3f} s/step), "
-                      f"process {r['process_s']:.2f} s, loss {r['train_loss']:.4f}, device {r['device']}", flush=True)
+                      f"process {r['process_s']:.2f} s, loss {r['train_loss']:.4f}, device {r['device']}, "
+                      f"load avg {os.getloadavg()[0]:.1f}", flush=True)
         for arm in ARMS:
             steps = [r["global_step"] for r in runs if r["arm"] == arm]
             if set(steps) != {args.steps}:
@@ -144,6 +148,10 @@ def drive(args: argparse.Namespace) -> None:
         print(f"ratio pipeline/bare span: {span['pipeline'] / span['bare']:.3f}")
         print(f"ratio pipeline/bare s/step: {per_step['pipeline'] / per_step['bare']:.3f}")
         print(f"ratio pipeline/bare subprocess wall: {process['pipeline'] / process['bare']:.3f}")
+        # Each repeat's pair ran back to back, under about the same load from other jobs.
+        by_repeat = {(r["repeat"], r["arm"]): r["train_runtime"] for r in runs}
+        paired = [by_repeat[i, "pipeline"] / by_repeat[i, "bare"] for i in range(args.repeats)]
+        print(f"ratio pipeline/bare s/step, median of per-repeat pairs: {statistics.median(paired):.3f}")
 
 
 # --- workers (one per subprocess) ----------------------------------------------------------------

@@ -91,8 +91,10 @@ def train(kind: str, cfg: PipelineConfig, model: stages.ModelInfo, examples: lis
 
 @task(name="evaluate", cache_policy=NO_CACHE)
 def evaluate(cfg: PipelineConfig, model: stages.ModelInfo, train_sft: list[dict], heldout: list[dict],
-             heldout_pairs: list[dict], adapters: dict[str, str], run: RunLogger, candidate: str):
-    return stages.evaluate_stage(cfg, model, train_sft, heldout, heldout_pairs, adapters, run, _log, candidate)
+             heldout_pairs: list[dict], adapters: dict[str, str], run: Optional[RunLogger], candidate: Optional[str],
+             precomputed: Optional[dict] = None):
+    return stages.evaluate_stage(cfg, model, train_sft, heldout, heldout_pairs, adapters, run, _log, candidate,
+                                 precomputed)
 
 
 @task(name="find-champion", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient_only, cache_policy=NO_CACHE)
@@ -161,7 +163,7 @@ def prepare(cfg: PipelineConfig, run: RunLogger, work_dir: Path, failure_files: 
 
 
 def train_and_evaluate(cfg: PipelineConfig, prep: Prepared, run: RunLogger, work_dir: Path,
-                       champion: Optional[stages.Champion]) -> Trained:
+                       champion: Optional[stages.Champion], baselines: Optional[dict] = None) -> Trained:
     """SFT, then DPO from the SFT adapter, then every variant (and the champion, if any) on the held-out set."""
     sft = train("sft", cfg, prep.model, prep.train_set.sft, work_dir, run)
     adapters, histories = {"sft": sft.adapter_dir}, {"sft": sft.history}
@@ -175,7 +177,7 @@ def train_and_evaluate(cfg: PipelineConfig, prep: Prepared, run: RunLogger, work
     if champion is not None and champion.adapter_dir:
         scored["champion"] = champion.adapter_dir
     results = evaluate(cfg, prep.model, prep.train_set.sft, prep.heldout_set.sft, prep.heldout_set.preference,
-                       scored, run, candidate)
+                       scored, run, candidate, baselines)
     run.log_artifact(stages.plot_losses(histories, work_dir / "loss_curves.png"), "plots")
     return Trained(adapters, histories, results, candidate, wall, peak, sft.trainable_params)
 

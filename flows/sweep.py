@@ -14,7 +14,7 @@ from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from configs.loader import apply_overrides, config_from_dict
 from configs.schema import PipelineConfig
-from flows.pipeline import (Prepared, fail_run, find_champion, prepare, promotion_gate, resolve_config,
+from flows.pipeline import (Prepared, evaluate, fail_run, find_champion, prepare, promotion_gate, resolve_config,
                             train_and_evaluate)
 from tasks import sweeps
 from tasks.tracking import RunLogger, ui_command
@@ -28,7 +28,7 @@ def arm_config(cfg: PipelineConfig, r: int, alpha: int) -> PipelineConfig:
 
 
 @flow(name="sweep-arm")
-def sweep_arm(cfg: PipelineConfig, prep: Prepared, parent_run_id: str, champion=None) -> dict[str, Any]:
+def sweep_arm(cfg: PipelineConfig, prep: Prepared, parent_run_id: str, champion=None, baselines=None) -> dict[str, Any]:
     """One arm in its own flow run and its own nested MLflow run; a failure is reported, not propagated."""
     run = RunLogger.start(cfg, run_name=f"r{cfg.lora.r}-alpha{cfg.lora.resolved_alpha}", parent_run_id=parent_run_id,
                           tags={"pipeline": "sweep-arm"})
@@ -36,7 +36,7 @@ def sweep_arm(cfg: PipelineConfig, prep: Prepared, parent_run_id: str, champion=
     work_dir.mkdir(parents=True, exist_ok=True)
     try:
         run.log_config(cfg)
-        trained = train_and_evaluate(cfg, prep, run, work_dir, champion)
+        trained = train_and_evaluate(cfg, prep, run, work_dir, champion, baselines)
         metrics = trained.results[trained.candidate].metrics
         run.log_metrics({"arm/wall_s": trained.wall_s, "arm/peak_memory_mb": trained.peak_memory_mb,
                          "arm/trainable_params": trained.trainable_params})
@@ -69,12 +69,15 @@ def sweep_flow(
         parent.log_params({"sweep.arms": ", ".join(f"r={r}/alpha={a}" for r, a in arms)})
         prep = prepare(cfg, parent, work_dir, failure_files)
         champion = find_champion(cfg, prep.model)
+        # The base model does not change between arms: score it (zero- and few-shot) once for all of them.
+        baselines = evaluate(cfg, prep.model, prep.train_set.sft, prep.heldout_set.sft, prep.heldout_set.preference,
+                             {}, None, None)
         configs = [arm_config(cfg, r, a) for r, a in arms]
         if cfg.sweep.concurrent:
             with ThreadPoolExecutor(max_workers=len(configs)) as pool:
-                outcomes = list(pool.map(lambda c: sweep_arm(c, prep, parent.run_id, champion), configs))
+                outcomes = list(pool.map(lambda c: sweep_arm(c, prep, parent.run_id, champion, baselines), configs))
         else:
-            outcomes = [sweep_arm(c, prep, parent.run_id, champion) for c in configs]
+            outcomes = [sweep_arm(c, prep, parent.run_id, champion, baselines) for c in configs]
 
         rows = sweeps.comparison(outcomes, cfg.eval.primary_metric)
         parent.log_table(sweeps.table_frame(rows), "sweep/comparison.json")

@@ -23,6 +23,7 @@ class VariantResult:
     variant: str
     metrics: dict[str, float]
     predictions: list[dict[str, Any]] = field(default_factory=list)
+    pair_logps: Optional[tuple[list[float], list[float]]] = None  # (chosen, rejected), the reference for the next stage
 
 
 def few_shot_prompt(prompt: list[dict], shots: list[dict]) -> list[dict]:
@@ -190,8 +191,11 @@ def evaluate_variants(
     beta: float,
     max_length: int,
     log=print,
+    precomputed: Optional[dict[str, VariantResult]] = None,
 ) -> dict[str, VariantResult]:
-    """`model` is a PeftModel holding adapters named after the variants (`sft`, `dpo`); base variants disable them."""
+    """`model` is a PeftModel holding adapters named after the variants (`sft`, `dpo`); base variants disable them.
+
+    `precomputed` results (the base variants a sweep scores once for all arms) are reused, not recomputed."""
     from tasks.metrics import load_suite
 
     suite = load_suite()
@@ -200,9 +204,9 @@ def evaluate_variants(
     prompts = [ex["prompt"] for ex in examples]
     references = [reference_text(ex) for ex in examples]
     answers = [ex["completion"] for ex in examples]
-    results: dict[str, VariantResult] = {}
-    pair_logps: dict[str, tuple[list[float], list[float]]] = {}
-    for variant in variants:
+    results: dict[str, VariantResult] = dict(precomputed or {})
+    pair_logps = {k: r.pair_logps for k, r in results.items() if r.pair_logps is not None}
+    for variant in [v for v in variants if v not in results]:
         with active_variant(model, variant):
             asked = [few_shot_prompt(p, few_shots) for p in prompts] if variant == "base_fewshot" else prompts
             generations = generate(model, tokenizer, asked, cfg, eos_token)
@@ -214,7 +218,7 @@ def evaluate_variants(
                                              [p["chosen"] for p in pairs], cfg, max_length)
                     rejected, _ = answer_logps(model, tokenizer, [p["prompt"] for p in pairs],
                                                [p["rejected"] for p in pairs], cfg, max_length)
-                    pair_logps[variant] = (chosen, rejected)
+                    pair_logps[variant] = result.pair_logps = (chosen, rejected)
         results[variant] = result
         log(f"evaluated {variant}: " + ", ".join(f"{k}={v:.3f}" for k, v in result.metrics.items()))
     # Each tuned policy is scored against the policy it started from, as in its DPO objective.

@@ -233,8 +233,10 @@ def train_stage(kind: str, cfg: PipelineConfig, model: ModelInfo, examples: list
 
 def evaluate_stage(cfg: PipelineConfig, model: ModelInfo, train_sft: list[dict], heldout: list[dict],
                    heldout_pairs: list[dict], adapters: dict[str, str], run: Optional[RunLogger], log: Log = print,
-                   candidate: Optional[str] = None):
-    """Score base, few-shot and every adapter; `candidate` (default: the last trained) gets the headline eval/ keys."""
+                   candidate: Optional[str] = None, precomputed: Optional[dict] = None):
+    """Score base, few-shot and every adapter; `candidate` (default: the last trained) gets the headline eval/ keys.
+
+    With no adapters it scores the base variants alone; `precomputed` base variants are reused."""
     from peft import PeftModel
 
     from tasks.evaluation import check_heldout, check_template, evaluate_variants
@@ -249,15 +251,17 @@ def evaluate_stage(cfg: PipelineConfig, model: ModelInfo, train_sft: list[dict],
     base = load_base_model(model.path, cfg.model, cfg.quantization)
     base.eval()
     names = list(adapters)
-    peft_model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
-    for name in names[1:]:
-        peft_model.load_adapter(adapters[name], adapter_name=name)
-    peft_model.eval()
+    scored_model = base
+    if names:
+        scored_model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+        for name in names[1:]:
+            scored_model.load_adapter(adapters[name], adapter_name=name)
+        scored_model.eval()
     variants = ["base"] + (["base_fewshot"] if cfg.eval.few_shot_k else []) + names
     shots = train_sft[: cfg.eval.few_shot_k]
-    results = evaluate_variants(peft_model, tokenizer, variants, heldout, heldout_pairs, shots, cfg.eval,
-                                model.eos_token, cfg.dpo.beta, cfg.sft.max_length, log)
-    if run is not None:
+    results = evaluate_variants(scored_model, tokenizer, variants, heldout, heldout_pairs, shots, cfg.eval,
+                                model.eos_token, cfg.dpo.beta, cfg.sft.max_length, log, precomputed)
+    if run is not None and names:
         import pandas as pd
 
         for variant, res in results.items():

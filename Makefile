@@ -36,6 +36,12 @@ test: install  ## the whole suite (CI runs this)
 ui: install  ## MLflow UI on the local store
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000
 
+serve: install  ## local Prefect server + MLflow server + worker on loopback, deployments applied
+	bash infra/local/serve.sh
+
+stop:  ## stop what `make serve` started
+	bash infra/local/stop.sh
+
 bench: install
 	$(PY) bench/bench_sft_overhead.py
 	$(PY) bench/bench_validation.py

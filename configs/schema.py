@@ -130,10 +130,15 @@ class SFTConfig(TrainCommon):
         True, description="Loss on the final assistant turn only (prompt tokens masked); false trains on the whole text.")
 
 
-class DPOConfig(TrainCommon):
+class DPOFields(Strict):
     enabled: bool = Field(True, description="Run DPO after SFT, starting from the SFT adapter.")
     beta: float = Field(0.1, gt=0, description="KL penalty strength (the seed's default 0.1).")
     loss_type: DPOLoss = Field(DPOLoss.sigmoid, description="DPO loss: sigmoid (DPO), hinge (SLiC) or ipo.")
+
+
+class DPOConfig(TrainCommon, DPOFields):
+    """DPO's own fields first (the dashboard form follows declaration order), then the shared training ones."""
+
     learning_rate: float = Field(5e-6, gt=0, description="Peak learning rate (the seed uses 5e-7 for 8B on GPU).")
     max_steps: int = Field(30, ge=1, description="Optimizer steps.")
     per_device_batch_size: int = Field(4, ge=1, description="Pairs per device per step.")

@@ -122,9 +122,14 @@ def pipeline_flow(
     overrides: list[str] = [],
     resume_run_id: Optional[str] = None,
 ) -> dict[str, Any]:
-    """One pipeline run. `config` is the typed form; a `recipe` YAML (plus `key.sub=value` overrides) replaces it.
+    """One pipeline run: validate → format → QLoRA SFT → DPO → evaluate → promotion gate.
 
-    `resume_run_id` continues an interrupted run: same MLflow run, same work folder, training from its last checkpoint."""
+    Args:
+        config: The whole run, section by section; ignored when recipe is set.
+        recipe: A recipe in configs/ (e.g. production) or a YAML path; replaces config.
+        overrides: key.sub=value edits applied last, e.g. lora.r=8.
+        resume_run_id: Continue an interrupted run: same MLflow run, training from its last checkpoint.
+    """
     cfg = resolve_config(config, recipe, list(overrides))
     run = RunLogger.resume(cfg, resume_run_id) if resume_run_id else RunLogger.start(cfg, tags={"pipeline": "fine-tune"})
     return run_pipeline(cfg, run)
@@ -218,7 +223,7 @@ def run_pipeline(cfg: PipelineConfig, run: RunLogger) -> dict[str, Any]:
             table += (f"\n\nRegistry: {cfg.registry.model_name} v{gate['version']} -> @{gate['alias']}"
                       f"\nGate: {'; '.join(gate['reasons'])}")
         create_table_artifact(rows, key="heldout-comparison", description="Held-out comparison: base vs few-shot vs SFT vs DPO")
-        summary = (f"# Fine-tune run `{run.run_id}`\n\nMLflow run: {run.url()}\n\n{table}\n\n"
+        summary = (f"# Fine-tune run `{run.run_id}`\n\nMLflow run: [{run.run_id}]({run.url()})\n\n{table}\n\n"
                    f"Open the MLflow UI: `{ui_command(cfg)}`\n")
         create_markdown_artifact(summary, key="fine-tune-summary", description="Pipeline summary")
         run.log_text(summary, "summary.md")

@@ -56,7 +56,13 @@ def sweep_flow(
     recipe: Optional[str] = None,
     overrides: list[str] = [],
 ) -> dict[str, Any]:
-    """Compare LoRA ranks (sweep.ranks, alpha = 2r by default) on the held-out set; the best arm meets the gate."""
+    """Compare LoRA ranks (sweep.ranks, alpha = 2r by default) on the held-out set; the best arm meets the gate.
+
+    Args:
+        config: The whole run, section by section (sweep.ranks lists the arms); ignored when recipe is set.
+        recipe: A recipe in configs/ (e.g. sweep) or a YAML path; replaces config.
+        overrides: key.sub=value edits applied last, e.g. sweep.ranks=[8,16].
+    """
     cfg = resolve_config(config, recipe, list(overrides))
     logger = get_run_logger()
     parent = RunLogger.start(cfg, run_name=f"sweep-r{'-'.join(map(str, cfg.sweep.ranks))}", tags={"pipeline": "sweep"})
@@ -97,7 +103,7 @@ def sweep_flow(
                                   trained.adapters[trained.candidate], champion,
                                   RunLogger(best_cfg, best["run_id"]))
         table = sweeps.markdown(rows)
-        summary = (f"# Rank sweep `{parent.run_id}`\n\nMLflow parent run: {parent.url()}\n\n{table}\n\n"
+        summary = (f"# Rank sweep `{parent.run_id}`\n\nMLflow parent run: [{parent.run_id}]({parent.url()})\n\n{table}\n\n"
                    f"Best arm: r={best['r']}, alpha={best['alpha']}"
                    + (f"; registry: v{gate['version']} -> @{gate['alias']}" if gate else "")
                    + f"\n\nCompare the arms: `{ui_command(cfg)}`, open the experiment, select the child runs, Compare.\n")

@@ -45,7 +45,13 @@ def validate_task(cfg: PipelineConfig, path: str, kind: str) -> bool:
 @flow(name="validate-data")
 def validate_flow(path: str, kind: Literal["sft", "preference"] = "sft",
                   config: PipelineConfig = PipelineConfig()) -> bool:
-    """Validate one data file against the quality checks and the GX contracts in data_contracts/."""
+    """Validate one data file against the quality checks and the GX contracts in data_contracts/.
+
+    Args:
+        path: The data file (jsonl, json, parquet, csv) or saved HF dataset folder, as the worker sees it.
+        kind: sft rows or preference pairs.
+        config: Quality thresholds, input format and the tokenizer's model.
+    """
     passed = validate_task(config, path, kind)
     report_path = Path(config.output_dir) / "validate" / Path(path).stem / "report.md"
     if report_path.exists():

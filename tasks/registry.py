@@ -117,6 +117,8 @@ def package_model(cfg: PipelineConfig, adapter_dir: str, meta: dict[str, Any], o
     """A self-contained pyfunc folder: adapter files, the project's code, the resolved config."""
     import mlflow.pyfunc
 
+    from tasks.tracking import redact_config_dict
+
     target = out_dir / "model"
     if target.exists():
         shutil.rmtree(target)
@@ -125,7 +127,7 @@ def package_model(cfg: PipelineConfig, adapter_dir: str, meta: dict[str, Any], o
         python_model=_python_model_class()(),
         artifacts={"adapter": adapter_dir},
         code_paths=[str(REPO_ROOT / "tasks"), str(REPO_ROOT / "configs")],
-        model_config={"pipeline_config": cfg.model_dump(mode="json"), **meta},
+        model_config={"pipeline_config": redact_config_dict(cfg.model_dump(mode="json")), **meta},
         pip_requirements=["transformers", "peft", "bitsandbytes", "torch", "accelerate", "gguf", "pydantic", "pyyaml"],
     )
     return target

@@ -38,11 +38,21 @@ def redact_text(text: str) -> str:
     return text
 
 
+def is_secret_key(key: str) -> bool:
+    # `hf_token_block` names where a secret lives (a Prefect block), not the secret itself.
+    return bool(SECRET_KEY.search(key)) and not key.endswith("_block")
+
+
+def strip_credentials(uri: str) -> str:
+    """A URL fit to print or link: without its `user:password@` part."""
+    return re.sub(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)[^/@\s]+@", r"\g<scheme>", uri, flags=re.IGNORECASE)
+
+
 def redact(params: dict[str, Any]) -> dict[str, Any]:
     """Secrets never reach params or artifacts: by key name, by URL password, by known token shapes and values."""
     out = {}
     for key, value in params.items():
-        if SECRET_KEY.search(key.split(".")[-1]) and value not in (None, "", [], {}):
+        if is_secret_key(key.split(".")[-1]) and value not in (None, "", [], {}):
             out[key] = REDACTED
         elif isinstance(value, str):
             out[key] = redact_text(value)
@@ -60,6 +70,9 @@ def client(cfg: PipelineConfig):
     from mlflow import MlflowClient
 
     uri = tracking_uri(cfg)
+    if strip_credentials(uri) != uri:
+        # MLflow prints "View run at <uri>" on its own; with credentials in the URI that line would leak them.
+        os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
 
 
@@ -188,7 +201,7 @@ class RunLogger:
         self.client.set_terminated(self.run_id, status=status)
 
     def url(self) -> str:
-        uri = tracking_uri(self.cfg)
+        uri = strip_credentials(tracking_uri(self.cfg))
         base = uri if uri.startswith("http") else "http://127.0.0.1:5000"
         return f"{base.rstrip('/')}/#/experiments/{self.experiment_id}/runs/{self.run_id}"
 
@@ -199,12 +212,12 @@ def redact_config_dict(data: Any, key: str = "") -> Any:
     if isinstance(data, list):
         return [redact_config_dict(v, key) for v in data]
     if isinstance(data, str):
-        return REDACTED if SECRET_KEY.search(key) and data else redact_text(data)
+        return REDACTED if is_secret_key(key) and data else redact_text(data)
     return data
 
 
 def ui_command(cfg: PipelineConfig) -> str:
-    uri = tracking_uri(cfg)
+    uri = strip_credentials(tracking_uri(cfg))
     if uri.startswith("http"):
         return f"open {uri}"
     return f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"

@@ -15,11 +15,13 @@ with the same steps, batch, max_length, learning rate, schedule and seed:
 Each run is a fresh subprocess (cold model load every time), in ABBA order (the arm that goes first
 alternates) so a drift in the load from other jobs falls on both arms. The timed span is the same in
 both: tokenizer + model load through the adapter save; imports, data preparation and MLflow store
-creation happen before the clock starts. Prints one
-figure per line: medians per arm of the span, of the trainer's own train_runtime per step, of the
-subprocess wall time, the final training loss (a check that both arms did the same work), the
-ratios pipeline / bare of those medians, and the median of the per-repeat s/step ratios (each pair
-ran back to back, so this one is the least sensitive to load from other jobs).
+creation happen before the clock starts.
+
+Prints one figure per line: per run, then medians per arm of the span, of the time outside train(),
+of the trainer's own train_runtime per step, of the span's CPU time (all threads; less sensitive than
+wall time to other jobs on a shared CPU box), of the subprocess wall time and of the final training
+loss (a check that both arms did the same work), then the ratios pipeline / bare of those medians and
+the median of the per-pair s/step ratios (each pair ran back to back under about the same load).
 """
 from __future__ import annotations
 
@@ -125,7 +127,7 @@ def drive(args: argparse.Namespace) -> None:
                 runs.append(r)
                 print(f"run {i + 1} {arm}: span {r['span_s']:.2f} s, outside train() {r['outside_train_s']:.2f} s, "
                       f"train_runtime {r['train_runtime']:.2f} s ({r['train_runtime'] / r['global_step']:.3f} s/step), "
-                      f"process {r['process_s']:.2f} s, loss {r['train_loss']:.4f}, device {r['device']}, "
+                      f"span cpu {r['cpu_s']:.2f} s, process {r['process_s']:.2f} s, loss {r['train_loss']:.4f}, device {r['device']}, "
                       f"load avg {os.getloadavg()[0]:.1f}", flush=True)
         for arm in ARMS:
             steps = [r["global_step"] for r in runs if r["arm"] == arm]
@@ -143,10 +145,14 @@ def drive(args: argparse.Namespace) -> None:
             print(f"{a} median train s/step (train_runtime / steps): {per_step[a]:.3f}")
         for a in ARMS:
             print(f"{a} median subprocess wall (incl. interpreter + imports): {process[a]:.2f} s")
+        cpu = {a: median_of(runs, a, "cpu_s") for a in ARMS}
+        for a in ARMS:
+            print(f"{a} median span CPU time (all threads, user + sys): {cpu[a]:.2f} s")
         for a in ARMS:
             print(f"{a} median final train_loss: {median_of(runs, a, 'train_loss'):.4f}")
         print(f"ratio pipeline/bare span: {span['pipeline'] / span['bare']:.3f}")
         print(f"ratio pipeline/bare s/step: {per_step['pipeline'] / per_step['bare']:.3f}")
+        print(f"ratio pipeline/bare span CPU time: {cpu['pipeline'] / cpu['bare']:.3f}")
         print(f"ratio pipeline/bare subprocess wall: {process['pipeline'] / process['bare']:.3f}")
         # Each repeat's pair ran back to back, under about the same load from other jobs.
         by_repeat = {(r["repeat"], r["arm"]): r["train_runtime"] for r in runs}
@@ -171,10 +177,10 @@ def worker_pipeline(spec: dict, out_dir: Path) -> dict:
     })
     # The flow opens its run before the SFT stage; store creation (schema migrations) is not SFT cost.
     run = RunLogger.start(cfg, run_name=out_dir.name)
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     result = run_sft(cfg, spec["model_path"], spec["examples"], out_dir, run.log_metrics)
-    span = time.perf_counter() - t0
-    return {"span_s": span, "outside_train_s": span - result.wall_s, "global_step": result.global_step,
+    span, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"span_s": span, "cpu_s": cpu, "outside_train_s": span - result.wall_s, "global_step": result.global_step,
             "train_runtime": result.metrics["train_runtime"], "train_loss": result.metrics["train_loss"],
             "device": "cuda" if _cuda() else "cpu"}
 
@@ -191,7 +197,7 @@ def worker_bare(spec: dict, out_dir: Path) -> dict:
     dtype = torch.bfloat16 if cuda else torch.float32
     path, sft = spec["model_path"], spec["sft"]
     steps = sft["max_steps"]
-    t0 = time.perf_counter()
+    t0, c0 = time.perf_counter(), time.process_time()
     tokenizer = AutoTokenizer.from_pretrained(path)
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
@@ -231,8 +237,8 @@ def worker_bare(spec: dict, out_dir: Path) -> dict:
     train_wall = time.perf_counter() - t_train
     trainer.save_model(str(out_dir / "adapter"))
     tokenizer.save_pretrained(str(out_dir / "adapter"))
-    span = time.perf_counter() - t0
-    return {"span_s": span, "outside_train_s": span - train_wall, "global_step": output.global_step,
+    span, cpu = time.perf_counter() - t0, time.process_time() - c0
+    return {"span_s": span, "cpu_s": cpu, "outside_train_s": span - train_wall, "global_step": output.global_step,
             "train_runtime": output.metrics["train_runtime"], "train_loss": output.metrics["train_loss"],
             "device": "cuda" if cuda else "cpu"}
 

@@ -4,6 +4,7 @@ Reads top to bottom like the recipe it is; the logic lives in tasks/.
 """
 from __future__ import annotations
 
+import hashlib
 import traceback
 from dataclasses import dataclass
 from datetime import timedelta
@@ -60,8 +61,10 @@ def collect_data(cfg: PipelineConfig, work_dir: Path) -> dict[str, Optional[str]
 
 
 def _content_key(context, parameters) -> str:
-    # validated_dir is named by the content hash of inputs, settings and checking code (stages.data_cache_key).
-    return f"{context.task.name}-{Path(parameters['validated_dir']).name}"
+    # validated_dir is named by the content hash of inputs, settings and checking code (stages.data_cache_key);
+    # its full path is part of the key so a cached result always points at report files that exist.
+    where = hashlib.sha256(str(Path(parameters["validated_dir"]).resolve()).encode()).hexdigest()[:12]
+    return f"{context.task.name}-{Path(parameters['validated_dir']).name}-{where}"
 
 
 @task(name="validate-data", cache_key_fn=_content_key, persist_result=True, cache_expiration=timedelta(days=7))

@@ -41,8 +41,8 @@ def test_better_candidate_promoted_worse_refused(prefect_harness, tiny_cfg, tmp_
     assert tag.startswith("REFUSE") and "champion" in tag
     run = client.get_run(worse["run_id"])
     assert run.data.metrics["gate/promoted"] == 0.0
-    assert json.loads(client.download_artifacts(worse["run_id"], "gate/decision.json", str(tmp_path)) and
-                      open(f"{tmp_path}/gate/decision.json").read())["promote"] is False
+    decision = client.download_artifacts(worse["run_id"], "gate/decision.json", str(tmp_path))
+    assert json.loads(open(decision).read())["promote"] is False
 
     # Idempotent registration: a retried task finds the version it created.
     assert register_candidate(client, name, worse["run_id"]) == "2"

@@ -79,8 +79,13 @@ def format_chat(cfg: PipelineConfig, model: stages.ModelInfo, data: stages.Clean
 
 @task(name="log-data", cache_policy=NO_CACHE)
 def log_data(data: stages.CleanData, train_set, model: stages.ModelInfo, run: RunLogger) -> None:
+    from tasks.report import report_markdown
+
     stages.log_data(data, run)
     stages.log_format(train_set, model, run)
+    sections = [f"## {split}\n\n{report_markdown(report)}" for split, report in data.reports.items()]
+    create_markdown_artifact("# Data validation\n\n" + "\n\n".join(sections), key="data-validation",
+                             description="Rows in and out per reason, contracts, quarantine counts")
 
 
 @task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only, cache_policy=NO_CACHE)

@@ -5,11 +5,11 @@ and steps. The best arm on the primary held-out metric (ties to the smaller r) g
 """
 from __future__ import annotations
 
-from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Any, Optional
 
-from prefect import flow, get_run_logger
+from prefect import flow, get_run_logger, task
+from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from configs.loader import apply_overrides, config_from_dict
@@ -27,9 +27,11 @@ def arm_config(cfg: PipelineConfig, r: int, alpha: int) -> PipelineConfig:
                             f"sweep arm r={r}")
 
 
-@flow(name="sweep-arm")
+# A task, not a subflow: an arm's inputs (the validated data, the base scores) are far larger than the
+# API accepts as flow-run parameters, and a task receives them in memory.
+@task(name="sweep-arm", cache_policy=NO_CACHE)
 def sweep_arm(cfg: PipelineConfig, prep: Prepared, parent_run_id: str, champion=None, baselines=None) -> dict[str, Any]:
-    """One arm in its own flow run and its own nested MLflow run; a failure is reported, not propagated."""
+    """One arm in its own task run and its own nested MLflow run; a failure is reported, not propagated."""
     run = RunLogger.start(cfg, run_name=f"r{cfg.lora.r}-alpha{cfg.lora.resolved_alpha}", parent_run_id=parent_run_id,
                           tags={"pipeline": "sweep-arm"})
     work_dir = Path(cfg.output_dir) / run.run_id
@@ -80,8 +82,8 @@ def sweep_flow(
                              {}, None, None)
         configs = [arm_config(cfg, r, a) for r, a in arms]
         if cfg.sweep.concurrent:
-            with ThreadPoolExecutor(max_workers=len(configs)) as pool:
-                outcomes = list(pool.map(lambda c: sweep_arm(c, prep, parent.run_id, champion, baselines), configs))
+            futures = [sweep_arm.submit(c, prep, parent.run_id, champion, baselines) for c in configs]
+            outcomes = [f.result() for f in futures]
         else:
             outcomes = [sweep_arm(c, prep, parent.run_id, champion, baselines) for c in configs]
 

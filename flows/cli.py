@@ -7,7 +7,7 @@ import sys
 from typing import Optional, Sequence
 
 
-def _quiet_env() -> None:
+def quiet_env() -> None:
     # Nothing in the demo may wait on a model hub; Prefect's ephemeral API needs no server.
     os.environ.setdefault("HF_HUB_OFFLINE", "1")
     os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -45,7 +45,7 @@ def _parser() -> argparse.ArgumentParser:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    _quiet_env()
+    quiet_env()
     parser = _parser()
     # key=value overrides may come after options too (`validate FILE --kind sft quality.pii=drop`).
     args, extra = parser.parse_known_args(argv)

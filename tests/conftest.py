@@ -1,17 +1,14 @@
 """Shared fixtures: a tiny random Llama with the real SmolLM2 tokenizer, isolated MLflow stores, Prefect harness."""
 from __future__ import annotations
 
-import os
 from pathlib import Path
 
 import pytest
 
-os.environ.setdefault("HF_HUB_OFFLINE", "1")
-os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
-os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
-os.environ.setdefault("GX_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
-os.environ.setdefault("DO_NOT_TRACK", "1")
+from flows.cli import quiet_env
+
+# The same offline, no-telemetry environment the CLI sets, before anything imports transformers or Prefect.
+quiet_env()
 
 REPO = Path(__file__).resolve().parents[1]
 

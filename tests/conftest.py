@@ -3,6 +3,12 @@ from __future__ import annotations
 
 from pathlib import Path
 
+import socket
+import subprocess
+import sys
+import time
+import urllib.request
+
 import pytest
 
 from flows.cli import quiet_env
@@ -63,3 +69,35 @@ def prefect_harness():
 
     with prefect_test_harness(server_startup_timeout=120):
         yield
+
+
+def _free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@pytest.fixture
+def mlflow_server_port(tmp_path):
+    """A real `mlflow server` on a free loopback port with a SQLite backend; yields the port."""
+    port = _free_port()
+    log = (tmp_path / "mlflow-server.log").open("w")
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
+         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
+         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
+        stdout=log, stderr=subprocess.STDOUT)
+    deadline = time.time() + 120
+    while True:
+        try:
+            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
+            break
+        except OSError:
+            if proc.poll() is not None or time.time() > deadline:
+                proc.kill()
+                raise RuntimeError((tmp_path / "mlflow-server.log").read_text()[-4000:])
+            time.sleep(1)
+    yield port
+    proc.terminate()
+    proc.wait(timeout=30)
+    log.close()

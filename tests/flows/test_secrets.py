@@ -11,10 +11,6 @@ from __future__ import annotations
 import asyncio
 import secrets
 import string
-import subprocess
-import sys
-import time
-import urllib.request
 import zipfile
 from pathlib import Path
 
@@ -25,39 +21,6 @@ ALPHANUM = string.ascii_letters + string.digits
 
 def _random(n: int) -> str:
     return "".join(secrets.choice(ALPHANUM) for _ in range(n))
-
-
-def _free_port() -> int:
-    import socket
-
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = _free_port()
-    log = (tmp_path / "mlflow-server.log").open("w")
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT)
-    deadline = time.time() + 120
-    while True:
-        try:
-            urllib.request.urlopen(f"http://127.0.0.1:{port}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None or time.time() > deadline:
-                proc.kill()
-                raise RuntimeError((tmp_path / "mlflow-server.log").read_text()[-4000:])
-            time.sleep(1)
-    yield port
-    proc.terminate()
-    proc.wait(timeout=30)
-    log.close()
 
 
 def find_planted(secret_values: dict[str, str], places: dict[str, bytes]) -> list[str]:
@@ -119,7 +82,7 @@ def test_find_planted_sees_a_leak():
 
 
 @pytest.mark.slow
-def test_planted_secrets_leave_no_trace(prefect_harness, tiny_cfg, tmp_path, monkeypatch, capfd, mlflow_server):
+def test_planted_secrets_leave_no_trace(prefect_harness, tiny_cfg, tmp_path, monkeypatch, capfd, mlflow_server_port):
     from mlflow import MlflowClient
     from prefect.blocks.system import Secret
 
@@ -137,7 +100,7 @@ def test_planted_secrets_leave_no_trace(prefect_harness, tiny_cfg, tmp_path, mon
     monkeypatch.setenv("OPENAI_API_KEY", planted["OPENAI_API_KEY env"])
     block = f"ftflow-test-hf-token-{_random(6).lower()}"
     Secret(value=planted["Secret block hf-token"]).save(block, overwrite=True)
-    tracking = f"http://ftflow:{planted['tracking URL password']}@127.0.0.1:{mlflow_server}"
+    tracking = f"http://ftflow:{planted['tracking URL password']}@127.0.0.1:{mlflow_server_port}"
 
     cfg = config_from_dict(apply_overrides(tiny_cfg.model_dump(mode="json"), [
         f"model.hf_token_block={block}", f"tracking.tracking_uri={tracking}",
@@ -148,7 +111,7 @@ def test_planted_secrets_leave_no_trace(prefect_harness, tiny_cfg, tmp_path, mon
     assert state.is_completed(), state.message
     captured = capfd.readouterr()
 
-    client = MlflowClient(f"http://127.0.0.1:{mlflow_server}")
+    client = MlflowClient(f"http://127.0.0.1:{mlflow_server_port}")
     run_id = state.result()["run_id"]
     run = client.get_run(run_id)
     places: dict[str, bytes] = {

@@ -2,10 +2,6 @@
 from __future__ import annotations
 
 import json
-import socket
-import subprocess
-import sys
-import time
 from pathlib import Path
 
 import pytest
@@ -17,41 +13,8 @@ from flows.sweep import sweep_flow
 from tasks import sweeps
 
 
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@pytest.fixture
-def mlflow_server(tmp_path):
-    port = _free_port()
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True)
-    url = f"http://127.0.0.1:{port}"
-    deadline = time.time() + 120
-    import urllib.request
-
-    while time.time() < deadline:
-        try:
-            urllib.request.urlopen(f"{url}/health", timeout=2)
-            break
-        except OSError:
-            if proc.poll() is not None:
-                raise RuntimeError(proc.stderr.read())
-            time.sleep(1)
-    else:
-        proc.kill()
-        raise TimeoutError("mlflow server did not start")
-    yield url
-    proc.terminate()
-    proc.wait(timeout=30)
-
-
-def test_sweep_lands_as_parent_with_three_children(prefect_harness, tiny_cfg, mlflow_server):
+def test_sweep_lands_as_parent_with_three_children(prefect_harness, tiny_cfg, mlflow_server_port):
+    mlflow_server = f"http://127.0.0.1:{mlflow_server_port}"
     cfg = config_from_dict(apply_overrides(tiny_cfg.model_dump(mode="json"), [
         f"tracking.tracking_uri={mlflow_server}", "sweep.ranks=[8,16,32]", "sft.max_steps=2", "dpo.max_steps=2",
         "registry.enabled=false", "eval.max_examples=2", "eval.few_shot_k=0"]))

@@ -7,7 +7,7 @@ Both arms train the real demo model (SmolLM2-135M, 4-bit NF4 double-quant, the d
 same seeded demo rows (the first steps * batch clean rows of sft.jsonl, as prompt/completion pairs),
 with the same steps, batch, max_length, learning rate, schedule and seed:
 
-  pipeline  tasks.sft.run_sft with a real MLflow RunLogger on a throwaway SQLite store, so the
+  pipeline  ftflow.tasks.train.sft.run_sft with a real MLflow RunLogger on a throwaway SQLite store, so the
             per-step metric logging, prepare_model_for_kbit_training and the adapter save are counted;
   bare      a hand-written QLoRA script: from_pretrained + BitsAndBytesConfig, get_peft_model,
             SFTTrainer(SFTConfig(report_to="none")), train, save the adapter.
@@ -46,9 +46,9 @@ ARMS = ("pipeline", "bare")
 
 def clean_examples(work: Path, n: int) -> list[dict]:
     """The first n defect-free demo SFT rows, formatted exactly as the pipeline hands them to TRL."""
-    from configs.schema import DemoDataConfig
-    from tasks.demo_data import generate_demo
-    from tasks.formatting import sft_example
+    from ftflow.configs.schema import DemoDataConfig
+    from ftflow.tasks.data.demo import generate_demo
+    from ftflow.tasks.data.formatting import sft_example
 
     info = generate_demo(DemoDataConfig(), work / "demo")
     bad = {line for kind in info["manifest_content"]["defects"]["sft"].values() for line in kind["lines"]}
@@ -84,7 +84,7 @@ def median_of(runs: list[dict], arm: str, key: str) -> float:
 
 def hyperparameters(args: argparse.Namespace) -> dict:
     """The pipeline's config with the bench's overrides, as plain values both workers read."""
-    from configs.schema import PipelineConfig
+    from ftflow.configs.schema import PipelineConfig
 
     cfg = PipelineConfig.model_validate({
         "seed": args.seed,
@@ -102,8 +102,8 @@ def hyperparameters(args: argparse.Namespace) -> dict:
 
 
 def drive(args: argparse.Namespace) -> None:
-    from configs.schema import ModelConfig
-    from tasks.model import offline_env, resolve_model_path
+    from ftflow.configs.schema import ModelConfig
+    from ftflow.tasks.train.model import offline_env, resolve_model_path
 
     offline_env()
     model_path = str(Path(resolve_model_path(ModelConfig())).resolve())
@@ -163,9 +163,9 @@ def drive(args: argparse.Namespace) -> None:
 # --- workers (one per subprocess) ----------------------------------------------------------------
 
 def worker_pipeline(spec: dict, out_dir: Path) -> dict:
-    from configs.schema import PipelineConfig
-    from tasks.sft import run_sft
-    from tasks.tracking import RunLogger
+    from ftflow.configs.schema import PipelineConfig
+    from ftflow.tasks.train.sft import run_sft
+    from ftflow.tasks.tracking import RunLogger
 
     cfg = PipelineConfig.model_validate({
         "seed": spec["seed"],
@@ -250,7 +250,7 @@ def _cuda() -> bool:
 
 
 def work(arm: str, spec_path: Path, result_path: Path, out_dir: Path) -> None:
-    from tasks.model import offline_env
+    from ftflow.tasks.train.model import offline_env
 
     offline_env()
     # Imports both arms pay alike happen before either clock starts.

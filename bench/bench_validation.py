@@ -1,4 +1,4 @@
-"""Time the full row-level validation (tasks.quality.run_quality) on synthetic SFT rows.
+"""Time the full row-level validation (ftflow.tasks.data.quality.run_quality) on synthetic SFT rows.
 
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_validation.py            # 100,000 rows
     HF_HUB_OFFLINE=1 .venv/bin/python bench/bench_validation.py --rows 20000 --no-tokenizer
@@ -21,9 +21,9 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from configs.schema import QualityConfig  # noqa: E402
-from tasks.quality import chat_token_lengths, normalize_text, run_quality  # noqa: E402
-from tasks.rows import Record  # noqa: E402
+from ftflow.configs.schema import QualityConfig  # noqa: E402
+from ftflow.tasks.data.quality import chat_token_lengths, normalize_text, run_quality  # noqa: E402
+from ftflow.tasks.data.rows import Record  # noqa: E402
 
 EN_NOUNS = (
     "river city garden report engine customer window market budget teacher library signal harbor "
@@ -147,8 +147,8 @@ def main() -> None:
 
     token_length = None
     if not args.no_tokenizer:
-        from configs.schema import ModelConfig
-        from tasks.model import load_tokenizer, offline_env, resolve_model_path
+        from ftflow.configs.schema import ModelConfig
+        from ftflow.tasks.train.model import load_tokenizer, offline_env, resolve_model_path
 
         offline_env()
         tokenizer = load_tokenizer(resolve_model_path(ModelConfig()), ModelConfig())

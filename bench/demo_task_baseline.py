@@ -19,9 +19,9 @@ sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
 
-from configs.schema import DemoDataConfig, ModelConfig, Quantization, QuantizationConfig  # noqa: E402
-from tasks.demo_data import generate_demo, score_extraction  # noqa: E402
-from tasks.model import load_base_model, load_tokenizer, offline_env, resolve_model_path  # noqa: E402
+from ftflow.configs.schema import DemoDataConfig, ModelConfig, Quantization, QuantizationConfig  # noqa: E402
+from ftflow.tasks.data.demo import generate_demo, score_extraction  # noqa: E402
+from ftflow.tasks.train.model import load_base_model, load_tokenizer, offline_env, resolve_model_path  # noqa: E402
 
 
 def read_jsonl(path: str) -> list[dict]:

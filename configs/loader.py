@@ -7,7 +7,7 @@ from typing import Any, Iterable, Optional
 import yaml
 from pydantic import ValidationError
 
-from configs.schema import PipelineConfig
+from ftflow.configs.schema import PipelineConfig
 
 RECIPES_DIR = Path(__file__).resolve().parent
 

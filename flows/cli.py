@@ -54,25 +54,25 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if hasattr(args, "overrides"):
         args.overrides = [*args.overrides, *extra]
-    from configs.loader import ConfigError, list_recipes, load_config
-    from tasks.errors import PipelineError
+    from ftflow.configs.loader import ConfigError, list_recipes, load_config
+    from ftflow.tasks.errors import PipelineError
 
     try:
         if args.command == "recipes":
             print("\n".join(list_recipes()))
             return 0
         if args.command == "validate":
-            from flows.validate import validate_file
+            from ftflow.validate import validate_file
 
             cfg = load_config(args.recipe, [f"data.format={args.format}", *args.overrides])
             return 0 if validate_file(cfg, args.file, args.kind, args.out) else 1
         cfg = load_config(args.recipe, args.overrides)
         if args.command == "run":
-            from flows.pipeline import pipeline_flow
+            from ftflow.pipeline import pipeline_flow
 
             pipeline_flow(config=cfg, resume_run_id=args.resume)
         else:
-            from flows.sweep import sweep_flow
+            from ftflow.sweep import sweep_flow
 
             sweep_flow(config=cfg)
         return 0

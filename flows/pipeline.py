@@ -15,11 +15,11 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, create_table_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
-from configs.loader import apply_overrides, config_from_dict, load_config
-from configs.schema import PipelineConfig
-from tasks import stages
-from tasks.errors import PipelineError
-from tasks.tracking import RunLogger, ui_command
+from ftflow.configs.loader import apply_overrides, config_from_dict, load_config
+from ftflow.configs.schema import PipelineConfig
+from ftflow.tasks import stages
+from ftflow.tasks.errors import PipelineError
+from ftflow.tasks.tracking import RunLogger, ui_command
 
 
 def transient_only(task, task_run, state) -> bool:
@@ -79,7 +79,7 @@ def format_chat(cfg: PipelineConfig, model: stages.ModelInfo, data: stages.Clean
 
 @task(name="log-data", cache_policy=NO_CACHE)
 def log_data(data: stages.CleanData, train_set, model: stages.ModelInfo, run: RunLogger) -> None:
-    from tasks.report import report_markdown
+    from ftflow.tasks.data.report import report_markdown
 
     stages.log_data(data, run)
     stages.log_format(train_set, model, run)

@@ -12,12 +12,12 @@ from prefect import flow, get_run_logger, task
 from prefect.cache_policies import NO_CACHE
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from configs.loader import apply_overrides, config_from_dict
-from configs.schema import PipelineConfig
-from flows.pipeline import (Prepared, evaluate, fail_run, find_champion, prepare, promotion_gate, resolve_config,
+from ftflow.configs.loader import apply_overrides, config_from_dict
+from ftflow.configs.schema import PipelineConfig
+from ftflow.pipeline import (Prepared, evaluate, fail_run, find_champion, prepare, promotion_gate, resolve_config,
                             train_and_evaluate)
-from tasks import sweeps
-from tasks.tracking import RunLogger, ui_command
+from ftflow.tasks.evaluate import sweeps
+from ftflow.tasks.tracking import RunLogger, ui_command
 
 
 def arm_config(cfg: PipelineConfig, r: int, alpha: int) -> PipelineConfig:

@@ -8,16 +8,16 @@ from prefect import flow, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from configs.schema import PipelineConfig
-from tasks import stages
-from tasks.errors import ContractError
+from ftflow.configs.schema import PipelineConfig
+from ftflow.tasks import stages
+from ftflow.tasks.errors import ContractError
 
 
 def validate_file(cfg: PipelineConfig, path: str, kind: Literal["sft", "preference"], out: Optional[str] = None) -> bool:
     """Print the report; True when the contract passed. Fatal input problems raise DataError."""
-    from tasks.model import load_tokenizer
-    from tasks.quality import chat_token_lengths
-    from tasks.report import print_report
+    from ftflow.tasks.train.model import load_tokenizer
+    from ftflow.tasks.data.quality import chat_token_lengths
+    from ftflow.tasks.data.report import print_report
 
     model = stages.resolve_model(cfg)
     token_length = chat_token_lengths(load_tokenizer(model.path, cfg.model))

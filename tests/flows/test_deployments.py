@@ -30,7 +30,7 @@ RECIPE_BLOCK = re.compile(r"^(?P<indent> *)# BEGIN configs/(?P<recipe>[\w-]+)\.y
 
 def render_recipe_blocks(text: str) -> str:
     """prefect.yaml with every BEGIN/END block replaced by the resolved recipe it names (as a YAML anchor)."""
-    from configs.loader import load_config
+    from ftflow.configs.loader import load_config
 
     def block(m: re.Match) -> str:
         indent, recipe = m["indent"], m["recipe"]
@@ -49,7 +49,7 @@ def deployments() -> dict[str, dict]:
 # ---------------------------------------------------------------- prefect.yaml as a file (fast)
 
 def test_deployment_parameters_are_the_resolved_recipes():
-    from configs.loader import load_config
+    from ftflow.configs.loader import load_config
 
     deps = deployments()
     production = load_config("production").model_dump(mode="json")
@@ -61,7 +61,7 @@ def test_deployment_parameters_are_the_resolved_recipes():
 
 
 def test_render_replaces_only_the_marked_block():
-    from configs.loader import load_config
+    from ftflow.configs.loader import load_config
 
     text = "a:\n  # BEGIN configs/tiny.yaml (generated)\n  config: &tiny\n    stale: true\n  # END configs/tiny.yaml\nb: *tiny\n"
     out = render_recipe_blocks(text)
@@ -109,7 +109,7 @@ def _schema_checks(schema: dict) -> None:
 def test_flow_parameter_schema_is_the_typed_config():
     from prefect.utilities.callables import parameter_schema
 
-    from flows.pipeline import pipeline_flow
+    from ftflow.pipeline import pipeline_flow
 
     _schema_checks(parameter_schema(pipeline_flow).model_dump_for_openapi())
 
@@ -202,7 +202,7 @@ async def _api(env: dict, call):
 def test_deploy_all_then_run_retrain_like_the_dashboard(prefect_server, tiny_cfg, tmp_path):
     from mlflow import MlflowClient
 
-    from configs.loader import apply_overrides, config_from_dict
+    from ftflow.configs.loader import apply_overrides, config_from_dict
 
     env = prefect_server
     cli_log = tmp_path / "cli.log"

@@ -4,8 +4,8 @@ from __future__ import annotations
 import pytest
 from mlflow import MlflowClient
 
-from configs.loader import load_config
-from flows.pipeline import pipeline_flow
+from ftflow.configs.loader import load_config
+from ftflow.pipeline import pipeline_flow
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]

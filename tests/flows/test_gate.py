@@ -8,9 +8,9 @@ import sys
 import pytest
 from mlflow import MlflowClient
 
-from configs.loader import apply_overrides, config_from_dict
-from flows.pipeline import pipeline_flow
-from tasks.registry import decide, register_candidate
+from ftflow.configs.loader import apply_overrides, config_from_dict
+from ftflow.pipeline import pipeline_flow
+from ftflow.tasks.registry.gate import decide, register_candidate
 
 # The tiny random model cannot produce exact JSON, so the gate ranks on held-out log-likelihood here;
 # the demo recipe ranks on heldout_exact.
@@ -64,7 +64,7 @@ def test_unreachable_registry_fails_and_registers_nothing(prefect_harness, tiny_
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "2")
     cfg = _cfg(tiny_cfg, "sft.max_steps=1", "registry.registry_uri=http://127.0.0.1:9")
-    from tasks.registry import RegistryError
+    from ftflow.tasks.registry.gate import RegistryError
 
     with pytest.raises(RegistryError, match="cannot be reached"):
         pipeline_flow(config=cfg)
@@ -75,7 +75,7 @@ def test_unreachable_registry_fails_and_registers_nothing(prefect_harness, tiny_
 
 
 def _cfg_plain(**registry):
-    from configs.schema import PipelineConfig
+    from ftflow.configs.schema import PipelineConfig
 
     return PipelineConfig.model_validate({"registry": registry})
 

@@ -7,8 +7,8 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from flows.cli import main
-from flows.pipeline import pipeline_flow
+from ftflow.cli import main
+from ftflow.pipeline import pipeline_flow
 
 
 def _runs(cfg):

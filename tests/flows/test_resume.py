@@ -11,7 +11,7 @@ from pathlib import Path
 import yaml
 from mlflow import MlflowClient
 
-from configs.loader import apply_overrides, config_from_dict
+from ftflow.configs.loader import apply_overrides, config_from_dict
 
 SAVE_EVERY = 4
 
@@ -22,7 +22,7 @@ def test_killed_run_resumes_from_checkpoint(tiny_cfg, tmp_path):
         "registry.enabled=false", "eval.max_examples=2", "eval.few_shot_k=0"]))
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
-    cmd = [sys.executable, "-m", "flows.cli", "run", str(recipe)]
+    cmd = [sys.executable, "-m", "ftflow.cli", "run", str(recipe)]
     env = {**os.environ, "PYTHONPATH": str(Path(__file__).resolve().parents[2])}
     log = open(tmp_path / "first.log", "w")
     proc = subprocess.Popen(cmd, cwd=tmp_path, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)

@@ -86,8 +86,8 @@ def test_planted_secrets_leave_no_trace(prefect_harness, tiny_cfg, tmp_path, mon
     from mlflow import MlflowClient
     from prefect.blocks.system import Secret
 
-    from configs.loader import apply_overrides, config_from_dict
-    from flows.pipeline import pipeline_flow
+    from ftflow.configs.loader import apply_overrides, config_from_dict
+    from ftflow.pipeline import pipeline_flow
 
     planted = {
         "HF_TOKEN env": "hf_" + _random(30),

@@ -7,10 +7,10 @@ from pathlib import Path
 import pytest
 from mlflow import MlflowClient
 
-from configs.loader import apply_overrides, config_from_dict
-from configs.schema import SweepConfig
-from flows.sweep import sweep_flow
-from tasks import sweeps
+from ftflow.configs.loader import apply_overrides, config_from_dict
+from ftflow.configs.schema import SweepConfig
+from ftflow.sweep import sweep_flow
+from ftflow.tasks.evaluate import sweeps
 
 
 def test_sweep_lands_as_parent_with_three_children(prefect_harness, tiny_cfg, mlflow_server_port):

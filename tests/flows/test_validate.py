@@ -8,15 +8,15 @@ import pytest
 from mlflow import MlflowClient
 from prefect import flow
 
-from configs.loader import apply_overrides, config_from_dict
-from configs.schema import DemoDataConfig
-from flows.cli import main
-from flows.pipeline import pipeline_flow, validate_data
-from tasks import stages
-from tasks.demo_data import generate_demo
-from tasks.errors import ContractError
+from ftflow.configs.loader import apply_overrides, config_from_dict
+from ftflow.configs.schema import DemoDataConfig
+from ftflow.cli import main
+from ftflow.pipeline import pipeline_flow, validate_data
+from ftflow.tasks import stages
+from ftflow.tasks.data.demo import generate_demo
+from ftflow.tasks.errors import ContractError
 
-FIXTURES = Path(__file__).resolve().parents[1] / "tasks" / "fixtures" / "importers"
+FIXTURES = Path(__file__).resolve().parents[1] / "tasks" / "data" / "fixtures" / "importers"
 EXPECTED = {"duplicate": {"exact_duplicate"}, "near_duplicate": {"exact_duplicate", "near_duplicate"},
             "empty_answer": {"empty_content"}, "overlong": {"too_long"}, "broken_role_order": {"role_order"},
             "chosen_equals_rejected": {"chosen_equals_rejected"}, "empty_chosen": {"empty_content"}}

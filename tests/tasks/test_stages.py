@@ -3,8 +3,8 @@ from __future__ import annotations
 
 import pytest
 
-from tasks import stages
-from tasks.errors import DataError
+from ftflow.tasks import stages
+from ftflow.tasks.errors import DataError
 
 EXAMPLE = {"prompt": [{"role": "user", "content": "Extract the order as JSON:\nKen ordered 3 lamps."}],
            "completion": [{"role": "assistant", "content": '{"qty": 3}'}]}

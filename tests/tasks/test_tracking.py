@@ -5,8 +5,8 @@ from pathlib import Path
 
 import pytest
 
-from configs.loader import flatten, load_config
-from tasks.tracking import REDACTED, RunLogger, redact, redact_config_dict, redact_text, tracking_uri
+from ftflow.configs.loader import flatten, load_config
+from ftflow.tasks.tracking import REDACTED, RunLogger, redact, redact_config_dict, redact_text, tracking_uri
 
 HF_TOKEN_SHAPED = "hf_" + "A1b2C3d4E5f6G7h8I9j0K1l2"
 SK_KEY_SHAPED = "sk-" + "proj_abcDEF123456789xyz0"

@@ -1,0 +1,242 @@
+"""Held-out evaluation: few-shot prompts, greedy generation, score math, guards, and all variants end to end."""
+from __future__ import annotations
+
+import math
+
+import pytest
+import torch
+
+from ftflow.configs.schema import EvalConfig, LoraConfig, ModelConfig, Quantization, QuantizationConfig
+from ftflow.tasks.errors import DataError
+from ftflow.tasks.evaluate.evaluation import (
+    active_variant,
+    answer_logps,
+    check_heldout,
+    check_template,
+    evaluate_variants,
+    few_shot_prompt,
+    generate,
+    heldout_loss,
+    preference_scores,
+)
+from ftflow.tasks.data.formatting import template_fingerprint
+
+EOS = "<|im_end|>"
+
+
+def msg(role: str, content: str) -> dict:
+    return {"role": role, "content": content}
+
+
+def example(question: str, answer: str, system: str | None = None) -> dict:
+    prompt = ([msg("system", system)] if system else []) + [msg("user", question)]
+    return {"prompt": prompt, "completion": [msg("assistant", answer)]}
+
+
+HELDOUT = [example("Extract the city: I live in Paris.", '{"city": "Paris"}'),
+           example("Extract the city: Tokyo is my home town, and I love it.", '{"city": "Tokyo"}')]
+TRAIN = [example("Extract the city: Rome is old.", '{"city": "Rome"}'),
+         example("Extract the city: Oslo in winter.", '{"city": "Oslo"}')]
+PAIRS = [{"prompt": [msg("user", "Extract the city: Lima, Peru.")], "chosen": [msg("assistant", '{"city": "Lima"}')],
+          "rejected": [msg("assistant", "Lima")]}]
+
+
+@pytest.fixture(scope="module")
+def tokenizer(tiny_model_dir):
+    from ftflow.tasks.train.model import load_tokenizer
+
+    return load_tokenizer(tiny_model_dir, ModelConfig(name_or_path=tiny_model_dir))
+
+
+@pytest.fixture(scope="module")
+def peft_model(tiny_model_dir):
+    """The tiny base with one adapter named `sft`, its lora_B randomised so the adapter really changes outputs."""
+    from peft import get_peft_model
+
+    from ftflow.tasks.train.model import build_lora_config, load_base_model
+
+    base = load_base_model(tiny_model_dir, ModelConfig(name_or_path=tiny_model_dir),
+                           QuantizationConfig(mode=Quantization.none))
+    model = get_peft_model(base, build_lora_config(LoraConfig(r=4)), adapter_name="sft")
+    torch.manual_seed(1)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.eval()
+    return model
+
+
+def eval_cfg(**kw) -> EvalConfig:
+    return EvalConfig(**{"batch_size": 2, "max_new_tokens": 4, "max_examples": 8, "few_shot_k": 1, **kw})
+
+
+# --- few-shot prompt ---------------------------------------------------------------------------
+
+def test_few_shot_prompt_orders_system_shots_question():
+    question = [msg("system", "Reply in JSON."), msg("user", "Q?")]
+    shots = [example("S1?", "A1", system="ignored system"), example("S2?", "A2")]
+    assert few_shot_prompt(question, shots) == [
+        msg("system", "Reply in JSON."),
+        msg("user", "S1?"), msg("assistant", "A1"),
+        msg("user", "S2?"), msg("assistant", "A2"),
+        msg("user", "Q?"),
+    ]
+
+
+def test_few_shot_prompt_without_shots_is_the_question():
+    question = [msg("user", "Q?")]
+    assert few_shot_prompt(question, []) == question
+    # Shots' system prompts never leak in when the question has none.
+    assert few_shot_prompt(question, [example("S?", "A", system="shot system")])[0] == msg("user", "S?")
+
+
+# --- generation --------------------------------------------------------------------------------
+
+def test_generate_hits_budget_without_stopping(peft_model, tokenizer):
+    prompts = [ex["prompt"] for ex in HELDOUT] + [TRAIN[0]["prompt"]]
+    cfg = eval_cfg(max_new_tokens=5)
+    with active_variant(peft_model, "base"):
+        out = generate(peft_model, tokenizer, prompts, cfg, EOS)
+    assert len(out) == len(prompts)
+    for gen in out:
+        assert gen["stopped"] is False
+        assert gen["new_tokens"] == 5
+        assert gen["text"] == gen["answer"]
+        assert EOS not in gen["text"] and tokenizer.pad_token not in gen["text"]
+    # Left padding must not change a prompt's greedy answer: the padded batch matches single-prompt generation.
+    with active_variant(peft_model, "base"):
+        alone = generate(peft_model, tokenizer, [prompts[0]], cfg, EOS)
+    assert alone[0]["answer"] == out[0]["answer"]
+
+
+def test_generate_stops_at_end_token(peft_model, tokenizer):
+    # Use the token the random model greedily emits first as the end-of-turn marker: generation must stop on it.
+    prompt = HELDOUT[0]["prompt"]
+    with active_variant(peft_model, "base"):
+        text = tokenizer.apply_chat_template(prompt, tokenize=False, add_generation_prompt=True)
+        ids = tokenizer(text, return_tensors="pt", add_special_tokens=False)["input_ids"]
+        first = int(peft_model(input_ids=ids).logits[0, -1].argmax())
+        marker = tokenizer.convert_ids_to_tokens(first)
+        out = generate(peft_model, tokenizer, [prompt], eval_cfg(max_new_tokens=6), marker)
+    assert out[0]["stopped"] is True
+    assert out[0]["new_tokens"] == 1
+    assert out[0]["text"] == marker
+    assert out[0]["answer"] == ""
+
+
+# --- score math ---------------------------------------------------------------------------------
+
+def test_preference_scores_math():
+    policy = ([-1.0, -2.0], [-3.0, -1.0])     # log p(chosen), log p(rejected)
+    reference = ([-2.0, -2.0], [-2.0, -2.0])
+    scores = preference_scores(policy, reference, beta=0.5)
+    # margins: 0.5 * ((-1 + 2) - (-3 + 2)) = 1.0 and 0.5 * ((-2 + 2) - (-1 + 2)) = -0.5
+    assert scores == {"preference_accuracy": 0.5, "reward_margin": pytest.approx(0.25)}
+
+
+def test_preference_scores_identical_policy_has_no_margin():
+    same = ([-1.0, -2.0], [-3.0, -1.0])
+    assert preference_scores(same, same, beta=0.1) == {"preference_accuracy": 0.0, "reward_margin": 0.0}
+    assert preference_scores(([], []), ([], []), beta=0.1) == {}
+
+
+def test_heldout_loss_math():
+    scores = heldout_loss([-4.0, -2.0], [2, 2])
+    assert scores["heldout_loss"] == pytest.approx(1.5)
+    assert scores["heldout_perplexity"] == pytest.approx(math.exp(1.5))
+    # The same evidence, higher-is-better, for the gate.
+    assert scores["heldout_logprob"] == pytest.approx(-1.5)
+
+
+def test_heldout_loss_without_tokens_is_nan():
+    assert math.isnan(heldout_loss([], [])["heldout_loss"])
+
+
+def test_answer_logps_match_a_manual_forward(peft_model, tokenizer):
+    ex = HELDOUT[0]
+    with active_variant(peft_model, "base"):
+        logps, counts = answer_logps(peft_model, tokenizer, [ex["prompt"]], [ex["completion"]], eval_cfg(), 256)
+        prompt_text = tokenizer.apply_chat_template(ex["prompt"], tokenize=False, add_generation_prompt=True)
+        full_text = tokenizer.apply_chat_template(ex["prompt"] + ex["completion"], tokenize=False)
+        prompt_ids = tokenizer(prompt_text, add_special_tokens=False)["input_ids"]
+        full_ids = torch.tensor([tokenizer(full_text, add_special_tokens=False)["input_ids"]])
+        with torch.no_grad():
+            logits = peft_model(input_ids=full_ids).logits[0, :-1].float()
+    targets = full_ids[0, 1:]
+    per_token = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
+    answer_part = per_token[len(prompt_ids) - 1:]
+    # The answer tokens, its end token and the trailing newline are scored; the prompt is not.
+    assert counts == [len(full_ids[0]) - len(prompt_ids)]
+    assert logps[0] == pytest.approx(answer_part.sum().item(), rel=1e-4)
+
+
+# --- guards --------------------------------------------------------------------------------------
+
+def test_check_heldout_accepts_disjoint_sets():
+    check_heldout(HELDOUT, TRAIN)
+
+
+def test_check_heldout_refuses_empty():
+    with pytest.raises(DataError, match="empty"):
+        check_heldout([], TRAIN)
+
+
+def test_check_heldout_refuses_overlap():
+    with pytest.raises(DataError, match="1 held-out prompt"):
+        check_heldout(HELDOUT, TRAIN + [HELDOUT[1]])
+
+
+def test_check_template_accepts_matching_fingerprint(tmp_path, tokenizer):
+    tokenizer.save_pretrained(tmp_path)
+    check_template(str(tmp_path), template_fingerprint(tokenizer), tokenizer)
+    check_template(str(tmp_path), "", tokenizer)
+
+
+def test_check_template_refuses_other_fingerprint(tmp_path, tokenizer):
+    import copy
+
+    tokenizer.save_pretrained(tmp_path)
+    with pytest.raises(DataError, match="fingerprint mismatch"):
+        check_template(str(tmp_path), "0123456789abcdef", tokenizer)
+    # The adapter was saved with one template and is about to be served under another.
+    other = copy.deepcopy(tokenizer)
+    other.chat_template = tokenizer.chat_template.replace("helpful AI assistant", "terse assistant")
+    with pytest.raises(DataError, match="fingerprint mismatch"):
+        check_template(str(tmp_path), template_fingerprint(tokenizer), other)
+
+
+# --- end to end -----------------------------------------------------------------------------------
+
+def test_evaluate_variants_end_to_end(peft_model, tokenizer):
+    logs: list[str] = []
+    results = evaluate_variants(peft_model, tokenizer, ["base", "base_fewshot", "sft"], HELDOUT, PAIRS, TRAIN[:1],
+                                eval_cfg(), EOS, beta=0.1, max_length=256, log=logs.append)
+    assert list(results) == ["base", "base_fewshot", "sft"]
+    assert len(logs) == 3 and logs[0].startswith("evaluated base:")
+    generation_keys = {"heldout_exact", "heldout_field_accuracy", "heldout_json_valid", "heldout_rougeL",
+                       "heldout_bleu", "heldout_chrf", "eos_stop_rate", "mean_new_tokens"}
+    loss_keys = set(heldout_loss([-1.0], [1]))
+    assert loss_keys >= {"heldout_loss", "heldout_perplexity"}
+    preference_keys = {"preference_accuracy", "reward_margin"}
+    assert set(results["base_fewshot"].metrics) == generation_keys
+    assert set(results["base"].metrics) == generation_keys | loss_keys
+    # The tuned variant is also scored against the policy it started from (the base).
+    assert set(results["sft"].metrics) == generation_keys | loss_keys | preference_keys
+    for res in results.values():
+        assert len(res.predictions) == len(HELDOUT)
+        assert [p["reference"] for p in res.predictions] == ['{"city": "Paris"}', '{"city": "Tokyo"}']
+        assert all(p["variant"] == res.variant for p in res.predictions)
+        assert all(0.0 <= res.metrics[k] <= 1.0 for k in generation_keys - {"mean_new_tokens"})
+    # The adapter is really switched on and off between variants.
+    assert results["sft"].metrics["heldout_loss"] != pytest.approx(results["base"].metrics["heldout_loss"])
+    # The random model never stops within 4 tokens.
+    assert results["base"].metrics["eos_stop_rate"] == 0.0
+    assert results["base"].metrics["mean_new_tokens"] == 4.0
+
+
+def test_evaluate_variants_without_pairs_has_no_preference_scores(peft_model, tokenizer):
+    results = evaluate_variants(peft_model, tokenizer, ["base", "sft"], HELDOUT[:1], [], [], eval_cfg(max_new_tokens=2),
+                                EOS, beta=0.1, max_length=256, log=lambda line: None)
+    assert set(results["sft"].metrics) == set(results["base"].metrics)
+    assert "preference_accuracy" not in results["sft"].metrics

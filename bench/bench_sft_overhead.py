@@ -7,8 +7,9 @@ Both arms train the real demo model (SmolLM2-135M, 4-bit NF4 double-quant, the d
 same seeded demo rows (the first steps * batch clean rows of sft.jsonl, as prompt/completion pairs),
 with the same steps, batch, max_length, learning rate, schedule and seed:
 
-  pipeline  ftflow.tasks.train.sft.run_sft with a real MLflow RunLogger on a throwaway SQLite store, so the
-            per-step metric logging, prepare_model_for_kbit_training and the adapter save are counted;
+  pipeline  ftflow.tasks.train.trainer.train (the `train` task's body) with a real MLflow RunLogger on a
+            throwaway SQLite store, so the per-step metric logging, prepare_model_for_kbit_training, the
+            adapter save and its upload to the run are counted;
   bare      a hand-written QLoRA script: from_pretrained + BitsAndBytesConfig, get_peft_model,
             SFTTrainer(SFTConfig(report_to="none")), train, save the adapter.
 
@@ -164,21 +165,24 @@ def drive(args: argparse.Namespace) -> None:
 
 def worker_pipeline(spec: dict, out_dir: Path) -> dict:
     from ftflow.configs.schema import PipelineConfig
-    from ftflow.tasks.train.sft import run_sft
+    from ftflow.tasks.stages import StageContext, resolve_model
     from ftflow.tasks.tracking import RunLogger
+    from ftflow.tasks.train.trainer import train
 
     cfg = PipelineConfig.model_validate({
         "seed": spec["seed"],
+        "model": {"name_or_path": spec["model_path"]},
         "sft": spec["sft"],
         "lora": {"r": spec["lora"]["r"], "alpha": spec["lora"]["lora_alpha"], "dropout": spec["lora"]["lora_dropout"],
                  "target_modules": spec["lora"]["target_modules"]},
         "tracking": {"tracking_uri": f"sqlite:///{(out_dir.parent / 'mlflow-bench.db').resolve()}",
                      "experiment": "bench-sft-overhead"},
     })
-    # The flow opens its run before the SFT stage; store creation (schema migrations) is not SFT cost.
+    # The flow opens its run and resolves the model before the SFT stage; neither is SFT cost.
     run = RunLogger.start(cfg, run_name=out_dir.name)
+    ctx = StageContext(cfg, resolve_model(cfg), run, out_dir, lambda line: None)
     t0, c0 = time.perf_counter(), time.process_time()
-    result = run_sft(cfg, spec["model_path"], spec["examples"], out_dir, run.log_metrics)
+    result = train(ctx, "sft", spec["examples"])
     span, cpu = time.perf_counter() - t0, time.process_time() - c0
     return {"span_s": span, "cpu_s": cpu, "outside_train_s": span - result.wall_s, "global_step": result.global_step,
             "train_runtime": result.metrics["train_runtime"], "train_loss": result.metrics["train_loss"],

@@ -22,7 +22,8 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 from ftflow.configs.schema import QualityConfig  # noqa: E402
-from ftflow.tasks.data.quality import chat_token_lengths, normalize_text, run_quality  # noqa: E402
+from ftflow.tasks.data.dedup import fold  # noqa: E402
+from ftflow.tasks.data.quality import chat_token_lengths, run_quality  # noqa: E402
 from ftflow.tasks.data.rows import Record  # noqa: E402
 
 EN_NOUNS = (
@@ -163,7 +164,7 @@ def main() -> None:
     started = time.perf_counter()
     seen: set[str] = set()
     for r in parsed:
-        seen.add(normalize_text("\n".join(m["content"] for m in r["messages"])))
+        seen.add(fold("\n".join(m["content"] for m in r["messages"])))
     exact_only_s = time.perf_counter() - started
 
     # One-time per process costs (importing scipy/datasketch, unpacking py3langid's model) are

@@ -2,7 +2,8 @@
 
 Generates the demo data with the default seed, then greedy-decodes held-out prompts with the base
 model zero-shot and 3-shot (three training rows of the same language as prior turns) and prints
-exact match and field accuracy, overall and per language, one figure per line.
+exact match and field accuracy (the pipeline's own json_match scorer, so the figures compare with
+eval/heldout_exact), overall and per language, one figure per line.
 
     .venv/bin/python bench/demo_task_baseline.py [--n 40] [--shots 3] [--batch 16]
 """
@@ -18,9 +19,9 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
-
 from ftflow.configs.schema import DemoDataConfig, ModelConfig, Quantization, QuantizationConfig  # noqa: E402
-from ftflow.tasks.data.demo import generate_demo, score_extraction  # noqa: E402
+from ftflow.tasks.data.demo import generate_demo  # noqa: E402
+from ftflow.tasks.evaluate.metrics.json_match import score_example  # noqa: E402
 from ftflow.tasks.train.model import load_base_model, load_tokenizer, offline_env, resolve_model_path  # noqa: E402
 
 
@@ -88,15 +89,15 @@ def main() -> None:
         started = time.perf_counter()
         predictions = generate(model, tok, conversations, args.batch, args.max_new_tokens)
         elapsed = time.perf_counter() - started
-        scores = [score_extraction(p, r) for p, r in zip(predictions, references)]
+        scores = [score_example(p, r) for p, r in zip(predictions, references)]
         for group in ("all", "en", "ja"):
             picked = [s for s, lang in zip(scores, langs) if group in ("all", lang)]
             if not picked:
                 continue
-            for metric in ("exact", "field_accuracy"):
+            for metric in ("exact_match", "field_accuracy"):
                 print(f"base/{mode}/{group}/{metric}: {sum(s[metric] for s in picked) / len(picked):.3f} (n={len(picked)})")
         print(f"base/{mode}/generate_seconds: {elapsed:.1f}")
-        wrong = [(p, r) for p, r, s in zip(predictions, references, scores) if not s["exact"]]
+        wrong = [(p, r) for p, r, s in zip(predictions, references, scores) if not s["exact_match"]]
         for p, r in wrong[: args.show]:
             print(f"  ref:  {r}\n  pred: {p.strip()[:160]!r}")
 

@@ -5,15 +5,29 @@ from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import yaml
-from pydantic import ValidationError
-
 from ftflow.configs.schema import PipelineConfig
+from ftflow.tasks.secrets import REDACTED, is_secret_key, redact_args, redact_text
+from pydantic import ValidationError
 
 RECIPES_DIR = Path(__file__).resolve().parent
 
 
 class ConfigError(ValueError):
-    """A recipe or override that does not fit the config tree; the message names the key and the source."""
+    """A recipe or override that does not fit the config tree; the message names the key and the source.
+
+    Redacted when made: the message echoes overrides and values, and a tracking URI may carry a password.
+    """
+
+    def __init__(self, *args):
+        super().__init__(*redact_args(args))
+
+
+def redact_override(item: str) -> str:
+    """`key=value` as fit to echo: the value hidden when the key names a secret, URL passwords always."""
+    key, eq, value = item.partition("=")
+    if eq and is_secret_key(key.strip().split(".")[-1]) and value:
+        return f"{key}={REDACTED}"
+    return redact_text(item)
 
 
 def resolve_recipe(path: str | Path) -> Path:
@@ -50,7 +64,7 @@ def apply_overrides(raw: dict, overrides: Iterable[str], source: str = "command 
     raw = dict(raw)
     for item in overrides:
         if "=" not in item:
-            raise ConfigError(f"{source}: override {item!r} is not key.sub=value")
+            raise ConfigError(f"{source}: override {redact_override(item)!r} is not key.sub=value")
         key, value = item.split("=", 1)
         node = raw
         parts = key.strip().split(".")
@@ -73,7 +87,8 @@ def _format_errors(err: ValidationError, source: str) -> str:
         if e["type"] == "extra_forbidden":
             lines.append(f"{source}: unknown key '{key}'")
         else:
-            lines.append(f"{source}: key '{key}': {e['msg']} (got {e.get('input')!r})")
+            got = REDACTED if is_secret_key(str(e["loc"][-1]) if e["loc"] else "") else repr(e.get("input"))
+            lines.append(f"{source}: key '{key}': {e['msg']} (got {got})")
     return "; ".join(lines)
 
 
@@ -101,12 +116,13 @@ def load_config(path: Optional[str | Path] = None, overrides: Iterable[str] = ()
     overrides = list(overrides)
     if overrides:
         raw = apply_overrides(raw, overrides)
-        source = f"{source} + overrides {overrides}"
+        source = f"{source} + overrides {[redact_override(o) for o in overrides]}"
     return config_from_dict(raw, source)
 
 
 def flatten(cfg: PipelineConfig) -> dict[str, Any]:
-    """Dotted keys (`lora.r`, `dpo.beta`) for MLflow params; the resolved alpha replaces an empty one."""
+    """Dotted keys (`lora.r`, `dpo.beta`) for MLflow params; resolved values (alpha, primary metric, guards)
+    replace empty ones."""
     out: dict[str, Any] = {}
 
     def walk(prefix: str, value: Any) -> None:
@@ -118,4 +134,7 @@ def flatten(cfg: PipelineConfig) -> dict[str, Any]:
 
     walk("", cfg.model_dump(mode="json"))
     out["lora.alpha"] = cfg.lora.resolved_alpha
+    # Empty means "the task preset's": the run records what was actually ranked and guarded on.
+    out["eval.primary_metric"] = cfg.eval.resolved_primary_metric
+    out["eval.guards"] = cfg.eval.resolved_guards
     return out

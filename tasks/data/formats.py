@@ -1,8 +1,4 @@
-"""Read training data files and normalise rows of common public formats to the canonical rows.
-
-Sources: JSON Lines (.jsonl/.ndjson), JSON (.json: a list of objects, or {"data"|"rows"|"train": [...]}),
-Parquet, CSV (list-valued columns may hold JSON strings) and a directory written by `datasets`'
-`save_to_disk` (a DatasetDict gives its "train" split, or its only split).
+"""Normalise rows of common public formats to the canonical rows (see rows.py); `load_rows` reads a file.
 
 Formats (`DataFormat`), detected from the keys of the first rows unless named:
   openai             {"messages": [{"role", "content"}]}
@@ -12,40 +8,41 @@ Formats (`DataFormat`), detected from the keys of the first rows unless named:
   preference         {"prompt", "chosen", "rejected"} as strings or message lists (TRL), or the
                      implicit-prompt form {"chosen": [...], "rejected": [...]}
   hh                 Anthropic HH: {"chosen", "rejected"} transcripts of "\\n\\nHuman: ..\\n\\nAssistant: .." turns
+Any other shape: `data.mapping` (mapping.py) names the fields; an unknown shape fails with the keys found
+and a mapping snippet guessed from them.
 
-Problems with the file as a whole are fatal (`DataError` naming file and line). Problems with one
-row drop that row into the returned `Dropped` list (with the reason and where), so it can be written
-to the quarantine file and nothing is lost silently.
-
-`line` is the 1-based line for JSONL and CSV files, and the 1-based row number for JSON, Parquet and
-saved datasets, whose rows have no line of their own.
+Reading the file is sources.py's job. Problems with the file as a whole are fatal (`DataError` naming
+file and line). Problems with one row drop that row into the returned `Dropped` list (with the
+reason and where), so it can be written to the quarantine file and nothing is lost silently.
 """
 from __future__ import annotations
 
-import csv
-import io
-import json
 import re
 from collections import Counter
 from itertools import chain
 from pathlib import Path
-from typing import Any, Iterable, Iterator, Optional, Union
+from typing import Any, Optional, Union
 
-from ftflow.configs.schema import DataFormat
-from ftflow.tasks.errors import DataError
+from ftflow.configs.schema import DataFormat, DataMapping
+from ftflow.tasks.data.mapping import PathError, check_paths, explode, map_row, mapping_snippet, suggest_mapping
 from ftflow.tasks.data.rows import Dropped, Kind, Record
-
-try:  # orjson parses several times faster; the stdlib is the fallback and the source of error messages
-    import orjson
-except ImportError:  # pragma: no cover - orjson comes with prefect
-    orjson = None  # type: ignore[assignment]
+from ftflow.tasks.data.sources import (
+    SourceItem,
+    describe_keys,
+    iter_source,
+    short_repr,
+    type_name,
+    write_jsonl,
+    write_quarantine,
+)
+from ftflow.tasks.errors import DataError
 
 __all__ = [
     "RowError",
     "load_rows",
     "detect_format",
     "normalize_row",
-    "write_jsonl",
+    "write_jsonl",  # re-exported: the writers moved to sources.py
     "write_quarantine",
 ]
 
@@ -61,11 +58,8 @@ FORMAT_KEYS = {
 }
 ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant"}
 DETECT_ROWS = 20          # rows looked at when detecting the format
-DROPPED_ROW_CHARS = 200   # how much of an oversized row the quarantine keeps
-LIST_COLUMNS = ("messages", "conversations", "prompt", "completion", "chosen", "rejected")
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
-JSON_CONTAINER_KEYS = ("data", "rows", "train")
 
 
 class RowError(ValueError):
@@ -84,18 +78,20 @@ def load_rows(
     kind: Kind,
     fmt: Union[DataFormat, str] = "auto",
     max_row_bytes: int = 1_000_000,
+    mapping: Optional[DataMapping] = None,
 ) -> tuple[list[Record], list[Dropped]]:
     """Read `path` and return (canonical records, dropped rows).
 
     kind="sft" gives {"messages": [...]} rows; a preference file read as SFT becomes prompt + chosen.
     kind="preference" gives {"prompt": [...], "chosen": str, "rejected": str} pairs and only accepts
     the preference and hh formats.
+    With `mapping` (data.mapping), rows are read through its field paths instead of a format; a path that
+    does not resolve in the first row fails the file, naming the path and the keys found.
     Raises DataError for whole-file problems, and when no row at all could be read.
     """
     if kind not in ("sft", "preference"):
         raise DataError(f"kind must be 'sft' or 'preference', got {kind!r}", str(path))
     source = str(path)
-    p = Path(path)
     wanted = _as_format(fmt, source)
     if wanted is not DataFormat.auto:
         try:
@@ -103,8 +99,8 @@ def load_rows(
         except DataError as e:
             raise DataError(str(e), source) from None
 
-    items = _iter_source(p, source, max_row_bytes)
-    head: list[Union[tuple[int, Any], Dropped]] = []
+    items = iter_source(path, max_row_bytes)
+    head: list[SourceItem] = []
     dict_rows = 0
     for item in items:
         head.append(item)
@@ -115,6 +111,8 @@ def load_rows(
     if not head:
         raise DataError("empty file: no rows found", source)
 
+    if mapping is not None:
+        return _load_mapped(chain(head, items), head, kind, mapping, source)
     resolved = wanted if wanted is not DataFormat.auto else _detect_from_head(head, kind, source)
 
     records: list[Record] = []
@@ -128,7 +126,7 @@ def load_rows(
         line, raw = item
         try:
             if not isinstance(raw, dict):
-                raise RowError("schema", f"row is {_type_name(raw)}, expected a JSON object")
+                raise RowError("schema", f"row is {type_name(raw)}, expected a JSON object")
             records.append(Record(_normalize(raw, resolved, kind), source, line))
         except RowError as e:
             dropped.append(Dropped(source, line, e.reason, f"{source}:{line}: {e.detail}", raw))
@@ -151,11 +149,48 @@ def load_rows(
     return records, dropped
 
 
+def _load_mapped(items, head: list[SourceItem], kind: Kind, mapping: DataMapping,
+                 source: str) -> tuple[list[Record], list[Dropped]]:
+    first = next((item for item in head if isinstance(item, tuple)), None)
+    if first is not None:
+        try:
+            check_paths(first[1], mapping)
+        except PathError as e:
+            raise DataError(str(e), source, first[0]) from None
+    records: list[Record] = []
+    dropped: list[Dropped] = []
+    for item in items:
+        if isinstance(item, Dropped):
+            dropped.append(item)
+            continue
+        line, raw = item
+        try:
+            if not isinstance(raw, dict):
+                raise PathError(f"row is {type_name(raw)}, expected a JSON object")
+            mapped = 0
+            for instance, row in explode(raw, mapping):
+                mapped += 1
+                try:
+                    records.append(Record(map_row(row, mapping, kind), source, line))
+                except PathError as e:
+                    where = f"instance {instance}: " if instance else ""
+                    dropped.append(Dropped(source, line, "schema", f"{source}:{line}: {where}{e}", row))
+            if not mapped:
+                raise PathError(f"path {mapping.explode!r} (data.mapping.explode) is an empty list: the row has no instances")
+        except PathError as e:
+            dropped.append(Dropped(source, line, "schema", f"{source}:{line}: {e}", raw))
+    if not records:
+        first_problem = dropped[0].detail if dropped else "no rows"
+        raise DataError(f"no row could be read through data.mapping ({len(dropped)} rows dropped); first problem: "
+                        f"{first_problem}", source)
+    return records, dropped
+
+
 def detect_format(row: dict, kind: Kind) -> DataFormat:
     """The format of one raw row, from its keys. Raises DataError (no path) for an unknown shape or
     for an SFT-only format when preference pairs are wanted."""
     if not isinstance(row, dict):
-        raise DataError(f"row is {_type_name(row)}, expected a JSON object; {_expected(kind)}")
+        raise DataError(f"row is {type_name(row)}, expected a JSON object; {_expected(kind)}")
     found: Optional[DataFormat] = None
     has_pair = "chosen" in row and "rejected" in row
     if kind == "preference" and has_pair:
@@ -171,7 +206,9 @@ def detect_format(row: dict, kind: Kind) -> DataFormat:
     elif "prompt" in row and "completion" in row:
         found = DataFormat.prompt_completion
     if found is None:
-        raise DataError(f"unknown row shape with keys {_keys(row)}; {_expected(kind)}")
+        raise DataError(f"unknown row shape with keys {describe_keys(row)}; {_expected(kind)}; or name its fields "
+                        f"with data.mapping, e.g. under `data:` in the recipe (guessed from this row; check it and "
+                        f"fill any <...>): {mapping_snippet(suggest_mapping(row, kind))}")
     _check_kind(found, kind)
     return found
 
@@ -190,26 +227,8 @@ def normalize_row(raw: dict, fmt: Union[DataFormat, str], kind: Kind) -> dict:
     except DataError as e:
         raise RowError("schema", str(e)) from None
     if not isinstance(raw, dict):
-        raise RowError("schema", f"row is {_type_name(raw)}, expected a JSON object")
+        raise RowError("schema", f"row is {type_name(raw)}, expected a JSON object")
     return _normalize(raw, fmt, kind)
-
-
-def write_jsonl(rows: Iterable[Any], path: Union[str, Path]) -> int:
-    """Write rows as UTF-8 JSON Lines (non-ASCII kept as is); returns the number of rows written."""
-    out = Path(path)
-    out.parent.mkdir(parents=True, exist_ok=True)
-    n = 0
-    with out.open("wb") as f:
-        for row in rows:
-            f.write(_dumps(row))
-            f.write(b"\n")
-            n += 1
-    return n
-
-
-def write_quarantine(dropped: list[Dropped], path: Union[str, Path]) -> int:
-    """The dropped rows, one `Dropped.as_dict()` per line, so each can be traced to its file and line."""
-    return write_jsonl((d.as_dict() for d in dropped), path)
 
 
 # ------------------------------------------------------------------------------------ formats
@@ -270,7 +289,7 @@ def _preference_pair(raw: dict) -> tuple[list[dict[str, str]], str, str]:
         if "prompt" in raw and not chosen_prefix:
             raise RowError("schema", "prompt is null, expected a string or a list of messages")
         if not chosen_prefix:
-            raise RowError("schema", f"missing key 'prompt' (keys found: {_keys(raw)})")
+            raise RowError("schema", f"missing key 'prompt' (keys found: {describe_keys(raw)})")
         if chosen_prefix != rejected_prefix:
             raise RowError("schema", "chosen and rejected conversations do not share the same prompt turns")
         return chosen_prefix, chosen, rejected
@@ -286,7 +305,7 @@ def _answer(value: Any, where: str) -> tuple[list[dict[str, str]], str]:
     if isinstance(value, str):
         return [], value
     if not isinstance(value, list):
-        raise RowError("schema", f"{where} is {_type_name(value)}, expected a string or a list of messages")
+        raise RowError("schema", f"{where} is {type_name(value)}, expected a string or a list of messages")
     messages = _messages(value, where, ("role",), ("content",))
     if messages[-1]["role"] != "assistant":
         raise RowError("schema", f"{where}[{len(messages) - 1}] is a {messages[-1]['role']} message, expected the assistant answer last")
@@ -312,7 +331,7 @@ def _hh_turns(value: Any, where: str) -> list[dict[str, str]]:
     if len(parts) < 3:
         raise RowError("schema", f"{where} holds no '\\n\\nHuman:' / '\\n\\nAssistant:' turns")
     if parts[0].strip():
-        raise RowError("schema", f"{where} has text before its first Human/Assistant turn: {_short(parts[0])}")
+        raise RowError("schema", f"{where} has text before its first Human/Assistant turn: {short_repr(parts[0])}")
     return [{"role": HH_ROLES[parts[i]], "content": parts[i + 1].strip()} for i in range(1, len(parts), 2)]
 
 
@@ -321,7 +340,7 @@ def _hh_turns(value: Any, where: str) -> list[dict[str, str]]:
 
 def _messages(value: Any, where: str, role_keys: tuple[str, ...], content_keys: tuple[str, ...]) -> list[dict[str, str]]:
     if not isinstance(value, list):
-        raise RowError("schema", f"{where} is {_type_name(value)}, expected a list of messages")
+        raise RowError("schema", f"{where} is {type_name(value)}, expected a list of messages")
     if not value:
         raise RowError("schema", f"{where} is an empty list, expected messages")
     out = []
@@ -340,22 +359,22 @@ def _messages(value: Any, where: str, role_keys: tuple[str, ...], content_keys: 
 
 def _message(m: Any, at: str, role_keys: tuple[str, ...], content_keys: tuple[str, ...]) -> dict[str, str]:
     if not isinstance(m, dict):
-        raise RowError("schema", f"{at} is {_type_name(m)}, expected an object with {role_keys[0]!r} and {content_keys[0]!r}")
+        raise RowError("schema", f"{at} is {type_name(m)}, expected an object with {role_keys[0]!r} and {content_keys[0]!r}")
     role_key = next((k for k in role_keys if k in m), role_keys[0])
     content_key = next((k for k in content_keys if k in m), content_keys[0])
     if role_key not in m:
-        raise RowError("schema", f"{at} has no {role_key!r} (keys found: {_keys(m)})")
+        raise RowError("schema", f"{at} has no {role_key!r} (keys found: {describe_keys(m)})")
     role = m[role_key]
     if not isinstance(role, str):
-        raise RowError("schema", f"{at}.{role_key} is {_type_name(role)}, expected a string")
+        raise RowError("schema", f"{at}.{role_key} is {type_name(role)}, expected a string")
     canonical = ROLES.get(role.strip().lower())
     if canonical is None:
         raise RowError(
             "unknown_role",
-            f"{at}.{role_key} is {_short(role)}, expected one of system, user, assistant (or human, gpt, bot)",
+            f"{at}.{role_key} is {short_repr(role)}, expected one of system, user, assistant (or human, gpt, bot)",
         )
     if content_key not in m:
-        raise RowError("schema", f"{at} has no {content_key!r} (keys found: {_keys(m)})")
+        raise RowError("schema", f"{at} has no {content_key!r} (keys found: {describe_keys(m)})")
     return {"role": canonical, "content": _string(m[content_key], f"{at}.{content_key}")}
 
 
@@ -364,7 +383,7 @@ def _prompt(value: Any, where: str) -> list[dict[str, str]]:
         return [{"role": "user", "content": value}]
     if isinstance(value, list):
         return _messages(value, where, ("role",), ("content",))
-    raise RowError("schema", f"{where} is {_type_name(value)}, expected a string or a list of messages")
+    raise RowError("schema", f"{where} is {type_name(value)}, expected a string or a list of messages")
 
 
 def _with_system(raw: dict, messages: list[dict[str, str]]) -> list[dict[str, str]]:
@@ -378,41 +397,15 @@ def _with_system(raw: dict, messages: list[dict[str, str]]) -> list[dict[str, st
 
 def _get(raw: dict, key: str) -> Any:
     if key not in raw:
-        raise RowError("schema", f"missing key {key!r} (keys found: {_keys(raw)})")
+        raise RowError("schema", f"missing key {key!r} (keys found: {describe_keys(raw)})")
     return raw[key]
 
 
 def _string(value: Any, where: str) -> str:
     if not isinstance(value, str):
-        raise RowError("schema", f"{where} is {_type_name(value)}, expected a string")
+        raise RowError("schema", f"{where} is {type_name(value)}, expected a string")
     return value
 
-
-def _type_name(value: Any) -> str:
-    if value is None:
-        return "null"
-    if isinstance(value, bool):
-        return "a boolean"
-    if isinstance(value, (int, float)):
-        return "a number"
-    if isinstance(value, str):
-        return "a string"
-    if isinstance(value, list):
-        return "a list"
-    if isinstance(value, dict):
-        return "an object"
-    return f"a {type(value).__name__}"
-
-
-def _keys(row: dict, limit: int = 12) -> str:
-    keys = [_short(k, 40) if isinstance(k, str) else repr(k) for k in list(row)[:limit]]
-    more = f", ... ({len(row) - limit} more)" if len(row) > limit else ""
-    return (", ".join(keys) + more) if keys else "none"
-
-
-def _short(text: str, limit: int = 60) -> str:
-    # repr() escapes newlines and control characters, which keeps every message on one line
-    return repr(text if len(text) <= limit else text[:limit] + "...")
 
 
 # ------------------------------------------------------------------------------------ detection
@@ -480,250 +473,3 @@ def _guess(head: list, kind: Kind) -> Optional[DataFormat]:
             except DataError:
                 return None
     return None
-
-
-# ------------------------------------------------------------------------------------ sources
-
-
-def _iter_source(p: Path, source: str, max_row_bytes: int) -> Iterator[Union[tuple[int, Any], Dropped]]:
-    if p.is_dir():
-        return _iter_rows(_hf_rows(p, source), source, max_row_bytes, decode_lists=True)
-    if not p.exists():
-        raise DataError("file not found", source)
-    suffix = p.suffix.lower()
-    if suffix in (".jsonl", ".ndjson"):
-        return _iter_jsonl(p, source, max_row_bytes)
-    if suffix == ".json":
-        rows = _json_rows(p, source)
-        if rows is None:  # a JSON Lines file saved under a .json name
-            return _iter_jsonl(p, source, max_row_bytes)
-        return _iter_rows(enumerate(rows, 1), source, max_row_bytes, decode_lists=False)
-    if suffix == ".parquet":
-        return _iter_rows(_parquet_rows(p, source), source, max_row_bytes, decode_lists=True)
-    if suffix == ".csv":
-        return _iter_rows(_csv_rows(p, source), source, max_row_bytes, decode_lists=True)
-    raise DataError(
-        f"unsupported file type {suffix or '(no suffix)'!r}; expected .jsonl, .json, .parquet, .csv "
-        "or a directory written by datasets' save_to_disk",
-        source,
-    )
-
-
-def _iter_jsonl(p: Path, source: str, max_row_bytes: int) -> Iterator[Union[tuple[int, Any], Dropped]]:
-    with p.open("rb") as f:
-        for line_no, raw in enumerate(f, 1):
-            if line_no == 1:
-                raw = _strip_bom(raw)
-            if len(raw) > max_row_bytes:
-                text = _decode(raw, source, line_no)
-                yield Dropped(
-                    source, line_no, "row_too_large",
-                    f"{source}:{line_no}: row is {len(raw)} bytes, more than max_row_bytes={max_row_bytes}",
-                    text[:DROPPED_ROW_CHARS],
-                )
-                continue
-            if not raw.strip():
-                continue
-            yield line_no, _parse_line(raw, source, line_no)
-
-
-def _parse_line(raw: bytes, source: str, line_no: int) -> Any:
-    if orjson is not None:
-        try:
-            return orjson.loads(raw)
-        except orjson.JSONDecodeError:
-            pass  # decide below, with the stdlib's messages and its wider tolerance (NaN, lone surrogates)
-    text = _decode(raw, source, line_no)
-    try:
-        return _clean_surrogates(json.loads(text))
-    except json.JSONDecodeError as e:
-        truncated = " (the file ends mid-row: truncated last line)" if not raw.endswith(b"\n") else ""
-        hint = " (is this really a JSON Lines file?)" if line_no == 1 and not truncated else ""
-        raise DataError(f"not valid JSON{truncated}: {e.msg} (column {e.colno}){hint}", source, line_no) from None
-    except RecursionError:
-        raise DataError("not valid JSON: nested too deeply", source, line_no) from None
-
-
-def _decode(raw: bytes, source: str, line_no: int) -> str:
-    try:
-        return raw.decode("utf-8")
-    except UnicodeDecodeError as e:
-        column = len(raw[: e.start].decode("utf-8", "replace")) + 1
-        raise DataError(
-            f"not UTF-8: byte 0x{raw[e.start]:02x} at column {column} cannot be decoded; re-encode the file as UTF-8",
-            source,
-            line_no,
-        ) from None
-
-
-def _strip_bom(data: bytes) -> bytes:
-    return data[3:] if data.startswith(b"\xef\xbb\xbf") else data
-
-
-def _decode_file(data: bytes, source: str) -> str:
-    """The whole file as text; on a bad byte, the error names its line."""
-    try:
-        return data.decode("utf-8")
-    except UnicodeDecodeError as e:
-        line_no = data.count(b"\n", 0, e.start) + 1
-        line_start = data.rfind(b"\n", 0, e.start) + 1
-        line_end = data.find(b"\n", e.start)
-        _decode(data[line_start : len(data) if line_end < 0 else line_end], source, line_no)
-        raise  # pragma: no cover - _decode raised for that line
-
-
-def _clean_surrogates(value: Any) -> Any:
-    """The stdlib accepts lone surrogate escapes ("\\ud800"); they cannot be written as UTF-8, so replace them."""
-    if isinstance(value, str):
-        try:
-            value.encode("utf-8")
-            return value
-        except UnicodeEncodeError:
-            return value.encode("utf-8", "replace").decode("utf-8")
-    if isinstance(value, list):
-        return [_clean_surrogates(v) for v in value]
-    if isinstance(value, dict):
-        return {_clean_surrogates(k): _clean_surrogates(v) for k, v in value.items()}
-    return value
-
-
-def _json_rows(p: Path, source: str) -> Optional[list]:
-    data = _strip_bom(p.read_bytes())
-    text = _decode_file(data, source)
-    if not text.strip():
-        raise DataError("empty file: no rows found", source)
-    try:
-        obj = _clean_surrogates(json.loads(text)) if orjson is None else orjson.loads(data)
-    except (json.JSONDecodeError, RecursionError):
-        try:
-            obj = _clean_surrogates(json.loads(text))
-        except json.JSONDecodeError as e:
-            if e.msg == "Extra data" and text.lstrip().startswith("{"):
-                return None
-            raise DataError(f"not valid JSON: {e.msg} (column {e.colno})", source, e.lineno) from None
-        except RecursionError:
-            raise DataError("not valid JSON: nested too deeply", source) from None
-    if isinstance(obj, dict):
-        for key in JSON_CONTAINER_KEYS:
-            if isinstance(obj.get(key), list):
-                return obj[key]
-        raise DataError(
-            f"expected a list of row objects or an object holding one under 'data', 'rows' or 'train'; "
-            f"found an object with keys {_keys(obj)}",
-            source,
-        )
-    if not isinstance(obj, list):
-        raise DataError(f"expected a list of row objects, found {_type_name(obj)}", source)
-    return obj
-
-
-def _parquet_rows(p: Path, source: str) -> Iterator[tuple[int, Any]]:
-    import pyarrow.parquet as pq
-
-    try:
-        rows = pq.read_table(p).to_pylist()
-    except Exception as e:  # pyarrow raises several types (ArrowInvalid, OSError, ...) for unreadable files
-        raise DataError(f"cannot read as Parquet: {_one_line(e)}", source) from None
-    return enumerate(rows, 1)
-
-
-def _hf_rows(p: Path, source: str) -> Iterator[tuple[int, Any]]:
-    if not ((p / "dataset_dict.json").exists() or (p / "state.json").exists()):
-        raise DataError(
-            "directory is not a saved Hugging Face dataset (expected dataset_dict.json or state.json from save_to_disk)",
-            source,
-        )
-    from datasets import DatasetDict, load_from_disk
-
-    try:
-        ds = load_from_disk(str(p))
-    except Exception as e:  # datasets raises FileNotFoundError, ValueError, arrow errors for broken dirs
-        raise DataError(f"cannot load the saved dataset: {_one_line(e)}", source) from None
-    if isinstance(ds, DatasetDict):
-        splits = list(ds)
-        if "train" in ds:
-            ds = ds["train"]
-        elif len(splits) == 1:
-            ds = ds[splits[0]]
-        else:
-            raise DataError(f"dataset has splits {', '.join(splits)} and no 'train' split; save the one to use alone", source)
-    return enumerate(ds.to_list(), 1)
-
-
-def _csv_rows(p: Path, source: str) -> Iterator[Union[tuple[int, Any], Dropped]]:
-    text = _decode_file(_strip_bom(p.read_bytes()), source)
-    if not text.strip():
-        raise DataError("empty file: no rows found", source)
-    # Long conversations exceed csv's default 128 KiB field limit; max_row_bytes is the real limit here.
-    csv.field_size_limit(max(csv.field_size_limit(), 2**31 - 1))
-    reader = csv.reader(io.StringIO(text, newline=""))
-    try:
-        header = next(reader)
-        start = reader.line_num + 1
-        for values in reader:
-            line_no, start = start, reader.line_num + 1
-            if not values:
-                continue
-            if len(values) != len(header):
-                detail = f"row has {len(values)} fields, the header has {len(header)}"
-                yield Dropped(source, line_no, "schema", f"{source}:{line_no}: {detail}", values)
-                continue
-            yield line_no, dict(zip(header, values))
-    except csv.Error as e:
-        raise DataError(f"cannot read as CSV: {_one_line(e)}", source, reader.line_num) from None
-
-
-def _iter_rows(
-    rows: Iterable[Union[tuple[int, Any], Dropped]], source: str, max_row_bytes: int, decode_lists: bool
-) -> Iterator[Union[tuple[int, Any], Dropped]]:
-    """Rows that did not come from JSON lines: check their size and decode JSON-string list columns."""
-    for item in rows:
-        if isinstance(item, Dropped):
-            yield item
-            continue
-        line_no, row = item
-        encoded = _dumps(row)
-        if len(encoded) > max_row_bytes:
-            yield Dropped(
-                source, line_no, "row_too_large",
-                f"{source}:{line_no}: row is {len(encoded)} bytes, more than max_row_bytes={max_row_bytes}",
-                encoded.decode("utf-8", "replace")[:DROPPED_ROW_CHARS],
-            )
-            continue
-        if decode_lists and isinstance(row, dict):
-            row = _decode_list_columns(row)
-        yield line_no, row
-
-
-def _decode_list_columns(row: dict) -> dict:
-    """CSV cells (and some Parquet exports) hold message lists as JSON text; turn those back into lists."""
-    out = row
-    for key in LIST_COLUMNS:
-        value = row.get(key)
-        if isinstance(value, str) and value.lstrip().startswith("["):
-            try:
-                decoded = json.loads(value)
-            except (json.JSONDecodeError, RecursionError):
-                continue
-            if isinstance(decoded, list) and decoded and all(isinstance(m, dict) for m in decoded):
-                out = dict(out) if out is row else out
-                out[key] = _clean_surrogates(decoded)
-    return out
-
-
-def _dumps(value: Any) -> bytes:
-    if orjson is not None:
-        try:
-            return orjson.dumps(value, default=str, option=orjson.OPT_NON_STR_KEYS)
-        except (TypeError, orjson.JSONEncodeError):
-            pass  # e.g. integers beyond 64 bits, lone surrogates: let the stdlib try
-    try:
-        text = json.dumps(value, ensure_ascii=False, default=str)
-    except (ValueError, RecursionError):
-        text = json.dumps(str(value)[:DROPPED_ROW_CHARS], ensure_ascii=False)
-    # backslashreplace turns a lone surrogate into its JSON escape, so the line stays valid JSON
-    return text.encode("utf-8", "backslashreplace")
-
-
-def _one_line(error: BaseException) -> str:
-    return " ".join(str(error).split()) or type(error).__name__

@@ -13,7 +13,10 @@ from pathlib import Path
 from typing import Any, Optional, Sequence
 
 from ftflow.tasks.data.contracts import ContractReport, json_safe
+from ftflow.tasks.data.lengths import nearest_rank
 from ftflow.tasks.data.quality import QualityResult
+from ftflow.tasks.data.rows import Dropped
+from ftflow.tasks.data.sources import write_jsonl, write_quarantine
 
 EXAMPLES_PER_REASON = 3
 MAX_EXAMPLE_CHARS = 240
@@ -38,12 +41,9 @@ def _length_stats(lengths: Sequence[int]) -> dict[str, Any]:
     if not lengths:
         return {"count": 0}
     ordered = sorted(int(n) for n in lengths)
-
-    def pct(q: float) -> int:
-        return ordered[min(len(ordered) - 1, math.ceil(q * len(ordered)) - 1)]
-
     return {"count": len(ordered), "min": ordered[0], "max": ordered[-1],
-            "mean": round(sum(ordered) / len(ordered), 2), "p50": pct(0.5), "p95": pct(0.95)}
+            "mean": round(sum(ordered) / len(ordered), 2),
+            "p50": nearest_rank(ordered, 0.5), "p95": nearest_rank(ordered, 0.95)}
 
 
 def build_report(result: QualityResult, contract: Optional[ContractReport] = None) -> dict[str, Any]:
@@ -80,14 +80,6 @@ def build_report(result: QualityResult, contract: Optional[ContractReport] = Non
     return report
 
 
-def report_table(report: dict[str, Any]) -> list[dict[str, Any]]:
-    """Rows for a Prefect table artifact: one per drop reason, then one per flag."""
-    total = report["counts_in"] or 1
-    rows = [{"kind": "dropped", "name": r, "rows": n, "share": round(n / total, 4)} for r, n in report["reasons"].items()]
-    rows += [{"kind": "flagged", "name": f, "rows": n, "share": round(n / total, 4)} for f, n in report["flags"].items()]
-    return rows
-
-
 def report_markdown(report: dict[str, Any]) -> str:
     total = report["counts_in"] or 1
     lines = [
@@ -109,6 +101,11 @@ def report_markdown(report: dict[str, Any]) -> str:
     if t.get("count"):
         lines += [f"Token lengths (kept, after the chat template): min {t['min']}, p50 {t['p50']}, "
                   f"p95 {t['p95']}, max {t['max']}, mean {t['mean']}.", ""]
+    w = report.get("window")
+    if w:
+        lines += [f"Training window: {w['max_length'] or 'no'} token limit, truncation {w['truncation']}: "
+                  f"{w['kept']} of {w['in']} rows fit, {w['truncated_left']} with their earliest turns dropped, "
+                  f"{sum(w['dropped'].values())} dropped (truncated_answer).", ""]
     scalar_stats = {k: v for k, v in report["stats"].items() if isinstance(v, (int, float, str, bool))}
     if scalar_stats:
         lines += ["Stats: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
@@ -170,6 +167,10 @@ def report_metrics(report: dict[str, Any], prefix: str = "data/") -> dict[str, f
     t = report["token_lengths"]
     m.update({_metric_key(prefix, f"token_length_{k}"): float(t[k]) for k in ("mean", "p50", "p95", "max") if k in t})
     m.update({_metric_key(prefix, k): v for k, v in _numeric_items(report["stats"])})
+    w = report.get("window")
+    if w:
+        m[_metric_key(prefix, "window/truncated_left")] = float(w["truncated_left"])
+        m[_metric_key(prefix, "window/dropped")] = float(sum(w["dropped"].values()))
     c = report.get("contract")
     if c is not None:
         m[_metric_key(prefix, "contract_passed")] = 1.0 if c["passed"] else 0.0
@@ -221,10 +222,7 @@ def write_report_files(report: dict[str, Any], result: QualityResult, out_dir: P
     params = (report.get("contract") or {}).get("parameters") or {}
     plot_token_histogram(result.token_lengths, paths["histogram"],
                          max_tokens=params.get("max_tokens"), min_tokens=params.get("min_tokens"))
-    with paths["quarantine"].open("w", encoding="utf-8") as f:
-        for d in result.dropped:
-            # default=str: a dropped row may be whatever the source held (that is often why it was dropped).
-            f.write(json.dumps(d.as_dict(), ensure_ascii=False, default=str) + "\n")
+    write_quarantine(result.dropped, paths["quarantine"])
     return paths
 
 
@@ -244,3 +242,55 @@ def print_report(report: dict[str, Any]) -> str:
         lines += [f"    FAIL {f}" for f in c["failures"]]
         lines += [f"    WARN {w}" for w in c["warnings"]]
     return "\n".join(lines)
+
+
+# ----------------------------------------------------------------------------- after formatting
+
+
+def add_window_drops(report: dict[str, Any], tally: dict[str, Any], dropped: Sequence[Dropped],
+                     quarantine: Optional[Path] = None) -> dict[str, Any]:
+    """The validation report of a split once formatting has fitted its rows to the training window
+    (formatting.FormattedData.window / .dropped for that kind): the rows it dropped join the counts, the
+    reasons and the examples, and the tally (truncated_left included) is kept under "window", so the report
+    says what training and evaluation really saw. With `quarantine`, the file gets the dropped rows too,
+    replacing any an earlier formatting of the same split wrote there (reruns do not pile them up)."""
+    out = json.loads(json.dumps(report, ensure_ascii=False, default=str))
+    reasons = Counter(out.get("reasons", {}))
+    reasons.update(d.reason for d in dropped)
+    out["counts_out"] = out["counts_out"] - len(dropped)
+    out["dropped"] = out["dropped"] + len(dropped)
+    out["kept_ratio"] = round(out["counts_out"] / out["counts_in"], 6) if out["counts_in"] else 0.0
+    out["reasons"] = dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))
+    for d in dropped:
+        bucket = out.setdefault("examples", {}).setdefault(d.reason, [])
+        if len(bucket) < EXAMPLES_PER_REASON:
+            bucket.append({"source": d.source, "line": d.line, "detail": _truncate(d.detail), "row": _truncate(d.row)})
+    out["window"] = dict(tally)
+    if quarantine is not None:
+        path = Path(quarantine)
+        window_reasons = {d.reason for d in dropped} | {"truncated_answer"}
+        earlier = []
+        if path.exists():
+            earlier = [row for row in map(json.loads, path.read_text(encoding="utf-8").splitlines())
+                       if row.get("reason") not in window_reasons]
+        write_jsonl([*earlier, *(d.as_dict() for d in dropped)], path)
+    return out
+
+
+def heldout_accounting(validation_report: Optional[dict[str, Any]], tally: dict[str, Any]) -> dict[str, Any]:
+    """What happened to the held-out rows, for the gate to state beside its decision: rows in, kept (scored),
+    and dropped by reason, counting both validation and the training window. Without a held-out file
+    (`validation_report` None) the rows were split off the train set after validation, so only the window
+    could drop any."""
+    reasons: Counter[str] = Counter()
+    if validation_report is not None:
+        reasons.update(validation_report.get("reasons", {}))
+        rows_in = int(validation_report["counts_in"])
+        source = "heldout file"
+    else:
+        rows_in = int(tally.get("in", 0))
+        source = "seeded split of the sft rows"
+    reasons.update(tally.get("dropped", {}))
+    return {"source": source, "in": rows_in, "kept": int(tally.get("kept", 0)),
+            "truncated_left": int(tally.get("truncated_left", 0)),
+            "dropped": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))}

@@ -1,4 +1,4 @@
-"""Canonical row shapes shared by importers, quality checks, formatting and training.
+"""Canonical row shapes shared by readers, quality checks, formatting and training.
 
 SFT row:          {"messages": [{"role": "system"|"user"|"assistant", "content": str}, ...]}
 Preference pair:  {"prompt": [messages ending with a user turn], "chosen": str, "rejected": str}
@@ -8,14 +8,9 @@ back to its file and line in the quarantine file.
 from __future__ import annotations
 
 from dataclasses import dataclass, field
-from typing import Any, Literal, TypedDict
+from typing import Any, Literal
 
 Kind = Literal["sft", "preference"]
-
-
-class Message(TypedDict):
-    role: str
-    content: str
 
 
 @dataclass
@@ -39,12 +34,12 @@ class Dropped:
 
 
 def record_text(row: dict[str, Any]) -> str:
-    """All text of a canonical row, for dedup, language and PII checks."""
+    """All text of a canonical row (the rejected answer included), for the contract's text columns."""
     if "messages" in row:
         return "\n".join(m["content"] for m in row["messages"])
     return "\n".join([*(m["content"] for m in row["prompt"]), row["chosen"], row["rejected"]])
 
 
-def prompt_text(row: dict[str, Any]) -> str:
-    msgs = row["prompt"] if "prompt" in row else [m for m in row["messages"] if m["role"] != "assistant"]
-    return "\n".join(m["content"] for m in msgs)
+def conversation(row: dict[str, Any]) -> list[dict[str, str]]:
+    """The messages of an SFT row, or the prompt turns of a preference pair."""
+    return row["messages"] if "messages" in row else row["prompt"]

@@ -1,21 +1,47 @@
-"""Held-out evaluation: base zero-shot, base few-shot, SFT and DPO on the same prompts, greedy and batched.
+"""Evaluation: base zero-shot, base few-shot and every adapter on the same prompts, greedy and batched.
 
-One quantized base is loaded once; the SFT and DPO adapters sit on it side by side and are switched,
-so evaluating four variants costs one model's memory.
+One quantized base is loaded once; the adapters sit on it side by side and are switched, so evaluating
+five variants costs one model's memory. Every metric is kept per example (registry.py says which, and
+how they aggregate), so the comparison table, the candidate choice on validation, the sweep's ranking and
+the gate's paired tests all read the same numbers.
 """
 from __future__ import annotations
 
 import math
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional, Sequence
 
 import torch
 
 from ftflow.configs.schema import EvalConfig
 from ftflow.tasks.errors import DataError
+from ftflow.tasks.evaluate import registry
 
-VARIANTS = ("base", "base_fewshot", "sft", "dpo")
+if TYPE_CHECKING:
+    from ftflow.tasks.data.formatting import FormattedData
+    from ftflow.tasks.stages import StageContext
+
+ALL_SOURCES = frozenset({"generation", "loss", "preference"})
+
+
+@dataclass
+class EvalSets:
+    """The examples evaluation reads: train SFT rows (few-shot examples, overlap check), the held-out (test) sets,
+    the validation rows (selection only), and what happened to the held-out rows before scoring."""
+
+    train_sft: list[dict]
+    heldout: list[dict]
+    heldout_pairs: list[dict]
+    validation: list[dict] = field(default_factory=list)
+    # data.report.heldout_accounting: rows in, kept, dropped by reason; the gate names the exclusions.
+    heldout_accounting: dict[str, Any] = field(default_factory=dict)
+
+    @classmethod
+    def of(cls, train_set: FormattedData, heldout_set: FormattedData, validation_set: Optional[FormattedData] = None,
+           heldout_accounting: Optional[dict[str, Any]] = None) -> "EvalSets":
+        return cls(train_set.sft, heldout_set.sft, heldout_set.preference,
+                   validation_set.sft if validation_set is not None else [], dict(heldout_accounting or {}))
 
 
 @dataclass
@@ -24,6 +50,28 @@ class VariantResult:
     metrics: dict[str, float]
     predictions: list[dict[str, Any]] = field(default_factory=list)
     pair_logps: Optional[tuple[list[float], list[float]]] = None  # (chosen, rejected), the reference for the next stage
+    # registry name -> one score per example (held-out prompts, or pairs for preference metrics)
+    per_example: dict[str, list[float]] = field(default_factory=dict)
+    # registry name -> per-example weights of a token-weighted metric (reference answer tokens)
+    weights: dict[str, list[float]] = field(default_factory=dict)
+    corpus: dict[str, float] = field(default_factory=dict)  # metrics with no per-example form (BLEU)
+
+    @classmethod
+    def of(cls, variant: str, per_example: dict[str, list[float]], weights: Optional[dict[str, list[float]]] = None,
+           corpus: Optional[dict[str, float]] = None, **fields: Any) -> "VariantResult":
+        """A result whose corpus metrics are the registry's aggregates of its per-example scores."""
+        result = cls(variant, {}, per_example=dict(per_example), weights=dict(weights or {}), corpus=dict(corpus or {}),
+                     **fields)
+        result.refresh()
+        return result
+
+    def refresh(self) -> None:
+        self.metrics.update(registry.aggregate_all(self.per_example, self.weights, self.corpus))
+
+    def add(self, name: str, values: Sequence[float], weights: Optional[Sequence[float]] = None) -> None:
+        self.per_example[name] = [float(v) for v in values]
+        if weights is not None:
+            self.weights[name] = [float(w) for w in weights]
 
 
 def few_shot_prompt(prompt: list[dict], shots: list[dict]) -> list[dict]:
@@ -108,6 +156,18 @@ def answer_logps(model, tokenizer, prompts, answers, cfg: EvalConfig, max_length
     return logps, counts
 
 
+def answer_losses(logps: list[float], counts: list[int]) -> list[float]:
+    """Per-example mean token cross-entropy of the reference answer; weighted by `counts` it averages to heldout_loss."""
+    return [-lp / n if n else float("nan") for lp, n in zip(logps, counts)]
+
+
+def reward_margins(policy: tuple[list[float], list[float]], reference: tuple[list[float], list[float]],
+                   beta: float) -> list[float]:
+    """Per pair: DPO's implicit reward margin beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r)))."""
+    (pc, pr), (rc, rr) = policy, reference
+    return [beta * ((a - b) - (c - d)) for a, b, c, d in zip(pc, rc, pr, rr)]
+
+
 def heldout_loss(logps: list[float], counts: list[int]) -> dict[str, float]:
     tokens = sum(counts)
     loss = -sum(logps) / tokens if tokens else float("nan")
@@ -118,8 +178,7 @@ def heldout_loss(logps: list[float], counts: list[int]) -> dict[str, float]:
 def preference_scores(policy: tuple[list[float], list[float]], reference: tuple[list[float], list[float]],
                       beta: float) -> dict[str, float]:
     """DPO's implicit reward r = beta * (log pi(y|x) - log pi_ref(y|x)); accuracy = share of pairs with r_chosen > r_rejected."""
-    (pc, pr), (rc, rr) = policy, reference
-    margins = [beta * ((a - b) - (c - d)) for a, b, c, d in zip(pc, rc, pr, rr)]
+    margins = reward_margins(policy, reference, beta)
     if not margins:
         return {}
     return {
@@ -143,8 +202,9 @@ def reference_text(example: dict) -> str:
 
 def check_template(adapter_dir: str, expected_fingerprint: str, tokenizer) -> None:
     """An adapter is only valid under the chat template it was trained with."""
-    from ftflow.tasks.data.formatting import template_fingerprint
     from transformers import AutoTokenizer
+
+    from ftflow.tasks.data.formatting import template_fingerprint
 
     saved = template_fingerprint(AutoTokenizer.from_pretrained(adapter_dir))
     current = template_fingerprint(tokenizer)
@@ -156,73 +216,124 @@ def check_template(adapter_dir: str, expected_fingerprint: str, tokenizer) -> No
 
 def score_variant(variant: str, generations: list[dict], references: list[str], prompts: list[list[dict]],
                   eos_token: str, suite) -> VariantResult:
+    """Per-example generation scores under registry names; corpus-only metrics (BLEU) from the metric suite."""
     from ftflow.tasks.evaluate.metrics import per_example_scores, score_generations
 
     texts = [g["text"] for g in generations]
     stopped = [g["stopped"] for g in generations]
-    scores = score_generations(texts, references, eos_token, stopped=stopped, suite=suite)
-    metrics = {
-        "heldout_exact": scores["exact_match"],
-        "heldout_field_accuracy": scores["field_accuracy"],
-        "heldout_json_valid": scores["json_valid"],
-        "heldout_rougeL": scores["rougeL"],
-        "heldout_bleu": scores["bleu"],
-        "heldout_chrf": scores["chrf"],
-        "eos_stop_rate": scores["eos_stop_rate"],
-        "mean_new_tokens": sum(g["new_tokens"] for g in generations) / len(generations),
-    }
     rows = per_example_scores(texts, references, eos_token, stopped=stopped)
-    predictions = [
+    for row, g in zip(rows, generations):
+        row["new_tokens"] = g["new_tokens"]
+    corpus = score_generations(texts, references, eos_token, stopped=stopped, suite=suite)
+    result = VariantResult(variant, {})
+    for metric in (m for m in registry.METRICS if m.source == "generation"):
+        if metric.per_example:
+            result.add(metric.name, [float(row[metric.column]) for row in rows])
+        elif metric.aggregate == "corpus":
+            result.corpus[metric.name] = corpus[metric.column]
+    result.refresh()
+    result.predictions = [
         {"variant": variant, "prompt": p[-1]["content"], "reference": ref, "prediction": g["answer"], **row}
         for p, ref, g, row in zip(prompts, references, generations, rows)
     ]
-    return VariantResult(variant, metrics, predictions)
+    return result
 
 
-def evaluate_variants(
-    model,
-    tokenizer,
-    variants: list[str],
-    heldout: list[dict],
-    heldout_pairs: list[dict],
-    few_shots: list[dict],
-    cfg: EvalConfig,
-    eos_token: str,
-    beta: float,
-    max_length: int,
-    log=print,
-    precomputed: Optional[dict[str, VariantResult]] = None,
-) -> dict[str, VariantResult]:
-    """`model` is a PeftModel holding adapters named after the variants (`sft`, `dpo`); base variants disable them.
+def _score_loss(result: VariantResult, logps: list[float], counts: list[int]) -> None:
+    losses = answer_losses(logps, counts)
+    result.add("heldout_loss", losses, counts)
+    result.add("heldout_logprob", [-x for x in losses], counts)
+    for row, loss in zip(result.predictions, losses):
+        row[registry.get("heldout_loss").column] = loss
 
-    `precomputed` results (the base variants a sweep scores once for all arms) are reused, not recomputed."""
+
+def _pair_logps(model, tokenizer, pairs: list[dict], cfg: EvalConfig, max_length: int):
+    prompts = [p["prompt"] for p in pairs]
+    chosen, _ = answer_logps(model, tokenizer, prompts, [p["chosen"] for p in pairs], cfg, max_length)
+    rejected, _ = answer_logps(model, tokenizer, prompts, [p["rejected"] for p in pairs], cfg, max_length)
+    return chosen, rejected
+
+
+def score_variants(ctx: StageContext, model, tokenizer, variants: list[str], examples: list[dict], *,
+                   pairs: Sequence[dict] = (), sources: frozenset[str] = ALL_SOURCES, few_shots: Sequence[dict] = (),
+                   precomputed: Optional[dict[str, VariantResult]] = None) -> dict[str, VariantResult]:
+    """Score `variants` on `examples` (and `pairs`), computing only what the metrics of `sources` need.
+
+    `model` is a PeftModel holding adapters named after the variants; base variants disable them."""
     from ftflow.tasks.evaluate.metrics import load_suite
 
-    suite = load_suite()
-    examples = heldout[: cfg.max_examples]
-    pairs = heldout_pairs[: cfg.max_examples]
+    cfg, eos_token, max_length = ctx.cfg.eval, ctx.model.eos_token, ctx.cfg.sft.max_length
+    suite = load_suite() if "generation" in sources else None
     prompts = [ex["prompt"] for ex in examples]
     references = [reference_text(ex) for ex in examples]
     answers = [ex["completion"] for ex in examples]
     results: dict[str, VariantResult] = dict(precomputed or {})
-    pair_logps = {k: r.pair_logps for k, r in results.items() if r.pair_logps is not None}
     for variant in [v for v in variants if v not in results]:
         with active_variant(model, variant):
-            asked = [few_shot_prompt(p, few_shots) for p in prompts] if variant == "base_fewshot" else prompts
-            generations = generate(model, tokenizer, asked, cfg, eos_token)
-            result = score_variant(variant, generations, references, prompts, eos_token, suite)
-            if variant != "base_fewshot":
-                result.metrics.update(heldout_loss(*answer_logps(model, tokenizer, prompts, answers, cfg, max_length)))
-                if pairs and variant in ("base", "sft", "dpo"):
-                    chosen, _ = answer_logps(model, tokenizer, [p["prompt"] for p in pairs],
-                                             [p["chosen"] for p in pairs], cfg, max_length)
-                    rejected, _ = answer_logps(model, tokenizer, [p["prompt"] for p in pairs],
-                                               [p["rejected"] for p in pairs], cfg, max_length)
-                    pair_logps[variant] = result.pair_logps = (chosen, rejected)
+            if "generation" in sources:
+                asked = [few_shot_prompt(p, list(few_shots)) for p in prompts] if variant == "base_fewshot" else prompts
+                result = score_variant(variant, generate(model, tokenizer, asked, cfg, eos_token), references, prompts,
+                                       eos_token, suite)
+            else:
+                result = VariantResult(variant, {})
+            zero_shot = registry.get("heldout_loss").for_variant(variant)
+            if "loss" in sources and zero_shot:
+                _score_loss(result, *answer_logps(model, tokenizer, prompts, answers, cfg, max_length))
+            # Every zero-shot variant, the champion included: the base is the tuned variants' common reference.
+            if "preference" in sources and pairs and zero_shot:
+                result.pair_logps = _pair_logps(model, tokenizer, list(pairs), cfg, max_length)
+        result.refresh()
         results[variant] = result
-        log(f"evaluated {variant}: " + ", ".join(f"{k}={v:.3f}" for k, v in result.metrics.items()))
-    # Each tuned policy is scored against the policy it started from, as in its DPO objective.
-    for policy, reference in (("sft", "base"), ("dpo", "sft")):
-        if policy in pair_logps and reference in pair_logps:
-            results[policy].metrics.update(preference_scores(pair_logps[policy], pair_logps[reference], beta))
+        ctx.log(f"evaluated {variant}: " + ", ".join(f"{k}={v:.3f}" for k, v in result.metrics.items()))
+    _score_preferences(results, ctx.cfg.dpo.beta)
     return results
+
+
+def _score_preferences(results: dict[str, VariantResult], beta: float) -> None:
+    """Implicit rewards of every tuned variant against one reference, the base model: SFT, DPO and the champion
+    are then comparable pair by pair (the gate's preference-accuracy guard compares candidate and champion)."""
+    reference = results.get("base")
+    if reference is None or reference.pair_logps is None:
+        return
+    for variant, result in results.items():
+        if not registry.get("preference_accuracy").for_variant(variant) or result.pair_logps is None:
+            continue
+        margins = reward_margins(result.pair_logps, reference.pair_logps, beta)
+        result.add("preference_accuracy", [float(m > 0) for m in margins])
+        result.add("reward_margin", margins)
+        result.refresh()
+
+
+def evaluate_variants(ctx: StageContext, model, tokenizer, variants: list[str], sets: EvalSets,
+                      precomputed: Optional[dict[str, VariantResult]] = None) -> dict[str, VariantResult]:
+    """Every variant on the held-out (test) prompts and pairs, every metric source; `precomputed` results (the base
+    variants a sweep scores once for all arms) are reused, not recomputed."""
+    cfg = ctx.cfg.eval
+    return score_variants(ctx, model, tokenizer, variants, sets.heldout[: cfg.max_examples],
+                          pairs=sets.heldout_pairs[: cfg.max_examples], few_shots=sets.train_sft[: cfg.few_shot_k],
+                          precomputed=precomputed)
+
+
+def validation_scores(ctx: StageContext, model, tokenizer, variants: list[str], sets: EvalSets) -> dict[str, VariantResult]:
+    """The variants on the validation rows, computing only what the primary metric needs (selection stays cheap)."""
+    metric = registry.get(ctx.cfg.eval.resolved_primary_metric)
+    examples = sets.validation[: ctx.cfg.eval.validation_max_examples]
+    if not examples:
+        raise DataError("the validation split is empty; set data.validation_path or keep data.validation_fraction > 0",
+                        "validation")
+    return score_variants(ctx, model, tokenizer, variants, examples, sources=frozenset({metric.source}))
+
+
+def choose(results: dict[str, VariantResult], metric_name: str) -> str:
+    """The variant best on the metric in its direction; a tie goes to the later variant (training order)."""
+    metric = registry.get(metric_name)
+    best = None
+    for name, result in results.items():
+        value = result.metrics.get(metric_name)
+        if value is None or math.isnan(value):
+            continue
+        if best is None or not registry.better(metric, results[best].metrics[metric_name], value):
+            best = name
+    if best is None:
+        raise DataError(f"no variant has a {metric_name} score to choose by", "validation")
+    return best

@@ -1,12 +1,16 @@
-"""Rank-sweep arithmetic: arms from the config, the comparison table, the best arm, the chart."""
+"""Rank-sweep arithmetic: arms and their configs, the comparison table, the best arm, the chart.
+
+Arms are ranked on the validation split (each arm's candidate's primary metric there, in the metric's direction);
+the held-out columns are reported, never used to pick: the best arm then meets the gate on held-out.
+"""
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Optional
 
-from ftflow.configs.schema import SweepConfig
-
-TABLE_METRICS = ("heldout_exact", "heldout_field_accuracy", "eos_stop_rate", "heldout_loss", "preference_accuracy")
+from ftflow.configs.loader import apply_overrides, config_from_dict
+from ftflow.configs.schema import PipelineConfig, SweepConfig
+from ftflow.tasks.evaluate import registry
 
 
 def arms(sweep: SweepConfig) -> list[tuple[int, int]]:
@@ -17,21 +21,30 @@ def arms(sweep: SweepConfig) -> list[tuple[int, int]]:
     return [(r, max(1, round(sweep.alpha_multiplier * r))) for r in sweep.ranks]
 
 
+def validation_key(primary: str) -> str:
+    return f"validation_{primary}"
+
+
 def best_arm(outcomes: list[dict[str, Any]], primary: str) -> Optional[dict[str, Any]]:
-    """Highest primary metric; a tie goes to the smaller r (fewer parameters, less to overfit)."""
-    ok = [o for o in outcomes if o["status"] == "FINISHED" and primary in o["metrics"]]
+    """Best validation score of the primary metric in its direction; a tie goes to the smaller r (fewer parameters,
+    less to overfit). Held-out scores play no part."""
+    metric = registry.get(primary)
+    ok = [o for o in outcomes if o["status"] == "FINISHED" and primary in o.get("validation", {})]
     if not ok:
         return None
-    return max(ok, key=lambda o: (round(o["metrics"][primary], 9), -o["r"]))
+    return max(ok, key=lambda o: (round(o["validation"][primary] * metric.sign, 9), -o["r"]))
 
 
-def comparison(outcomes: list[dict[str, Any]], primary: str) -> list[dict[str, Any]]:
-    keys = (primary, *[m for m in TABLE_METRICS if m != primary])
+def comparison(outcomes: list[dict[str, Any]], cfg: PipelineConfig) -> list[dict[str, Any]]:
+    primary = cfg.eval.resolved_primary_metric
+    keys = registry.table_metrics(cfg.eval.task.value, primary)
+    keys = [k for k in keys if any(k in o.get("metrics", {}) for o in outcomes)] or keys
     rows = []
     for o in outcomes:
         row = {"r": o["r"], "alpha": o["alpha"], "status": o["status"], "run_id": o["run_id"],
                "trainable_params": o.get("trainable_params"), "wall_s": o.get("wall_s"),
-               "peak_memory_mb": o.get("peak_memory_mb")}
+               "peak_memory_mb": o.get("peak_memory_mb"), "candidate": o.get("candidate"),
+               validation_key(primary): o.get("validation", {}).get(primary)}
         row.update({k: o["metrics"].get(k) for k in keys})
         rows.append(row)
     return rows
@@ -55,7 +68,7 @@ def markdown(rows: list[dict[str, Any]]) -> str:
 
 
 def plot(rows: list[dict[str, Any]], primary: str, path: Path) -> Path:
-    """Primary metric, trainable parameters and wall time against rank, side by side."""
+    """Primary metric (the column `primary` of the rows), trainable parameters and wall time against rank."""
     from matplotlib.figure import Figure
 
     done = [r for r in rows if r["status"] == "FINISHED"]
@@ -74,3 +87,16 @@ def plot(rows: list[dict[str, Any]], primary: str, path: Path) -> Path:
     path.parent.mkdir(parents=True, exist_ok=True)
     fig.savefig(path, dpi=100)
     return path
+
+
+def arm_config(cfg: PipelineConfig, r: int, alpha: int) -> PipelineConfig:
+    # The gate runs once, on the best arm, from the parent flow.
+    return config_from_dict(apply_overrides(cfg.model_dump(mode="json"),
+                                            [f"lora.r={r}", f"lora.alpha={alpha}", "registry.enabled=false"]),
+                            f"sweep arm r={r}")
+
+
+def outcome(cfg: PipelineConfig, run_id: str, status: str, **fields: Any) -> dict[str, Any]:
+    """One arm as the comparison and best_arm read it: `metrics` held-out (reported), `validation` (ranked on)."""
+    return {"r": cfg.lora.r, "alpha": cfg.lora.resolved_alpha, "run_id": run_id, "status": status, "metrics": {},
+            "validation": {}, **fields}

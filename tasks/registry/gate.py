@@ -1,24 +1,34 @@
-"""The adapter as an MLflow pyfunc model, the registry, and the promotion gate.
+"""The promotion gate, the registry calls it makes, and the champion lookup.
 
-The gate moves the `champion` alias only when the candidate beats the current champion (re-scored on
-the same held-out prompts) by a margin, beats the few-shot prompt of the base model, and keeps its
-guard metrics (EOS-stop rate, preference accuracy) within tolerance. Otherwise it sets `challenger`.
+The gate moves the `champion` alias only when the candidate is better than every baseline (base zero-shot,
+base few-shot) and the current champion (re-scored on the same held-out prompts) with confidence: the lower
+bound of the paired 95 % interval of the improvement on `eval.primary_metric`, in that metric's direction,
+must clear `registry.min_improvement` (McNemar's exact test for 0/1 metrics, a paired bootstrap otherwise;
+tasks/evaluate/stats.py). A guard (EOS-stop rate, preference accuracy) refuses when its interval lies wholly
+below `-registry.guard_tolerance`. Otherwise the version gets `challenger`. The decision records the metric,
+its direction, n, every interval, the held-out exclusions and the validation scores the candidate was chosen by.
 """
 from __future__ import annotations
 
 import json
-import shutil
+import math
 import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Optional
+from typing import TYPE_CHECKING, Any, Optional
 
 from ftflow.configs.schema import PipelineConfig
 from ftflow.tasks.errors import PipelineError
+from ftflow.tasks.evaluate import registry as metrics
+from ftflow.tasks.evaluate import stats
+from ftflow.tasks.registry.packaging import package_model  # noqa: F401  (moved; callers import it from here)
+
+if TYPE_CHECKING:
+    from ftflow.tasks.evaluate.evaluation import VariantResult
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
 CHAMPION, CHALLENGER = "champion", "challenger"
-GUARDS = ("eos_stop_rate", "preference_accuracy")
+BASELINES = ("base", "base_fewshot")
 
 
 class RegistryError(PipelineError):
@@ -28,108 +38,125 @@ class RegistryError(PipelineError):
 @dataclass
 class Decision:
     promote: bool
-    reasons: list[str]
-    candidate: dict[str, float]
-    compared_with: dict[str, dict[str, float]] = field(default_factory=dict)
+    candidate: str  # the variant (sft, dpo) put forward
+    metric: str
+    direction: str
+    n: int
+    comparisons: list[stats.Interval]  # the primary metric against each baseline and the champion
+    guards: list[stats.Interval] = field(default_factory=list)
+    reasons: list[str] = field(default_factory=list)  # one per rule, passed or failed, for the record
+    failures: list[str] = field(default_factory=list)  # the rules that refused
+    scores: dict[str, dict[str, float]] = field(default_factory=dict)  # variant -> corpus metrics
+    exclusions: dict[str, Any] = field(default_factory=dict)  # held-out rows dropped before scoring, by reason
+    selection: dict[str, Any] = field(default_factory=dict)  # validation scores the candidate was chosen by
 
     def summary(self) -> str:
-        return ("PROMOTE: " if self.promote else "REFUSE: ") + "; ".join(self.reasons)
+        """`PROMOTE sft: heldout_chrf +0.142 [0.101, 0.188] vs base, ... (n=40, higher is better)`"""
+        verdict = "PROMOTE" if self.promote else "REFUSE"
+        intervals = ", ".join(c.line() for c in self.comparisons) or "nothing to compare with"
+        line = f"{verdict} {self.candidate}: {self.metric} {intervals} (n={self.n}, {self.direction} is better)"
+        if self.failures:
+            line += "; " + "; ".join(self.failures)
+        excluded = exclusion_line(self.exclusions)
+        return line + (f"; {excluded}" if excluded else "")
+
+    def as_dict(self) -> dict[str, Any]:
+        return {"promote": self.promote, "candidate": self.candidate, "metric": self.metric,
+                "direction": self.direction, "n": self.n, "summary": self.summary(),
+                "comparisons": [c.as_dict() for c in self.comparisons], "guards": [g.as_dict() for g in self.guards],
+                "reasons": self.reasons, "failures": self.failures, "scores": self.scores,
+                "heldout_exclusions": self.exclusions, "selection": self.selection}
 
 
-def decide(candidate: dict[str, float], baselines: dict[str, dict[str, float]],
-           champion: Optional[dict[str, float]], cfg: PipelineConfig) -> Decision:
-    """Pure decision: every rule that fails is named, with both scores."""
-    primary = cfg.eval.primary_metric
-    margin, tol = cfg.registry.min_improvement, cfg.registry.guard_tolerance
-    score = candidate.get(primary)
-    reasons: list[str] = []
-    ok = score is not None
-    if score is None:
-        reasons.append(f"candidate has no {primary}")
-    compared = dict(baselines)
-    for name, metrics in baselines.items():
-        base = metrics.get(primary)
-        if base is None or score is None:
+def exclusion_line(accounting: dict[str, Any]) -> str:
+    """`held-out: 38 of 40 scored (dropped: exact_duplicate 1, too_long 1)`, or "" when nothing was dropped."""
+    dropped = {k: v for k, v in (accounting.get("dropped") or {}).items() if v}
+    if not dropped:
+        return ""
+    reasons = ", ".join(f"{k} {v}" for k, v in dropped.items())
+    return f"held-out: {accounting.get('kept', '?')} of {accounting.get('in', '?')} scored (dropped: {reasons})"
+
+
+def _interval(metric: metrics.Metric, candidate: VariantResult, other: VariantResult, against: str,
+              seed: int) -> Optional[stats.Interval]:
+    """Paired when both sides have per-example scores on the same examples; None when the other has no score."""
+    name = metric.name
+    mine = candidate.per_example.get(name)
+    if not mine:
+        return None
+    theirs = other.per_example.get(name)
+    if theirs and len(theirs) == len(mine):
+        return stats.compare(metric, mine, theirs, against, weights=candidate.weights.get(name),
+                             other_weights=other.weights.get(name), seed=seed)
+    recorded = other.metrics.get(name)
+    if recorded is None or math.isnan(recorded):
+        return None
+    return stats.bootstrap_vs_value(metric, mine, recorded, against, weights=candidate.weights.get(name), seed=seed)
+
+
+def decide(candidate: str, results: dict[str, VariantResult], cfg: PipelineConfig,
+           champion: Optional[VariantResult] = None, exclusions: Optional[dict[str, Any]] = None,
+           selection: Optional[dict[str, Any]] = None) -> Decision:
+    """Pure decision from per-example scores: every rule is named with its interval, each failed one refuses.
+
+    `results` holds the candidate and the baselines (and the champion when it was re-scored on these prompts);
+    `champion` overrides with what is known of a champion that could not be re-scored (its recorded metrics)."""
+    metric = metrics.get(cfg.eval.resolved_primary_metric)
+    margin, tol, seed = cfg.registry.min_improvement, cfg.registry.guard_tolerance, cfg.seed
+    mine = results[candidate]
+    others = {name: results[name] for name in BASELINES if name in results}
+    champ = champion if champion is not None else results.get("champion")
+    if champ is not None:
+        others["champion"] = champ
+    n = len(mine.per_example.get(metric.name, []))
+    decision = Decision(True, candidate, metric.name, metric.direction, n, [], exclusions=dict(exclusions or {}),
+                        selection=dict(selection or {}),
+                        scores={name: dict(r.metrics) for name, r in {candidate: mine, **others}.items()})
+
+    def refuse(reason: str) -> None:
+        decision.promote = False
+        decision.failures.append(reason)
+        decision.reasons.append(reason)
+
+    if not n:
+        refuse(f"candidate has no per-example {metric.name}")
+        return decision
+    for against, other in others.items():
+        interval = _interval(metric, mine, other, against, seed)
+        if interval is None:
+            decision.reasons.append(f"{against} has no {metric.name}: not compared")
             continue
-        if score > base:
-            reasons.append(f"{primary} {score:.3f} > {name} {base:.3f}")
+        decision.comparisons.append(interval)
+        if interval.low > margin:
+            decision.reasons.append(f"{metric.name} {interval.line()}: lower bound clears {margin}")
         else:
-            ok = False
-            reasons.append(f"{primary} {score:.3f} does not beat {name} {base:.3f}")
-    if champion is not None and score is not None:
-        compared["champion"] = champion
-        best = champion.get(primary, float("-inf"))
-        if score >= best + margin and score > best:
-            reasons.append(f"{primary} {score:.3f} beats champion {best:.3f} by >= {margin}")
+            refuse(f"{metric.name} {interval.line()}: lower bound does not clear {margin} vs {against}")
+    if not decision.comparisons:
+        refuse(f"no baseline has {metric.name}: nothing to compare with")
+
+    # Guards hold against the champion; on a first run, against the base model where it has the metric.
+    reference = ("champion", champ) if champ is not None else ("base", results.get("base"))
+    for guard_name in cfg.eval.resolved_guards:
+        guard = metrics.get(guard_name)
+        if reference[1] is None:
+            continue
+        interval = _interval(guard, mine, reference[1], reference[0], seed)
+        if interval is None:
+            decision.reasons.append(f"guard {guard_name}: not compared (no scores for {candidate} or {reference[0]})")
+            continue
+        decision.guards.append(interval)
+        if interval.high < -tol:
+            refuse(f"guard {guard_name} regressed: {interval.line()} lies wholly below -{tol}")
         else:
-            ok = False
-            reasons.append(f"{primary} {score:.3f} does not beat champion {best:.3f} by margin {margin}")
-        for guard in GUARDS:
-            if guard in candidate and guard in champion and candidate[guard] < champion[guard] - tol:
-                ok = False
-                reasons.append(f"guard {guard} regressed: {candidate[guard]:.3f} < champion {champion[guard]:.3f} - {tol}")
-    elif "base" in baselines and "eos_stop_rate" in candidate:
-        base_eos = baselines["base"].get("eos_stop_rate")
-        if base_eos is not None and candidate["eos_stop_rate"] < base_eos - tol:
-            ok = False
-            reasons.append(f"guard eos_stop_rate regressed: {candidate['eos_stop_rate']:.3f} < base {base_eos:.3f} - {tol}")
-    return Decision(ok, reasons, candidate, compared)
+            decision.reasons.append(f"guard {guard_name} {interval.line()}: within tolerance {tol}")
+    return decision
 
 
-def _python_model_class():
-    # Built lazily so importing this module does not import mlflow.pyfunc.
-    import mlflow.pyfunc
+def recorded(name: str, metrics_: dict[str, float]) -> VariantResult:
+    """A champion known only by its recorded eval/ metrics (trained on another base or template)."""
+    from ftflow.tasks.evaluate.evaluation import VariantResult
 
-    class LoraAdapterModel(mlflow.pyfunc.PythonModel):
-        """Base model + LoRA adapter; input: a `prompt` column (or list of strings); output: the answers."""
-
-        def load_context(self, context):
-            from ftflow.configs.schema import PipelineConfig as Cfg
-            from ftflow.tasks.evaluate.evaluation import check_template
-            from ftflow.tasks.train.model import load_base_model, load_tokenizer, offline_env, resolve_model_path
-            from peft import PeftModel
-
-            offline_env()
-            cfg = Cfg.model_validate(context.model_config["pipeline_config"])
-            path = resolve_model_path(cfg.model)
-            self.tokenizer = load_tokenizer(path, cfg.model)
-            adapter = context.artifacts["adapter"]
-            # The template the adapter was trained under must be the one serving it.
-            check_template(adapter, context.model_config["template_fingerprint"], self.tokenizer)
-            self.model = PeftModel.from_pretrained(load_base_model(path, cfg.model, cfg.quantization), adapter)
-            self.model.eval()
-            self.cfg = cfg
-            self.eos = context.model_config["eos_token"]
-
-        def predict(self, context, model_input, params=None):
-            from ftflow.tasks.evaluate.evaluation import generate
-
-            prompts = list(model_input["prompt"]) if hasattr(model_input, "columns") else list(model_input)
-            messages = [[{"role": "user", "content": str(p)}] for p in prompts]
-            if self.cfg.data.system_prompt:
-                messages = [[{"role": "system", "content": self.cfg.data.system_prompt}, *m] for m in messages]
-            return [g["answer"] for g in generate(self.model, self.tokenizer, messages, self.cfg.eval, self.eos)]
-
-    return LoraAdapterModel
-
-
-def package_model(cfg: PipelineConfig, adapter_dir: str, meta: dict[str, Any], out_dir: Path) -> Path:
-    """A pyfunc folder: adapter files and the resolved config; loading it needs the `ftflow` package installed."""
-    import mlflow.pyfunc
-
-    from ftflow.tasks.tracking import redact_config_dict
-
-    target = out_dir / "model"
-    if target.exists():
-        shutil.rmtree(target)
-    mlflow.pyfunc.save_model(
-        str(target),
-        python_model=_python_model_class()(),
-        artifacts={"adapter": adapter_dir},
-        model_config={"pipeline_config": redact_config_dict(cfg.model_dump(mode="json")), **meta},
-        pip_requirements=["transformers", "peft", "bitsandbytes", "torch", "accelerate", "gguf", "pydantic", "pyyaml"],
-    )
-    return target
+    return VariantResult(name, dict(metrics_))
 
 
 def registry_client(cfg: PipelineConfig):
@@ -201,7 +228,15 @@ def champion_recorded_metrics(client, version) -> dict[str, float]:
 def apply_decision(client, name: str, version: str, decision: Decision, run_id: str) -> str:
     alias = CHAMPION if decision.promote else CHALLENGER
     client.set_registered_model_alias(name, alias, version)
-    client.set_model_version_tag(name, version, "ftflow.gate", decision.summary()[:5000])
-    client.set_model_version_tag(name, version, "ftflow.gate_scores", json.dumps(
-        {"candidate": decision.candidate, **decision.compared_with}, default=float)[:5000])
+    tags = {
+        "ftflow.gate": decision.summary(),
+        "ftflow.gate.candidate": decision.candidate,
+        "ftflow.gate.metric": decision.metric,
+        "ftflow.gate.direction": decision.direction,
+        "ftflow.gate.n": str(decision.n),
+        "ftflow.gate.intervals": "; ".join(c.line() for c in decision.comparisons),
+        "ftflow.gate_scores": json.dumps(decision.scores, default=float),
+    }
+    for key, value in tags.items():
+        client.set_model_version_tag(name, version, key, value[:5000])
     return alias

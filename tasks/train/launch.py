@@ -1,6 +1,8 @@
 """Multi-process training through `accelerate launch`: the parent writes a spec, every rank trains, rank 0 reports.
 
-    accelerate launch --num_processes 2 [--cpu] [--use_fsdp] -m ftflow.tasks.train.launch SPEC.json
+    accelerate launch --num_processes 2 [--use_fsdp] -m ftflow.tasks.train.launch SPEC.json
+
+Each rank calls the same builder as a single process, `trainer.train`; rank 0 logs to the MLflow run by id.
 """
 from __future__ import annotations
 
@@ -12,11 +14,11 @@ from pathlib import Path
 from typing import Any, Optional
 
 from ftflow.configs.schema import PipelineConfig
-from ftflow.tasks.errors import PipelineError
-from ftflow.tasks.train.training import TrainResult
+from ftflow.tasks.stages import ModelInfo, StageContext
+from ftflow.tasks.train.trainer import Kind, TrainResult, train
 
 
-def accelerate_command(cfg: PipelineConfig, spec_path: Path, device: str) -> list[str]:
+def accelerate_command(cfg: PipelineConfig, spec_path: Path) -> list[str]:
     cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.distributed.num_processes),
            "--num_machines", "1", "--main_process_port", str(cfg.distributed.main_process_port),
            "--mixed_precision", "no", "--dynamo_backend", "no"]
@@ -28,28 +30,31 @@ def accelerate_command(cfg: PipelineConfig, spec_path: Path, device: str) -> lis
     return cmd + ["-m", "ftflow.tasks.train.launch", str(spec_path)]
 
 
-def launch(kind: str, cfg: PipelineConfig, model_path: str, examples: list[dict], out_dir: Path,
-           run_id: Optional[str], sft_adapter: Optional[str], device: str) -> TrainResult:
+def launch(ctx: StageContext, kind: Kind, examples: list[dict], start_adapter: Optional[str] = None) -> TrainResult:
+    """`train` in cfg.distributed.num_processes processes; returns rank 0's result."""
+    out_dir = ctx.work_dir / kind
     out_dir.mkdir(parents=True, exist_ok=True)
     data_path = out_dir / "launch_examples.jsonl"
     with data_path.open("w", encoding="utf-8") as fh:
         for ex in examples:
             fh.write(json.dumps(ex, ensure_ascii=False) + "\n")
-    spec = {"kind": kind, "config": cfg.model_dump(mode="json"), "model_path": model_path, "examples": str(data_path),
-            "out_dir": str(out_dir), "run_id": run_id, "sft_adapter": sft_adapter, "result": str(out_dir / "launch_result.json")}
+    result_path = out_dir / "launch_result.json"
+    spec = {"kind": kind, "config": ctx.cfg.model_dump(mode="json"), "model": asdict(ctx.model),
+            "work_dir": str(ctx.work_dir), "run_id": ctx.run.run_id if ctx.run else None,
+            "start_adapter": start_adapter, "examples": str(data_path), "result": str(result_path)}
     spec_path = out_dir / "launch_spec.json"
     spec_path.write_text(json.dumps(spec))
-    Path(spec["result"]).unlink(missing_ok=True)
+    result_path.unlink(missing_ok=True)
+    # The workers print their own progress; the caller's progress hook hears only the start and the end.
+    update = ctx.start_progress(kind, getattr(ctx.cfg, kind).max_steps)
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(accelerate_command(cfg, spec_path, device), cwd=root, capture_output=True, text=True)
-    if done.returncode != 0 or not Path(spec["result"]).exists():
+    done = subprocess.run(accelerate_command(ctx.cfg, spec_path), cwd=root, capture_output=True, text=True)
+    if done.returncode != 0 or not result_path.exists():
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
-        raise RuntimeError(f"accelerate launch of {kind} with {cfg.distributed.num_processes} processes failed "
+        raise RuntimeError(f"accelerate launch of {kind} with {ctx.cfg.distributed.num_processes} processes failed "
                            f"(exit {done.returncode}):\n{tail}")
-    payload = json.loads(Path(spec["result"]).read_text())
-    backend = payload.pop("backend", None)
-    result = TrainResult(**payload)
-    result.backend = backend  # type: ignore[attr-defined]
+    result = TrainResult(**json.loads(result_path.read_text()))
+    update(result.global_step, result.metrics)
     return result
 
 
@@ -60,24 +65,17 @@ def main(spec_path: str) -> None:
     cfg = PipelineConfig.model_validate(spec["config"])
     examples = [json.loads(line) for line in Path(spec["examples"]).read_text(encoding="utf-8").splitlines()]
     state = PartialState()
-    log_metrics = lambda metrics, step: None  # noqa: E731
+    run = None
     if state.is_main_process and spec["run_id"]:
         from ftflow.tasks.tracking import RunLogger
 
-        log_metrics = RunLogger(cfg, spec["run_id"]).log_metrics
-    if spec["kind"] == "sft":
-        from ftflow.tasks.train.sft import run_sft
-
-        result = run_sft(cfg, spec["model_path"], examples, Path(spec["out_dir"]), log_metrics)
-    else:
-        from ftflow.tasks.train.dpo import run_dpo
-
-        result = run_dpo(cfg, spec["model_path"], spec["sft_adapter"], examples, Path(spec["out_dir"]), log_metrics)
+        run = RunLogger(cfg, spec["run_id"])
+    ctx = StageContext(cfg, ModelInfo(**spec["model"]), run, Path(spec["work_dir"]))
+    result = train(ctx, spec["kind"], examples, spec["start_adapter"])
     if state.is_main_process:
-        payload = asdict(result)
-        payload["metrics"]["world_size"] = float(state.num_processes)
-        payload["backend"] = str(state.backend)
-        Path(spec["result"]).write_text(json.dumps(payload))
+        result.metrics["world_size"] = float(state.num_processes)
+        result.backend = str(state.backend)
+        Path(spec["result"]).write_text(json.dumps(asdict(result)))
 
 
 if __name__ == "__main__":

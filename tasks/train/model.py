@@ -5,16 +5,19 @@ import hashlib
 import importlib.util
 import json
 import os
+import shutil
+import tempfile
 from pathlib import Path
-from typing import Optional
+from typing import Callable, Optional
 
 import torch
-
 from ftflow.configs.schema import LoraConfig as LoraSection
 from ftflow.configs.schema import ModelConfig, Quantization, QuantizationConfig
 from ftflow.tasks.errors import ModelLoadError
 
 CONVERTED_MARKER = "ftflow_source.json"
+# A conversion takes about a minute on a laptop CPU; a waiter gives up only long after any real one ends.
+CACHE_LOCK_TIMEOUT_S = 3600
 
 
 def pick_device(cfg: ModelConfig) -> str:
@@ -55,42 +58,84 @@ def _package_gguf(spec: str) -> Path:
     return files[0]
 
 
-def _convert_gguf(gguf_path: Path, cache_root: Path) -> Path:
-    """GGUF → safetensors directory, once per file hash (GGUF-loaded models refuse save_pretrained)."""
-    from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+def cache_root(cfg: ModelConfig) -> Path:
+    """Where converted models live: model.cache_dir, else $FTFLOW_CACHE_DIR, else the user's cache.
 
-    digest = file_sha256(gguf_path)
-    target = cache_root / f"{gguf_path.stem}-{digest[:16]}"
+    One folder per user, not per working directory, so a new project folder reuses the conversion.
+    """
+    if cfg.cache_dir:
+        return Path(cfg.cache_dir).expanduser()
+    if os.environ.get("FTFLOW_CACHE_DIR"):
+        return Path(os.environ["FTFLOW_CACHE_DIR"]).expanduser()
+    base = os.environ.get("XDG_CACHE_HOME") or str(Path.home() / ".cache")
+    return Path(base).expanduser() / "ftflow" / "models"
+
+
+def build_once(target: Path, build: Callable[[Path], None]) -> Path:
+    """Make cache entry `target` with `build(tmp_dir)` unless it is complete; one builder at a time.
+
+    The entry is built in a temporary folder beside it and renamed into place, so a reader sees either
+    nothing or a complete entry, and a crash leaves no half-written one. An entry counts as complete
+    when `build` wrote CONVERTED_MARKER into it.
+    """
+    from filelock import FileLock
+
     if (target / CONVERTED_MARKER).exists():
         return target
-    tmp = target.with_name(target.name + ".partial")
-    tmp.mkdir(parents=True, exist_ok=True)
-    kwargs = dict(gguf_file=gguf_path.name)
-    tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
-    loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
-    config = AutoConfig.from_pretrained(gguf_path.parent, **kwargs)
-    # The GGUF config carries a quantization marker that would make the saved copy refuse to load plainly.
-    if hasattr(config, "quantization_config"):
-        delattr(config, "quantization_config")
-    fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
-    fresh.load_state_dict(loaded.state_dict(), strict=True)
-    fresh.save_pretrained(tmp, safe_serialization=True)
-    tokenizer.save_pretrained(tmp)
-    (tmp / CONVERTED_MARKER).write_text(json.dumps({"gguf": str(gguf_path), "sha256": digest}))
-    tmp.rename(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(str(target.parent / f"{target.name}.lock"), timeout=CACHE_LOCK_TIMEOUT_S):
+        if (target / CONVERTED_MARKER).exists():  # another process finished it while this one waited
+            return target
+        tmp = Path(tempfile.mkdtemp(prefix=f"{target.name}.partial-", dir=target.parent))
+        try:
+            build(tmp)
+            if target.exists():  # left by an older version or an interrupted copy: not trusted
+                shutil.rmtree(target)
+            tmp.rename(target)
+        finally:
+            if tmp.exists():
+                shutil.rmtree(tmp, ignore_errors=True)
     return target
+
+
+def _convert_gguf(gguf_path: Path, cache: Path) -> Path:
+    """GGUF → safetensors directory, once per file hash (GGUF-loaded models refuse save_pretrained)."""
+    digest = file_sha256(gguf_path)
+
+    def convert(out: Path) -> None:
+        from transformers import AutoConfig, AutoModelForCausalLM, AutoTokenizer
+
+        # A local file: never ask the hub, whatever the offline setting.
+        kwargs = dict(gguf_file=gguf_path.name, local_files_only=True)
+        try:
+            tokenizer = AutoTokenizer.from_pretrained(gguf_path.parent, **kwargs)
+            loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
+            config = AutoConfig.from_pretrained(gguf_path.parent, **kwargs)
+        except (OSError, ValueError, KeyError, RuntimeError) as err:
+            raise ModelLoadError(f"GGUF file {gguf_path}: cannot be read as a model ({_first_line(err)}); "
+                                 f"expected a complete GGUF file of a supported architecture") from None
+        # The GGUF config carries a quantization marker that would make the saved copy refuse to load plainly.
+        if hasattr(config, "quantization_config"):
+            delattr(config, "quantization_config")
+        fresh = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
+        fresh.load_state_dict(loaded.state_dict(), strict=True)
+        fresh.save_pretrained(out, safe_serialization=True)
+        tokenizer.save_pretrained(out)
+        (out / CONVERTED_MARKER).write_text(json.dumps({"gguf": str(gguf_path), "sha256": digest}))
+
+    return build_once(cache / f"{gguf_path.stem}-{digest[:16]}", convert)
 
 
 def resolve_model_path(cfg: ModelConfig) -> str:
     """Return a hub id or a local directory that `from_pretrained` loads with safetensors only."""
     spec = cfg.name_or_path
     if spec.startswith("pkg:"):
-        return str(_convert_gguf(_package_gguf(spec), Path(cfg.cache_dir)))
+        return str(_convert_gguf(_package_gguf(spec), cache_root(cfg)))
     path = Path(spec).expanduser()
     if path.suffix == ".gguf":
         if not path.is_file():
             raise ModelLoadError(f"model.name_or_path {spec!r}: GGUF file does not exist")
-        return str(_convert_gguf(path, Path(cfg.cache_dir)))
+        return str(_convert_gguf(path, cache_root(cfg)))
     if path.exists():
         if not (path / "config.json").exists():
             raise ModelLoadError(f"model.name_or_path {spec!r}: directory has no config.json")
@@ -102,7 +147,25 @@ def resolve_model_path(cfg: ModelConfig) -> str:
     return spec
 
 
-def bnb_config(q: QuantizationConfig, device: str):
+def local_rank() -> int:
+    """This process's GPU on its node: `accelerate launch` and torchrun set LOCAL_RANK; a lone process is 0."""
+    try:
+        return int(os.environ.get("LOCAL_RANK", "0"))
+    except ValueError:
+        return 0
+
+
+def quantized_device_map(device: str) -> dict:
+    # bitsandbytes layers are placed at load time; each launched process takes its own GPU, not GPU 0.
+    return {"": local_rank() if device == "cuda" else "cpu"}
+
+
+def fsdp_enabled() -> bool:
+    # `accelerate launch` exports this for an FSDP config; transformers reads the same variable.
+    return os.environ.get("ACCELERATE_USE_FSDP", "").strip().lower() in ("1", "true", "yes")
+
+
+def bnb_config(q: QuantizationConfig, device: str, fsdp: Optional[bool] = None):
     if q.mode == Quantization.none:
         return None
     try:
@@ -112,30 +175,106 @@ def bnb_config(q: QuantizationConfig, device: str):
         raise ModelLoadError(f"quantization.mode={q.mode.value} needs bitsandbytes, which cannot load: {err}") from None
     if q.mode == Quantization.eight_bit:
         return BitsAndBytesConfig(load_in_8bit=True)
+    compute = _dtype(q.compute_dtype, device)
     return BitsAndBytesConfig(
         load_in_4bit=True,
         bnb_4bit_quant_type=q.quant_type,
         bnb_4bit_use_double_quant=q.double_quant,
-        bnb_4bit_compute_dtype=_dtype(q.compute_dtype, device),
+        bnb_4bit_compute_dtype=compute,
+        # FSDP flattens a unit's parameters into one tensor of one dtype, so there the packed 4-bit weights are
+        # stored in the compute dtype (FSDP-QLoRA). Elsewhere uint8 stays: single-GPU QLoRA and peft's k-bit
+        # preparation are built and tested around it, and a CPU run has no bf16 to match.
+        bnb_4bit_quant_storage=compute if (fsdp_enabled() if fsdp is None else fsdp) else torch.uint8,
     )
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return f"{type(err).__name__}: {text.splitlines()[0]}" if text else type(err).__name__
+
+
+def _is_local(path: str) -> bool:
+    return Path(path).expanduser().is_dir()
+
+
+def _is_network_error(err: BaseException) -> bool:
+    """A hub that could not be reached: transient, so it stays a plain error that the task retries."""
+    seen = 0
+    while err is not None and seen < 10:
+        name = type(err).__name__
+        if isinstance(err, (ConnectionError, TimeoutError)) or any(
+                k in name for k in ("ConnectError", "ConnectionError", "ConnectTimeout", "ReadTimeout")):
+            return True
+        err, seen = err.__cause__ or err.__context__, seen + 1
+    return False
+
+
+def _is_file_error(err: BaseException) -> bool:
+    # What a missing, bad or refused model file raises in transformers, tokenizers and safetensors
+    # (SafetensorError is matched by name: it is a bare Exception subclass of a compiled module).
+    return isinstance(err, (OSError, ValueError, RuntimeError, ImportError)) or type(err).__name__ == "SafetensorError"
+
+
+def _unreadable(path: str, suffix: str, check: Callable[[Path], None]) -> list[str]:
+    bad = []
+    for f in sorted(Path(path).expanduser().glob(f"*{suffix}")):
+        try:
+            check(f)
+        except Exception as err:
+            bad.append(f"{f} ({_first_line(err)})")
+    return bad
+
+
+def _check_safetensors(f: Path) -> None:
+    from safetensors import safe_open
+
+    with safe_open(str(f), framework="pt") as fh:
+        for key in fh.keys():
+            fh.get_slice(key)
+
+
+def _check_json(f: Path) -> None:
+    json.loads(f.read_text(encoding="utf-8"))
+
+
+def _load_error(cfg: ModelConfig, path: str, what: str, err: BaseException) -> ModelLoadError:
+    """The file that is wrong and what was expected of it: bad input, so a PipelineError that is never retried."""
+    where = f"model.name_or_path {cfg.name_or_path!r}: cannot load the {what}"
+    hint = ""
+    if _is_local(path) and Path(path, CONVERTED_MARKER).exists():
+        hint = f"; {path} is a converted cache entry: delete it and the next run converts the model again"
+    if _is_local(path) and type(err).__name__ == "SafetensorError":
+        bad = _unreadable(path, ".safetensors", _check_safetensors)
+        if bad:
+            return ModelLoadError(f"{where}: {'; '.join(bad)}: expected a complete safetensors file "
+                                  f"(download or convert it again){hint}")
+    if _is_local(path) and isinstance(err, (json.JSONDecodeError, UnicodeDecodeError)):
+        bad = _unreadable(path, ".json", _check_json)
+        if bad:
+            return ModelLoadError(f"{where}: {'; '.join(bad)}: expected a valid JSON file{hint}")
+    return ModelLoadError(f"{where} ({_first_line(err)}){hint}")
+
+
 def load_tokenizer(path: str, cfg: ModelConfig):
+    from ftflow.tasks.secrets import hf_token
     from transformers import AutoTokenizer
 
-    from ftflow.tasks.secrets import hf_token
-
-    tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                                        token=hf_token(cfg))
+    try:
+        # A local directory never asks the hub, online or not.
+        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
+                                            token=hf_token(cfg), local_files_only=_is_local(path))
+    except Exception as err:
+        if isinstance(err, ModelLoadError) or not _is_file_error(err) or _is_network_error(err):
+            raise
+        raise _load_error(cfg, path, "tokenizer", err) from None
     if tok.pad_token is None:
         tok.pad_token = tok.eos_token
     return tok
 
 
 def load_base_model(path: str, cfg: ModelConfig, q: QuantizationConfig):
-    from transformers import AutoModelForCausalLM
-
     from ftflow.tasks.secrets import hf_token
+    from transformers import AutoModelForCausalLM
 
     device = pick_device(cfg)
     quant = bnb_config(q, device)
@@ -145,16 +284,19 @@ def load_base_model(path: str, cfg: ModelConfig, q: QuantizationConfig):
         trust_remote_code=cfg.trust_remote_code,
         use_safetensors=True,
         token=hf_token(cfg),
+        local_files_only=_is_local(path),
     )
     if quant is not None:
         kwargs["quantization_config"] = quant
-        kwargs["device_map"] = {"": 0 if device == "cuda" else "cpu"}
+        kwargs["device_map"] = quantized_device_map(device)
     try:
         model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
-    except (OSError, ValueError, RuntimeError, ImportError) as err:
-        raise ModelLoadError(f"model.name_or_path {cfg.name_or_path!r}: cannot load ({str(err).splitlines()[0]})") from None
+    except Exception as err:
+        if isinstance(err, ModelLoadError) or not _is_file_error(err) or _is_network_error(err):
+            raise
+        raise _load_error(cfg, path, "model", err) from None
     if quant is None:
-        model.to(device)
+        model.to(f"cuda:{local_rank()}" if device == "cuda" else device)
     return model
 
 
@@ -178,9 +320,11 @@ def trainable_parameters(model) -> tuple[int, int]:
 
 
 def offline_env() -> None:
-    # Nothing in the demo or tests may wait on an unreachable hub.
-    os.environ.setdefault("HF_HUB_OFFLINE", "1")
-    os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+    """Quiet library defaults for loading a model; offline mode is left to the environment (HF_HUB_OFFLINE).
+
+    A hub id must download for a user who set nothing, and local models never ask the hub anyway
+    (they load with local_files_only), so forcing offline here would only break the hub case.
+    """
     os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 
 

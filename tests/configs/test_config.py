@@ -4,8 +4,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-
-from ftflow.configs.loader import ConfigError, RECIPES_DIR, apply_overrides, flatten, load_config
+from ftflow.configs.loader import RECIPES_DIR, ConfigError, apply_overrides, flatten, load_config
 from ftflow.configs.schema import DPOLoss, PipelineConfig, Quantization
 
 RECIPES = sorted(RECIPES_DIR.glob("*.yaml"))
@@ -244,3 +243,29 @@ def test_schema_has_enums_for_quantization_mode_and_dpo_loss():
     assert quant["properties"]["mode"]["default"] == "4bit"
     # A free-form field has no enum: the form shows a text box there.
     assert "enum" not in _resolve(schema, schema["properties"]["output_dir"])
+
+
+# --- secrets in overrides never reach an error message ----------------------------------------
+
+@pytest.mark.parametrize("override, secret", [
+    ("tracking.tracking_uri=http://bob:Pa55w0rdXYZ@mlflow.internal:5000", "Pa55w0rdXYZ"),
+    ("sft.extra.hub_token=abc123def456", "abc123def456"),
+    ("dpo.extra.api_key=k3yk3yk3y", "k3yk3yk3y"),
+])
+def test_config_error_echoes_overrides_redacted(override, secret):
+    with pytest.raises(ConfigError) as err:
+        load_config("tiny", [override, "lora.rank=8"])
+    assert "unknown key 'lora.rank'" in str(err.value)
+    assert secret not in str(err.value), str(err.value)
+    assert "***" in str(err.value)
+
+
+def test_bad_value_of_a_secret_key_is_not_echoed():
+    with pytest.raises(ConfigError) as err:
+        load_config(None, ["tracking.tracking_uri=[http://bob:Pa55w0rdXYZ@h]"])
+    assert "tracking.tracking_uri" in str(err.value) and "Pa55w0rdXYZ" not in str(err.value)
+
+
+def test_model_cache_dir_defaults_to_the_user_cache_not_the_working_directory():
+    assert PipelineConfig().model.cache_dir is None
+    assert all(load_config(p).model.cache_dir is None for p in ("demo", "tiny", "production"))

@@ -4,7 +4,6 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-import pytest
 from mlflow import MlflowClient
 
 from ftflow.cli import main
@@ -17,8 +16,22 @@ def _runs(cfg):
     return client, (client.search_runs([exp.experiment_id]) if exp else [])
 
 
+def _artifacts(**filters) -> dict:
+    """Prefect artifacts by key (the newest of each), filtered by flow run and/or key."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.filters import ArtifactFilter, ArtifactFilterFlowRunId, ArtifactFilterKey
+
+    flt = ArtifactFilter(
+        flow_run_id=ArtifactFilterFlowRunId(any_=[filters["flow_run_id"]]) if "flow_run_id" in filters else None,
+        key=ArtifactFilterKey(any_=[filters["key"]]) if "key" in filters else None)
+    with get_client(sync_client=True) as client:
+        found = client.read_artifacts(artifact_filter=flt)
+    return {a.key: a for a in sorted(found, key=lambda a: a.created)}
+
+
 def test_pipeline_records_everything(prefect_harness, tiny_cfg):
-    out = pipeline_flow(config=tiny_cfg)
+    state = pipeline_flow(config=tiny_cfg, return_state=True)
+    out = state.result()
     client, runs = _runs(tiny_cfg)
     assert len(runs) == 1
     run = runs[0]
@@ -58,12 +71,21 @@ def test_pipeline_records_everything(prefect_harness, tiny_cfg):
     predictions = json.loads(Path(client.download_artifacts(run.info.run_id, "eval/predictions.json")).read_text())
     assert set(predictions["columns"]) >= {"variant", "prompt", "reference", "prediction", "exact_match"}
 
+    # The dashboard's view of the same run.
+    shown = _artifacts(flow_run_id=state.state_details.flow_run_id)
+    assert {"data-validation", "sft-progress", "dpo-progress", "heldout-comparison", "fine-tune-summary"} <= set(shown)
+    assert shown["sft-progress"].data == 100.0 and shown["dpo-progress"].data == 100.0
+    assert shown["sft-progress"].description == "sft done: 2 steps"
+    assert run.info.run_id in shown["fine-tune-summary"].data
+    assert {row["model"] for row in json.loads(shown["heldout-comparison"].data)} == {"base", "base_fewshot", "sft", "dpo"}
+
 
 def _failed_run(cfg):
     _, runs = _runs(cfg)
     assert runs, "the failing run must still be recorded"
     assert runs[0].info.status == "FAILED"
     assert runs[0].data.tags.get("failure_reason")
+    assert runs[0].info.run_id in _artifacts(key="run-failure")["run-failure"].data
     return runs[0]
 
 

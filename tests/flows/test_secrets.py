@@ -83,11 +83,10 @@ def test_find_planted_sees_a_leak():
 
 @pytest.mark.slow
 def test_planted_secrets_leave_no_trace(prefect_harness, tiny_cfg, tmp_path, monkeypatch, capfd, mlflow_server_port):
-    from mlflow import MlflowClient
-    from prefect.blocks.system import Secret
-
     from ftflow.configs.loader import apply_overrides, config_from_dict
     from ftflow.pipeline import pipeline_flow
+    from mlflow import MlflowClient
+    from prefect.blocks.system import Secret
 
     planted = {
         "HF_TOKEN env": "hf_" + _random(30),
@@ -137,4 +136,33 @@ def test_planted_secrets_leave_no_trace(prefect_harness, tiny_cfg, tmp_path, mon
     assert b"Finished in state Completed" in places["prefect logs"]
 
     leaks = find_planted(planted, places)
+    assert not leaks, "planted secrets found:\n" + "\n".join(leaks)
+
+
+@pytest.mark.slow
+def test_dead_tracking_server_password_stays_out_of_prefect(prefect_harness, tiny_cfg, tmp_path):
+    import socket
+
+    from ftflow.configs.loader import apply_overrides, config_from_dict
+    from ftflow.pipeline import pipeline_flow
+    from prefect.client.orchestration import get_client
+
+    password = _random(24)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]
+    cfg = config_from_dict(apply_overrides(tiny_cfg.model_dump(mode="json"),
+                                           [f"tracking.tracking_uri=http://ftflow:{password}@127.0.0.1:{port}"]))
+    state = pipeline_flow(config=cfg, return_state=True)
+    assert state.is_failed()
+
+    async def stored_state_message():
+        async with get_client() as client:
+            return (await client.read_flow_run(state.state_details.flow_run_id)).state.message
+
+    places = _prefect_places(state.state_details.flow_run_id)
+    places["prefect state message"] = (asyncio.run(stored_state_message()) or "").encode()
+    assert b"not reachable" in places["prefect state message"]
+    assert b"Traceback" in places["prefect logs"]  # the full trace is kept in the log, redacted
+    leaks = find_planted({"tracking URL password": password}, places)
     assert not leaks, "planted secrets found:\n" + "\n".join(leaks)

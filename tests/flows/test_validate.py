@@ -11,7 +11,8 @@ from prefect import flow
 from ftflow.configs.loader import apply_overrides, config_from_dict
 from ftflow.configs.schema import DemoDataConfig
 from ftflow.cli import main
-from ftflow.pipeline import pipeline_flow, validate_data
+from ftflow import steps
+from ftflow.pipeline import pipeline_flow
 from ftflow.tasks import stages
 from ftflow.tasks.data.demo import generate_demo
 from ftflow.tasks.errors import ContractError
@@ -77,19 +78,25 @@ def test_failed_contract_stops_before_training(prefect_harness, tiny_cfg):
 
 def test_validation_is_cached_by_content(prefect_harness, tiny_cfg, tmp_path):
     model = stages.resolve_model(tiny_cfg)
-    paths = stages.data_paths(tiny_cfg, tmp_path)
-    key_dir = Path(tiny_cfg.output_dir) / "validated" / stages.data_cache_key(tiny_cfg, model, paths)
+    ctx = stages.StageContext(tiny_cfg, model, None, tmp_path)
+    paths = stages.data_paths(ctx)
+    key_dir = stages.validated_dir(ctx, paths)
+    assert key_dir == Path(tiny_cfg.output_dir) / "validated" / stages.data_cache_key(tiny_cfg, model, paths)
 
     @flow
     def twice():
-        first = validate_data(tiny_cfg, model, paths, key_dir, return_state=True)
-        second = validate_data(tiny_cfg, model, paths, key_dir, return_state=True)
-        return first, second
+        first = steps.validate(ctx, paths, key_dir, return_state=True)
+        second = steps.validate(ctx, paths, key_dir, return_state=True)
+        formatted = steps.format_chat(ctx, second.result(), return_state=True)
+        again = steps.format_chat(ctx, second.result(), return_state=True)
+        return first, second, formatted, again
 
-    first, second = twice()
+    first, second, formatted, again = twice()
     assert first.is_completed() and not first.name == "Cached"
     assert second.name == "Cached"
     assert len(second.result().sft) == len(first.result().sft)
+    assert formatted.is_completed() and again.name == "Cached"
+    assert len(again.result()[0].sft) == len(second.result().sft)
     # Other content, other key.
     changed = config_from_dict(apply_overrides(tiny_cfg.model_dump(mode="json"), ["quality.max_tokens=100"]))
     assert stages.data_cache_key(changed, model, paths) != key_dir.name

@@ -1,12 +1,26 @@
 """MLflow tracking by run id: secrets redacted, tracking URI precedence, a real run in a tmp SQLite store."""
 from __future__ import annotations
 
+import logging
+import os
+import socket
+import time
 from pathlib import Path
 
 import pytest
-
 from ftflow.configs.loader import flatten, load_config
-from ftflow.tasks.tracking import REDACTED, RunLogger, redact, redact_config_dict, redact_text, tracking_uri
+from ftflow.tasks.errors import PipelineError
+from ftflow.tasks.tracking import (
+    REDACTED,
+    RunLogger,
+    check_tracking_store,
+    client,
+    install_log_redaction,
+    redact,
+    redact_config_dict,
+    redact_text,
+    tracking_uri,
+)
 
 HF_TOKEN_SHAPED = "hf_" + "A1b2C3d4E5f6G7h8I9j0K1l2"
 SK_KEY_SHAPED = "sk-" + "proj_abcDEF123456789xyz0"
@@ -146,3 +160,125 @@ def test_run_logger_round_trip(tiny_cfg, tmp_path, monkeypatch):
     assert [r.info.run_id for r in children] == [child.run_id]
     assert parent.url().endswith(f"/#/experiments/{exp.experiment_id}/runs/{parent.run_id}")
     assert Path(tmp_path / "mlflow.db").exists()
+
+
+# --- an unreachable or unwritable store fails at once, in one redacted line --------------------------
+
+def _closed_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]  # closed again on exit: connections are refused at once
+
+
+def test_dead_tracking_server_fails_fast_with_one_redacted_line(tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    port = _closed_port()
+    cfg = load_config("tiny", [f"tracking.tracking_uri=http://bob:Pa55w0rdXYZ@127.0.0.1:{port}"])
+    started = time.time()
+    with pytest.raises(PipelineError) as err:
+        RunLogger.start(cfg)
+    assert time.time() - started < 30
+    message = str(err.value)
+    assert "\n" not in message and "Pa55w0rdXYZ" not in message
+    assert f"http://bob:***@127.0.0.1:{port}" in message and "not reachable" in message
+    # Nothing chained: a traceback of this error shows no library exception carrying the URL.
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+    with pytest.raises(PipelineError, match="not reachable"):
+        RunLogger.resume(cfg, "0" * 32)
+
+
+def test_sqlite_store_in_an_unwritable_folder_fails_fast(tmp_path):
+    blocker = tmp_path / "a-file"
+    blocker.write_text("not a folder")
+    with pytest.raises(PipelineError, match="not writable") as err:
+        check_tracking_store(f"sqlite:///{blocker / 'mlflow.db'}")
+    assert str(blocker) in str(err.value)
+    check_tracking_store(f"sqlite:///{tmp_path / 'new' / 'mlflow.db'}")  # a missing folder is made
+    assert (tmp_path / "new").is_dir()
+
+
+@pytest.fixture
+def http_answering():
+    """A loopback HTTP server answering every GET with the status the test sets; yields (base URL, setter)."""
+    import http.server
+    import threading
+
+    status = {"code": 404}
+
+    class Handler(http.server.BaseHTTPRequestHandler):
+        def do_GET(self):
+            self.send_response(status["code"])
+            self.end_headers()
+
+        def log_message(self, *args):
+            pass
+
+    server = http.server.HTTPServer(("127.0.0.1", 0), Handler)
+    thread = threading.Thread(target=server.serve_forever, daemon=True)
+    thread.start()
+    yield f"http://bob:Pa55w0rdXYZ@127.0.0.1:{server.server_address[1]}", lambda code: status.update(code=code)
+    server.shutdown()
+    server.server_close()
+
+
+def test_any_http_answer_counts_as_reachable(http_answering):
+    url, set_status = http_answering
+    for code in (200, 401, 404, 500):  # a server without /health, a busy one, or one wanting credentials is there
+        set_status(code)
+        check_tracking_store(url)
+
+
+def test_refused_credentials_fail_fast_in_one_redacted_line(http_answering, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    url, set_status = http_answering
+    set_status(401)
+    started = time.time()
+    with pytest.raises(PipelineError, match="401") as err:
+        RunLogger.start(load_config("tiny", [f"tracking.tracking_uri={url}"]))
+    assert time.time() - started < 30
+    assert "Pa55w0rdXYZ" not in str(err.value) and "\n" not in str(err.value)
+    assert err.value.__cause__ is None and err.value.__suppress_context__
+
+
+def test_mlflow_http_retries_are_bounded_but_the_users_choice_stands(monkeypatch):
+    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+        monkeypatch.delenv(name, raising=False)
+    client(load_config(None, ["tracking.tracking_uri=http://127.0.0.1:9"]))
+    from mlflow.environment_variables import (
+        MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR,
+        MLFLOW_HTTP_REQUEST_MAX_RETRIES,
+        MLFLOW_HTTP_REQUEST_TIMEOUT,
+    )
+
+    retries, factor = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()
+    # The longest wait for a server that stopped answering mid-run: a minute, not MLflow's ~4.
+    assert sum(factor * 2 ** i for i in range(retries)) <= 60 and MLFLOW_HTTP_REQUEST_TIMEOUT.get() <= 60
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "9")
+    client(load_config(None, ["tracking.tracking_uri=http://127.0.0.1:9"]))
+    assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "9"
+
+
+# --- logs are redacted before any handler ships them ------------------------------------------------------
+
+def test_log_records_are_redacted_on_every_handler(monkeypatch):
+    records: list = []
+
+    class Keep(logging.Handler):
+        def emit(self, record):
+            records.append((self.format(record), record.exc_text))
+
+    handler = Keep()
+    logger = logging.getLogger("ftflow.test.redaction")
+    logger.addHandler(handler)
+    monkeypatch.setattr(logger, "propagate", False)
+    try:
+        install_log_redaction()
+        try:
+            raise RuntimeError("API request to http://bob:Pa55w0rdXYZ@host/api failed")
+        except RuntimeError:
+            logger.error("failed at %s", "http://bob:Pa55w0rdXYZ@host", exc_info=True)
+    finally:
+        logger.removeHandler(handler)
+    text, exc_text = records[0]
+    assert "Pa55w0rdXYZ" not in text and "http://bob:***@host" in text
+    assert "Traceback" in text and "Pa55w0rdXYZ" not in exc_text

@@ -6,7 +6,7 @@ script (and its relative imports) into the modules cache and imports it, with no
 
     json_match  exact_match, field_accuracy, json_valid
     rouge_l     rougeL (CJK-aware tokens)
-    sacre       bleu, chrf (0-1 scale)
+    sacre       bleu (corpus), chrf (sentence mean) (0-1 scale)
     eos_stop    eos_stop_rate
 
 All scores lie in [0, 1]. Predictions are generations decoded with special tokens kept; every module
@@ -24,6 +24,7 @@ from ftflow.tasks.evaluate.metrics._text import EosMarker
 from ftflow.tasks.evaluate.metrics.eos_stop import stopped_flags
 from ftflow.tasks.evaluate.metrics.json_match import score_example
 from ftflow.tasks.evaluate.metrics.rouge_l import rouge_l_f1
+from ftflow.tasks.evaluate.metrics.sacre import chrf_sentence
 
 METRICS_DIR = Path(__file__).resolve().parent
 METRIC_NAMES = ("json_match", "rouge_l", "sacre", "eos_stop")
@@ -92,13 +93,15 @@ def per_example_scores(
     stopped: Optional[Sequence[bool]] = None,
 ) -> list[dict[str, Any]]:
     """One row per generation for the predictions table: exact_match, field_accuracy, json_valid,
-    rougeL and stopped. Same functions as the corpus metrics, so the rows average to them."""
+    rougeL, chrf and stopped. Same functions as the corpus metrics, so the rows average to them (all but
+    BLEU, a corpus statistic); registry.py maps these columns to the eval/ metric names."""
     _check_lengths(predictions, references)
     flags = stopped_flags(predictions, eos_token, stopped)
     rows = []
     for prediction, reference, stop in zip(predictions, references, flags):
         row: dict[str, Any] = score_example(prediction, reference, eos_token)
         row["rougeL"] = rouge_l_f1(prediction, reference, eos_token)
+        row["chrf"] = chrf_sentence(prediction, reference, eos_token)
         row["stopped"] = stop
         rows.append(row)
     return rows

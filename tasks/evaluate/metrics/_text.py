@@ -2,12 +2,13 @@
 
 The metric modules import this file relatively (`from ._text import ...`): `evaluate.load` copies a
 local metric script into its modules cache and copies relative imports beside it, so the helpers
-travel with the script and nothing has to be importable from the project for a metric to load.
+travel with the script. The text normalizer is not here: it is `ftflow.tasks.text.normalize_text`,
+shared with the data checks, and json_match imports it absolutely (evaluate only checks that an
+absolute import is installed, and ftflow is wherever its metrics run).
 """
 from __future__ import annotations
 
 import re
-import unicodedata
 from typing import Optional, Sequence, Union
 
 EosMarker = Optional[Union[str, Sequence[str]]]
@@ -16,7 +17,6 @@ EosMarker = Optional[Union[str, Sequence[str]]]
 # ideographs (with extension A and compatibility forms), the iteration mark 々 and Hangul syllables.
 CJK_CHARS = "\u3005\u3040-\u30ff\u31f0-\u31ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uac00-\ud7af"
 CJK_RE = re.compile(f"[{CJK_CHARS}]")
-_WHITESPACE_RE = re.compile(r"\s+")
 
 
 def eos_markers(eos_token: EosMarker) -> list[str]:
@@ -44,11 +44,6 @@ def cut_at_eos(text: str, eos_token: EosMarker) -> str:
         if at != -1:
             cut = min(cut, at)
     return text[:cut]
-
-
-def normalize_text(text: str) -> str:
-    """NFKC (full-width ↔ half-width forms compare equal), whitespace runs collapsed, ends stripped."""
-    return _WHITESPACE_RE.sub(" ", unicodedata.normalize("NFKC", text)).strip()
 
 
 def has_cjk(text: str) -> bool:

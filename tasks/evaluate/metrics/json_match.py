@@ -17,7 +17,9 @@ from typing import Any, Optional
 import datasets
 import evaluate
 
-from ._text import EosMarker, cut_at_eos, normalize_text
+from ftflow.tasks.text import normalize_text
+
+from ._text import EosMarker, cut_at_eos
 
 _DESCRIPTION = """\
 exact_match: share of predictions equal to their reference (JSON objects canonically, text after
@@ -74,6 +76,11 @@ def reference_object(reference: str) -> Optional[dict[str, Any]]:
     return value if isinstance(value, dict) else None
 
 
+def _same_text(a: str, b: str) -> bool:
+    # Case stays significant: "Tokyo" for "tokyo" is a wrong answer, unlike a full-width letter.
+    return normalize_text(a, casefold=False) == normalize_text(b, casefold=False)
+
+
 def json_equal(a: Any, b: Any) -> bool:
     """Equality of parsed JSON values that ignores spelling but not type (true is not 1)."""
     if isinstance(a, bool) or isinstance(b, bool):
@@ -81,7 +88,7 @@ def json_equal(a: Any, b: Any) -> bool:
     if isinstance(a, (int, float)) and isinstance(b, (int, float)):
         return a == b
     if isinstance(a, str) and isinstance(b, str):
-        return normalize_text(a) == normalize_text(b)
+        return _same_text(a, b)
     if isinstance(a, dict) and isinstance(b, dict):
         return a.keys() == b.keys() and all(json_equal(a[k], b[k]) for k in a)
     if isinstance(a, list) and isinstance(b, list):
@@ -95,7 +102,7 @@ def score_example(prediction: str, reference: str, eos_token: EosMarker = None) 
     predicted = first_json_object(answer)
     expected = reference_object(reference)
     if expected is None:
-        exact = normalize_text(answer) == normalize_text(reference)
+        exact = _same_text(answer, reference)
         return {"exact_match": exact, "field_accuracy": float(exact), "json_valid": predicted is not None}
     exact = predicted is not None and json_equal(predicted, expected)
     if not expected:

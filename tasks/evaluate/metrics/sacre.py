@@ -1,7 +1,12 @@
-"""Corpus BLEU and chrF (sacrebleu), on a 0-1 scale, as an `evaluate.Metric`.
+"""Corpus BLEU and sentence-averaged chrF (sacrebleu), on a 0-1 scale, as an `evaluate.Metric`.
 
 sacrebleu reports 0-100; both are divided by 100 so every ftflow metric lies in [0, 1] and they share
 an axis in MLflow's compare view.
+
+chrF is the mean of sentence-level chrF, not sacrebleu's corpus chrF: a metric the gate ranks on must
+have one score per example (the paired bootstrap resamples examples), and the table must show the
+average of those very scores. Sentence BLEU is unreliable on short answers, so BLEU stays a corpus
+statistic, reported but never ranked (see registry.py).
 
 BLEU's tokenizer decides what a "word" is, and one tokenizer must serve the whole corpus. The
 offline-capable choices are "13a", "intl" and "char" ("ja-mecab" needs MeCab and its dictionary;
@@ -26,7 +31,7 @@ from ._text import EosMarker, cut_at_eos, has_cjk
 
 _DESCRIPTION = """\
 Corpus-level BLEU (sacrebleu; "char" tokenization when references contain CJK text, "intl"
-otherwise) and chrF (character 6-grams, beta 2), both divided by 100 to lie in [0, 1].
+otherwise) and the mean of sentence chrF (character 6-grams, beta 2), both divided by 100 to lie in [0, 1].
 """
 
 _KWARGS_DESCRIPTION = """
@@ -61,6 +66,11 @@ def bleu_tokenizer_for(references: list[str]) -> str:
     return "char" if any(has_cjk(r) for r in references) else "intl"
 
 
+def chrf_sentence(prediction: str, reference: str, eos_token: EosMarker = None) -> float:
+    """chrF of one answer against its reference, 0-1; the answer is cut at its end-of-turn marker."""
+    return CHRF().sentence_score(cut_at_eos(prediction, eos_token).strip(), [reference.strip()]).score / 100.0
+
+
 class Sacre(evaluate.Metric):
     def _info(self) -> evaluate.MetricInfo:
         return evaluate.MetricInfo(
@@ -86,7 +96,9 @@ class Sacre(evaluate.Metric):
         hypotheses = [cut_at_eos(p, eos_token).strip() for p in predictions]
         references = [r.strip() for r in references]
         bleu = BLEU(tokenize=bleu_tokenize or bleu_tokenizer_for(references))
+        chrf = CHRF()
+        sentences = [chrf.sentence_score(h, [r]).score / 100.0 for h, r in zip(hypotheses, references)]
         return {
             "bleu": bleu.corpus_score(hypotheses, [references]).score / 100.0,
-            "chrf": CHRF().corpus_score(hypotheses, [references]).score / 100.0,
+            "chrf": sum(sentences) / max(len(sentences), 1),
         }

@@ -6,7 +6,6 @@ import typing
 from pathlib import Path
 
 import pytest
-
 from ftflow.configs.schema import QualityConfig
 from ftflow.tasks.data.contracts import (
     DEFAULT_CONTRACTS_DIR,
@@ -16,9 +15,9 @@ from ftflow.tasks.data.contracts import (
     load_thresholds,
     run_contracts,
 )
-from ftflow.tasks.errors import ContractError
 from ftflow.tasks.data.quality import QualityResult
 from ftflow.tasks.data.rows import Dropped, Record
+from ftflow.tasks.errors import ContractError
 
 SUITE_FILES = sorted(p for p in DEFAULT_CONTRACTS_DIR.glob("*.json") if p.name != "thresholds.json")
 
@@ -110,7 +109,7 @@ def test_clean_sft_set_passes_with_no_warnings():
     assert report.failures == [] and report.warnings == []
     assert {d["suite"] for d in report.details} == {"sft_rows", "dataset_summary"}
     assert all(d["success"] for d in report.details)
-    assert report.parameters["max_tokens"] == 512
+    assert report.parameters["max_tokens"] == 256
     enforce(report)  # does not raise
 
 

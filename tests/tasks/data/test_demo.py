@@ -6,9 +6,9 @@ import re
 from pathlib import Path
 
 import pytest
-
 from ftflow.configs.schema import DemoDataConfig
-from ftflow.tasks.data.demo import KEYS, PREFERENCE_DEFECTS, SFT_DEFECTS, generate_demo, render_answer, score_extraction
+from ftflow.tasks.data.demo import KEYS, PREFERENCE_DEFECTS, SFT_DEFECTS, generate_demo, render_answer
+from ftflow.tasks.evaluate.metrics.json_match import score_example
 
 FILES = ("sft", "preference", "heldout", "heldout_preference", "manifest")
 JAPANESE = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
@@ -179,19 +179,7 @@ def test_rejected_answers_are_realistic_mistakes(demo: dict):
     mistakes = demo["manifest_content"]["rejected_mistakes"]
     assert len(mistakes) >= 6 and sum(mistakes.values()) == demo["manifest_content"]["counts"]["preference_clean"]
     pairs = clean_rows(demo, "preference")
-    scores = [score_extraction(p["rejected"], p["chosen"]) for p in pairs]
-    assert all(s["exact"] == 0.0 for s in scores)
+    scores = [score_example(p["rejected"], p["chosen"]) for p in pairs]
+    assert all(not s["exact_match"] for s in scores)
     # Most mistakes keep some fields right: they are near misses, not noise.
     assert sum(s["field_accuracy"] > 0 for s in scores) > 0.7 * len(scores)
-
-
-def test_score_extraction_exact_and_field_accuracy():
-    ref = '{"name": "佐藤花子", "item": "towel", "qty": 12, "city": "Sapporo", "lang": "ja"}'
-    wrapped = 'Sure! ```json\n{"lang": "ja", "city": "Sapporo", "qty": 12, "item": "towel", "name": "佐藤花子"}\n``` done {"x": 1}'
-    assert score_extraction(wrapped, ref) == {"exact": 1.0, "field_accuracy": 1.0}
-    assert score_extraction('{"name": "佐藤花子", "item": "towel", "qty": "12", "city": "札幌", "lang": "ja"}', ref) == {
-        "exact": 0.0, "field_accuracy": 0.6}
-    assert score_extraction('{"name": "佐藤花子", "item": "towel", "qty": 12, "city": "Sapporo", "lang": "ja", "x": 1}', ref)[
-        "exact"] == 0.0
-    assert score_extraction("佐藤花子さんがタオルを12枚", ref) == {"exact": 0.0, "field_accuracy": 0.0}
-    assert score_extraction('{"name": broken', ref) == {"exact": 0.0, "field_accuracy": 0.0}

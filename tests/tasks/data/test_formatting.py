@@ -1,4 +1,6 @@
-"""Chat-template formatting with SmolLM2's real tokenizer: prompt/completion split, system prompt, EOS, fingerprint."""
+"""Chat-template formatting with SmolLM2's real tokenizer: prompt/completion split, system prompt, EOS, fingerprint.
+
+The loss masks and the training window are tested in test_loss_mask.py."""
 from __future__ import annotations
 
 import copy
@@ -168,12 +170,17 @@ def test_format_data_stats_and_examples(tokenizer):
     sft = [Record(SINGLE_TURN, "train.jsonl", 1), Record(MULTI_TURN, "train.jsonl", 2)]
     pref = [Record(PAIR, "pairs.jsonl", 1)]
     data = format_data(tokenizer, sft, pref, SYSTEM)
-    assert data.sft == [sft_example(SINGLE_TURN, SYSTEM), sft_example(MULTI_TURN, SYSTEM)]
+    # The conversation stays readable as prompt/completion (evaluation reads it) beside the trainer's tokens.
+    assert [{k: ex[k] for k in ("prompt", "completion")} for ex in data.sft] == [
+        sft_example(SINGLE_TURN, SYSTEM), sft_example(MULTI_TURN, SYSTEM)]
+    assert all(len(ex["input_ids"]) == len(ex["assistant_masks"]) for ex in data.sft)
     assert data.preference == [preference_example(PAIR, SYSTEM)]
     assert data.template_fingerprint == template_fingerprint(tokenizer)
     keys = {"tokens_mean", "tokens_median", "tokens_p95", "tokens_max", "tokens_total"}
-    assert set(data.token_stats) == {f"sft_{k}" for k in keys} | {f"preference_{k}" for k in keys}
+    assert set(data.token_stats) == {f"sft_{k}" for k in keys} | {f"preference_{k}" for k in keys} | {
+        "sft_loss_token_share"}
     lengths = token_lengths(tokenizer, data.sft)
+    assert lengths == token_lengths(tokenizer, [sft_example(r.row, SYSTEM) for r in sft])
     assert data.token_stats["sft_tokens_total"] == sum(lengths)
     assert data.token_stats["sft_tokens_max"] == max(lengths)
     # The multi-turn row is the longer one.

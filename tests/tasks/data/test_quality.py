@@ -1,21 +1,10 @@
-"""Row-level quality checks: each reason fires on a crafted row and not on clean ones beside it."""
+"""The quality run: each reason fires on a crafted row and not on clean ones beside it, in check order."""
 from __future__ import annotations
 
 import pytest
-
 from ftflow.configs.schema import QualityConfig
-from ftflow.tasks.data.quality import (
-    REASONS,
-    chat_token_lengths,
-    check_leakage,
-    detect_languages,
-    jaccard,
-    luhn_valid,
-    minhash_signatures,
-    normalize_text,
-    pii_kinds,
-    run_quality,
-)
+from ftflow.tasks.data.dedup import fold, jaccard
+from ftflow.tasks.data.quality import REASONS, check_leakage, run_quality
 from ftflow.tasks.data.rows import Record
 
 EN = [
@@ -164,7 +153,7 @@ def test_exact_duplicate_after_normalization_keeps_the_first():
 
 def test_japanese_near_duplicate_is_dropped_and_a_different_japanese_text_is_kept():
     edited = JA_LONG.replace("三冊", "四冊")
-    assert 0.9 <= jaccard(normalize_text(JA_LONG), normalize_text(edited)) < 1.0
+    assert 0.9 <= jaccard(fold(JA_LONG), fold(edited)) < 1.0
     rows = clean_rows() + [sft("昨日は何をしましたか？", JA_LONG), sft("昨日は何をしましたか？", edited),
                            sft("昨日は何をしましたか？", JA_LONG.replace("桜", "紅葉").replace("天ぷら", "焼き魚").replace("歴史", "科学"))]
     result = run(rows, QualityConfig(min_tokens=8, max_tokens=400))
@@ -178,7 +167,7 @@ def test_english_near_duplicate_is_dropped_but_a_similar_below_threshold_row_is_
             "mainly thanks to the new subscription plan launched in the spring.")
     near = base.replace("four", "five")
     far = base.replace("revenue grew by four percent", "headcount fell sharply").replace("spring", "autumn")
-    assert jaccard(normalize_text(base), normalize_text(far)) < 0.9
+    assert jaccard(fold(base), fold(far)) < 0.9
     rows = clean_rows() + [sft("Summarize the report.", base), sft("Summarize the report.", near), sft("Summarize the report.", far)]
     result = run(rows)
     assert [d.reason for d in result.dropped] == ["near_duplicate"] and result.dropped[0].line == len(clean_rows()) + 2
@@ -190,69 +179,16 @@ def test_a_shared_system_prompt_does_not_make_short_rows_near_duplicates():
     assert run(rows, QualityConfig(min_tokens=8, max_tokens=2000)).dropped == []
 
 
-def test_minhash_signature_agreement_estimates_jaccard():
-    a = normalize_text(JA_LONG)
-    b = normalize_text(JA_LONG.replace("公園", "川沿い"))
-    sig = minhash_signatures([a, b, a])
-    assert (sig[0] == sig[2]).all()
-    assert abs((sig[0] == sig[1]).mean() - jaccard(a, b)) < 0.15
-
-
-def test_language_check_detects_japanese_and_english_and_can_be_disabled():
-    detected = detect_languages([EN[0][0] + " " + EN[0][1], JA[0][0] + JA[0][1], '{"name": "田中太郎", "city": "大阪"} 大阪に住んでいます', "ok"])
-    assert [lang for lang, _ in detected] == ["en", "ja", "ja", "und"]
+def test_language_check_can_be_disabled_or_narrowed():
     rows = clean_rows() + [BAD_ROWS["language"]]
     assert run(rows, QualityConfig(min_tokens=8, max_tokens=200, languages=[])).dropped == []
     only_ja = run(rows, QualityConfig(min_tokens=8, max_tokens=200, languages=["ja"]))
     assert sorted(reason_by_line(only_ja)) == [1, 2, 3, 4, len(rows)]
 
 
-def test_vectorized_language_scores_match_py3langid():
-    from py3langid.langid import MODEL_FILE, LanguageIdentifier
-
-    from ftflow.tasks.data.quality import DETECTABLE_LANGUAGES, _language_bytes
-
-    ident = LanguageIdentifier.from_model_file(MODEL_FILE, norm_probs=True)
-    ident.set_languages(list(DETECTABLE_LANGUAGES))
-    texts = [u + " " + a for u, a in EN + JA] + [BAD_ROWS["language"]["messages"][1]["content"], "Wie spät ist es? Ich muss um acht Uhr am Bahnhof sein."]
-    for text, (lang, p) in zip(texts, detect_languages(texts)):
-        ref_lang, ref_p = ident.classify(_language_bytes(text))
-        assert lang == ref_lang and p == pytest.approx(ref_p, abs=1e-3)
-
-
 def test_unknown_language_code_is_a_config_error():
     with pytest.raises(ValueError, match="quality.languages"):
         run(clean_rows(), QualityConfig(languages=["en", "klingon"]))
-
-
-@pytest.mark.parametrize(
-    "text, kinds",
-    [
-        ("Write to taro.yamada@example.co.jp for details.", ["email"]),
-        ("Ｍａｉｌ： ｈａｎａｋｏ＠ｅｘａｍｐｌｅ．ｃｏｍ", ["email"]),
-        ("携帯は090-1234-5678です。", ["phone"]),
-        ("会社の番号は03-1234-5678です。", ["phone"]),
-        ("お問い合わせは０１２０－１２３－４５６まで", ["phone"]),
-        ("携帯 09012345678 に電話して", ["phone"]),
-        ("Call +81 90 1234 5678 tomorrow.", ["phone"]),
-        ("Call (415) 555-0100 tomorrow.", ["phone"]),
-        ("Pay with 4111 1111 1111 1111 please.", ["card"]),
-        ("Card 5500-0000-0000-0004 on file.", ["card"]),
-        ("Mail a@b.io or call 090-1234-5678.", ["email", "phone"]),
-        # negatives: a failing Luhn checksum, a date, a price, a version, a plain count
-        ("Pay with 4111 1111 1111 1112 please.", []),
-        ("The meeting is on 2024-05-17 at 10:30.", []),
-        ("It costs 12,800 yen, version 3.12.1, and 1234567 users.", []),
-        ("No personal data in this sentence at all.", []),
-    ],
-)
-def test_pii_kinds(text: str, kinds: list[str]):
-    assert pii_kinds(text) == kinds
-
-
-def test_luhn():
-    assert luhn_valid("4111111111111111") and luhn_valid("79927398713") and luhn_valid("378282246310005")
-    assert not luhn_valid("4111111111111112") and not luhn_valid("79927398710") and not luhn_valid("4111-1111")
 
 
 @pytest.mark.parametrize("mode", ["flag", "drop", "off"])
@@ -328,11 +264,6 @@ def test_a_token_length_function_returning_the_wrong_count_is_refused():
         run_quality(records(clean_rows()), "sft", CFG, token_length=lambda rows: [10])
 
 
-def test_normalize_text():
-    assert normalize_text("  Ｈｅｌｌｏ\u3000 WORLD\n\tＳtraße ") == "hello world strasse"
-    assert normalize_text("ｶﾀｶﾅ　です") == "カタカナ です"
-
-
 def test_leakage_finds_exact_and_near_prompt_copies_only():
     prompt = "Explain how the quarterly budget forecast is prepared and who signs it off at the end."
     train = records([sft(prompt, "Finance drafts it."), sft(EN[1][0], EN[1][1]), sft(JA_LONG, "はい。")], "train.jsonl")
@@ -354,26 +285,3 @@ def test_leakage_compares_prompts_not_answers_and_works_for_pairs():
     same_answers = records([pair("Name the largest city in Japan.", "Tokyo.", "Osaka.")])
     assert [h["kind"] for h in check_leakage(train, same_prompt, 0.9)] == ["exact"]
     assert check_leakage(train, same_answers, 0.9) == []
-
-
-def test_chat_token_lengths_counts_the_templated_conversation():
-    from ftflow.configs.schema import ModelConfig
-    from ftflow.tasks.train.model import load_tokenizer, offline_env, resolve_model_path
-
-    offline_env()
-    tokenizer = load_tokenizer(resolve_model_path(ModelConfig()), ModelConfig())
-    lengths = chat_token_lengths(tokenizer)
-    row = sft(EN[0][0], EN[0][1], system="Be brief.")
-    p = pair("Which city is the capital of Japan?", "Tokyo is the capital of Japan, and has been since 1868.", "Osaka.")
-    expected_sft = len(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"])
-    longer = p["prompt"] + [{"role": "assistant", "content": p["chosen"]}]
-    expected_pair = len(tokenizer.apply_chat_template(longer, tokenize=True, return_dict=True)["input_ids"])
-    assert lengths([row, p]) == [expected_sft, expected_pair]
-
-
-def test_kanji_heavy_japanese_is_not_taken_for_chinese():
-    from ftflow.tasks.data.quality import detect_languages
-
-    text = '注文をJSONで抽出:\n注文番号7537:鈴木大輔様、椅子×１０、大阪店。\n{"name": "鈴木大輔", "item": "chair"}'
-    assert detect_languages([text], ("en", "ja", "zh"))[0][0] == "ja"
-    assert detect_languages(["这是一个关于订单的中文句子，我们需要检测语言类型。"], ("en", "ja", "zh"))[0][0] == "zh"

@@ -13,7 +13,6 @@ from ftflow.tasks.data.report import (
     print_report,
     report_markdown,
     report_metrics,
-    report_table,
     write_report_files,
 )
 from ftflow.tasks.data.rows import Dropped, Record
@@ -118,9 +117,54 @@ def test_markdown_table_and_text_summary_list_every_reason():
     assert "| reason | dropped | share of input |" in md
     for reason, n in report["reasons"].items():
         assert f"| {reason} | {n} |" in md
+    assert "| flag (kept) | rows |" in md and "| pii | 2 |" in md
     text = print_report(report)
     assert text.startswith("data quality (sft): kept 10/18")
     assert all(reason in text for reason in report["reasons"])
-    table = report_table(report)
-    assert {"kind": "dropped", "name": "too_long", "rows": 5, "share": round(5 / 18, 4)} in table
-    assert {"kind": "flagged", "name": "pii", "rows": 2, "share": round(2 / 18, 4)} in table
+
+
+# --- after formatting: the training window's drops join the report; held-out accounting -------
+
+WINDOW_TALLY = {"in": 10, "kept": 8, "truncated_left": 1, "dropped": {"truncated_answer": 2}, "max_length": 256,
+                "truncation": "truncate_left"}
+
+
+def window_drops() -> list[Dropped]:
+    return [Dropped("train.jsonl", 3 + j, "truncated_answer", f"train.jsonl:{3 + j}: 300 tokens > sft.max_length 256",
+                    {"messages": []}) for j in range(2)]
+
+
+def test_window_drops_join_counts_reasons_metrics_and_markdown(tmp_path: Path):
+    from ftflow.tasks.data.report import add_window_drops
+
+    result = sft_result()
+    report = build_report(result)
+    files = write_report_files(report, result, tmp_path)
+    merged = add_window_drops(report, WINDOW_TALLY, window_drops(), files["quarantine"])
+    assert report["counts_out"] == 10 and merged["counts_out"] == 8       # the input report is left alone
+    assert merged["dropped"] == report["dropped"] + 2
+    assert merged["reasons"]["truncated_answer"] == 2
+    assert merged["kept_ratio"] == round(8 / 18, 6)
+    assert merged["window"] == WINDOW_TALLY
+    assert "truncated_answer" in merged["examples"]
+    metrics = report_metrics(merged)
+    assert metrics["data/dropped/truncated_answer"] == 2.0 and metrics["data/window/truncated_left"] == 1.0
+    assert "1 with their earliest turns dropped" in report_markdown(merged)
+    lines = [json.loads(l) for l in files["quarantine"].read_text().splitlines()]
+    assert len(lines) == merged["counts_in"] - merged["counts_out"]
+    # Formatting the same split again replaces its drops instead of piling them up.
+    add_window_drops(report, WINDOW_TALLY, window_drops(), files["quarantine"])
+    assert [json.loads(l) for l in files["quarantine"].read_text().splitlines()] == lines
+    assert [l["reason"] for l in lines].count("truncated_answer") == 2
+
+
+def test_heldout_accounting_names_every_exclusion():
+    from ftflow.tasks.data.report import heldout_accounting
+
+    validation = {"counts_in": 12, "counts_out": 10, "reasons": {"exact_duplicate": 1, "too_long": 1}}
+    tally = {"in": 10, "kept": 9, "truncated_left": 0, "dropped": {"truncated_answer": 1}}
+    assert heldout_accounting(validation, tally) == {
+        "source": "heldout file", "in": 12, "kept": 9, "truncated_left": 0,
+        "dropped": {"exact_duplicate": 1, "too_long": 1, "truncated_answer": 1}}
+    split = heldout_accounting(None, {"in": 6, "kept": 6, "truncated_left": 0, "dropped": {}})
+    assert split == {"source": "seeded split of the sft rows", "in": 6, "kept": 6, "truncated_left": 0, "dropped": {}}

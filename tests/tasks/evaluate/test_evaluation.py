@@ -6,9 +6,10 @@ import math
 import pytest
 import torch
 
-from ftflow.configs.schema import EvalConfig, LoraConfig, ModelConfig, Quantization, QuantizationConfig
+from ftflow.configs.schema import EvalConfig, LoraConfig, ModelConfig, PipelineConfig, Quantization, QuantizationConfig
 from ftflow.tasks.errors import DataError
 from ftflow.tasks.evaluate.evaluation import (
+    EvalSets,
     active_variant,
     answer_logps,
     check_heldout,
@@ -69,6 +70,15 @@ def peft_model(tiny_model_dir):
 
 def eval_cfg(**kw) -> EvalConfig:
     return EvalConfig(**{"batch_size": 2, "max_new_tokens": 4, "max_examples": 8, "few_shot_k": 1, **kw})
+
+
+def eval_ctx(tmp_path, log, **kw):
+    """What evaluation reads from the run: eval settings, DPO beta (reward margins), max_length (log-probs), EOS."""
+    from ftflow.tasks.stages import ModelInfo, StageContext
+
+    cfg = PipelineConfig.model_validate({"eval": eval_cfg(**kw).model_dump(), "dpo": {"beta": 0.1},
+                                         "sft": {"max_length": 256}})
+    return StageContext(cfg, ModelInfo("unused", EOS, ""), None, tmp_path, log)
 
 
 # --- few-shot prompt ---------------------------------------------------------------------------
@@ -208,10 +218,11 @@ def test_check_template_refuses_other_fingerprint(tmp_path, tokenizer):
 
 # --- end to end -----------------------------------------------------------------------------------
 
-def test_evaluate_variants_end_to_end(peft_model, tokenizer):
+def test_evaluate_variants_end_to_end(peft_model, tokenizer, tmp_path):
     logs: list[str] = []
-    results = evaluate_variants(peft_model, tokenizer, ["base", "base_fewshot", "sft"], HELDOUT, PAIRS, TRAIN[:1],
-                                eval_cfg(), EOS, beta=0.1, max_length=256, log=logs.append)
+    # few_shot_k=1: the first train example is the base model's one shot.
+    results = evaluate_variants(eval_ctx(tmp_path, logs.append), peft_model, tokenizer, ["base", "base_fewshot", "sft"],
+                                EvalSets(TRAIN, HELDOUT, PAIRS))
     assert list(results) == ["base", "base_fewshot", "sft"]
     assert len(logs) == 3 and logs[0].startswith("evaluated base:")
     generation_keys = {"heldout_exact", "heldout_field_accuracy", "heldout_json_valid", "heldout_rougeL",
@@ -235,8 +246,8 @@ def test_evaluate_variants_end_to_end(peft_model, tokenizer):
     assert results["base"].metrics["mean_new_tokens"] == 4.0
 
 
-def test_evaluate_variants_without_pairs_has_no_preference_scores(peft_model, tokenizer):
-    results = evaluate_variants(peft_model, tokenizer, ["base", "sft"], HELDOUT[:1], [], [], eval_cfg(max_new_tokens=2),
-                                EOS, beta=0.1, max_length=256, log=lambda line: None)
+def test_evaluate_variants_without_pairs_has_no_preference_scores(peft_model, tokenizer, tmp_path):
+    results = evaluate_variants(eval_ctx(tmp_path, lambda line: None, max_new_tokens=2, few_shot_k=0), peft_model,
+                                tokenizer, ["base", "sft"], EvalSets([], HELDOUT[:1], []))
     assert set(results["sft"].metrics) == set(results["base"].metrics)
     assert "preference_accuracy" not in results["sft"].metrics

@@ -10,8 +10,6 @@ from pathlib import Path
 
 import evaluate
 import pytest
-from rouge_score import rouge_scorer
-
 from ftflow.tasks.evaluate.metrics import (
     METRIC_NAMES,
     SCORE_KEYS,
@@ -24,6 +22,7 @@ from ftflow.tasks.evaluate.metrics.eos_stop import stopped_flags
 from ftflow.tasks.evaluate.metrics.json_match import first_json_object, reference_object, score_example
 from ftflow.tasks.evaluate.metrics.rouge_l import CjkAwareTokenizer, rouge_l_f1
 from ftflow.tasks.evaluate.metrics.sacre import bleu_tokenizer_for
+from rouge_score import rouge_scorer
 
 EOS = "<|im_end|>"
 DEAD_ENDPOINT = "http://127.0.0.1:9"  # discard port: any request fails at once
@@ -90,6 +89,24 @@ def test_text_reference_uses_normalized_equality():
     assert score_example("  東京　タワー \n<|im_end|>", "東京 タワー", EOS)["exact_match"] is True
     wrong = score_example("大阪<|im_end|>", "東京", EOS)
     assert wrong == {"exact_match": False, "field_accuracy": 0.0, "json_valid": False}
+
+
+def test_case_is_part_of_the_answer():
+    # Unlike duplicate detection, scoring does not case-fold: "sapporo" is not the catalogue spelling.
+    assert score_example('{"city": "sapporo"}', '{"city": "Sapporo"}')["exact_match"] is False
+    assert score_example("tokyo", "Tokyo")["exact_match"] is False
+
+
+def test_demo_answers_score_with_the_json_match_metric():
+    ref = '{"name": "佐藤花子", "item": "towel", "qty": 12, "city": "Sapporo", "lang": "ja"}'
+    wrapped = 'Sure! ```json\n{"lang": "ja", "city": "Sapporo", "qty": 12, "item": "towel", "name": "佐藤花子"}\n``` done {"x": 1}'
+    assert score_example(wrapped, ref) == {"exact_match": True, "field_accuracy": 1.0, "json_valid": True}
+    assert score_example('{"name": "佐藤花子", "item": "towel", "qty": "12", "city": "札幌", "lang": "ja"}', ref) == {
+        "exact_match": False, "field_accuracy": 0.6, "json_valid": True}
+    assert score_example('{"name": "佐藤花子", "item": "towel", "qty": 12, "city": "Sapporo", "lang": "ja", "x": 1}', ref)[
+        "exact_match"] is False
+    assert score_example("佐藤花子さんがタオルを12枚", ref) == {"exact_match": False, "field_accuracy": 0.0, "json_valid": False}
+    assert score_example('{"name": broken', ref) == {"exact_match": False, "field_accuracy": 0.0, "json_valid": False}
 
 
 def test_json_match_metric_averages(loaded):

@@ -1,4 +1,5 @@
-"""DPO on the tiny Llama after a short SFT: reward metrics streamed, the adapter moves, the SFT copy stays as reference."""
+"""DPO through `trainer.train` on the tiny Llama after a short SFT: reward metrics streamed, the adapter moves,
+the SFT copy stays as reference."""
 from __future__ import annotations
 
 import json
@@ -9,8 +10,8 @@ import pytest
 import torch
 
 from ftflow.configs.loader import load_config
-from ftflow.tasks.train.dpo import build_dpo_model, run_dpo
-from ftflow.tasks.train.sft import run_sft
+from ftflow.tasks.stages import StageContext, resolve_model
+from ftflow.tasks.train.trainer import train, trainable_model
 
 SFT_EXAMPLES = [
     {"prompt": [{"role": "user", "content": "Extract the city: I live in Paris."}],
@@ -39,6 +40,15 @@ def dpo_config(model_dir: str, out: Path, *overrides: str):
     ])
 
 
+def context(cfg, out: Path, logged: list | None = None) -> StageContext:
+    """A context whose progress hook keeps every (step, metrics) the trainer reports in `logged`."""
+    sink = [] if logged is None else logged
+
+    def progress(label: str, total: int):
+        return lambda step, metrics: sink.append((step, metrics))
+    return StageContext(cfg, resolve_model(cfg), None, out, lambda line: None, progress)
+
+
 def adapter_weights(adapter_dir: str) -> dict[str, torch.Tensor]:
     from safetensors.torch import load_file
 
@@ -48,7 +58,7 @@ def adapter_weights(adapter_dir: str) -> dict[str, torch.Tensor]:
 @pytest.fixture(scope="module")
 def sft_adapter(tmp_path_factory, tiny_model_dir) -> str:
     out = tmp_path_factory.mktemp("sft")
-    result = run_sft(dpo_config(tiny_model_dir, out), tiny_model_dir, SFT_EXAMPLES, out, lambda m, s: None)
+    result = train(context(dpo_config(tiny_model_dir, out), out), "sft", SFT_EXAMPLES)
     weights = adapter_weights(result.adapter_dir)
     # A trained SFT adapter (lora_B away from its zero init), so "reference == SFT" is not the same as "== base".
     assert any(torch.count_nonzero(v) for k, v in weights.items() if "lora_B" in k)
@@ -72,7 +82,7 @@ def dpo_run(tmp_path_factory, tiny_model_dir, sft_adapter):
     logged: list[tuple[int, dict[str, float]]] = []
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trl, "DPOTrainer", RecordingDPOTrainer)
-        result = run_dpo(cfg, tiny_model_dir, sft_adapter, PAIRS, out, lambda m, s: logged.append((s, m)))
+        result = train(context(cfg, out, logged), "dpo", PAIRS, start_adapter=sft_adapter)
     assert len(seen) == 1
     return {"cfg": cfg, "result": result, "logged": logged, "trainer": seen[0]}
 
@@ -85,15 +95,15 @@ def per_step(logged, key):
 
 def test_reward_metrics_logged_every_step(dpo_run):
     logged = dpo_run["logged"]
-    for key in ("dpo/loss", "dpo/rewards/accuracies", "dpo/rewards/margins", "dpo/rewards/chosen", "dpo/rewards/rejected"):
+    for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
         assert sorted(per_step(logged, key)) == [1, 2], key
-    accuracies = per_step(logged, "dpo/rewards/accuracies").values()
+    accuracies = per_step(logged, "rewards/accuracies").values()
     assert all(0.0 <= a <= 1.0 for a in accuracies)
     # Step 1 scores the untouched policy, which equals the reference: zero margin, loss log(2).
-    assert per_step(logged, "dpo/rewards/margins")[1] == pytest.approx(0.0, abs=1e-4)
-    assert per_step(logged, "dpo/loss")[1] == pytest.approx(math.log(2), abs=1e-3)
+    assert per_step(logged, "rewards/margins")[1] == pytest.approx(0.0, abs=1e-4)
+    assert per_step(logged, "loss")[1] == pytest.approx(math.log(2), abs=1e-3)
     # After one update the policy has moved away from the reference.
-    assert per_step(logged, "dpo/rewards/margins")[2] != pytest.approx(0.0, abs=1e-6)
+    assert per_step(logged, "rewards/margins")[2] != pytest.approx(0.0, abs=1e-6)
 
 
 def test_train_result_fields(dpo_run):
@@ -113,6 +123,7 @@ def test_dpo_adapter_differs_from_sft_adapter(dpo_run, sft_adapter):
     assert changed, "DPO left every adapter weight as SFT made it"
     config = json.loads(Path(dpo_run["result"].adapter_dir, "adapter_config.json").read_text())
     assert config["r"] == 4
+    assert json.loads(Path(dpo_run["result"].adapter_dir, "ftflow_meta.json").read_text())["stage"] == "dpo"
 
 
 def test_only_the_policy_adapter_is_saved(dpo_run):
@@ -137,8 +148,8 @@ def test_reference_adapter_is_the_frozen_sft_adapter(dpo_run, sft_adapter):
     assert moved
 
 
-def test_build_dpo_model_loads_sft_adapter_trainable(tiny_model_dir, sft_adapter, tmp_path):
-    model = build_dpo_model(dpo_config(tiny_model_dir, tmp_path), tiny_model_dir, sft_adapter)
+def test_trainable_model_loads_sft_adapter_trainable(tiny_model_dir, sft_adapter, tmp_path):
+    model = trainable_model(dpo_config(tiny_model_dir, tmp_path), tiny_model_dir, sft_adapter)
     sft = adapter_weights(sft_adapter)
     params = dict(model.named_parameters())
     assert set(model.peft_config) == {"default"}
@@ -157,7 +168,7 @@ def test_loss_types_run_and_apply(tmp_path, tiny_model_dir, sft_adapter, loss_ty
     # sigmoid log 2 (checked above), hinge relu(1 - 0) = 1, ipo (0 - 1/(2 beta))^2 = 25.
     cfg = dpo_config(tiny_model_dir, tmp_path, "dpo.max_steps=1", f"dpo.loss_type={loss_type}")
     logged: list[tuple[int, dict]] = []
-    result = run_dpo(cfg, tiny_model_dir, sft_adapter, PAIRS, tmp_path, lambda m, s: logged.append((s, m)))
+    result = train(context(cfg, tmp_path, logged), "dpo", PAIRS, start_adapter=sft_adapter)
     assert result.global_step == 1
-    assert per_step(logged, "dpo/loss")[1] == pytest.approx(first_loss, rel=1e-3)
+    assert per_step(logged, "loss")[1] == pytest.approx(first_loss, rel=1e-3)
     assert Path(result.adapter_dir, "adapter_model.safetensors").exists()

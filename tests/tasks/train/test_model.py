@@ -2,21 +2,30 @@
 from __future__ import annotations
 
 import json
+import os
 import shutil
+import subprocess
+import sys
+import threading
+import time
 from pathlib import Path
 
 import pytest
 import torch
-
 from ftflow.configs.loader import load_config
 from ftflow.configs.schema import LoraConfig, ModelConfig, Quantization, QuantizationConfig
 from ftflow.tasks.errors import ModelLoadError
 from ftflow.tasks.train.model import (
+    CONVERTED_MARKER,
     bnb_config,
     build_lora_config,
+    build_once,
+    cache_root,
     load_base_model,
     load_tokenizer,
     model_fingerprint,
+    offline_env,
+    quantized_device_map,
     resolve_model_path,
     trainable_parameters,
 )
@@ -218,3 +227,173 @@ def test_lora_on_tiny_model_trains_only_adapters(tiny_model_dir):
     assert trainable == 2 * (q + v)
     assert total == total_before + trainable
     assert all("lora_" in n for n, p in model.named_parameters() if p.requires_grad)
+
+
+# --- the hub is the product's default; offline is the environment's choice ------------------------
+
+def test_offline_is_not_forced(monkeypatch):
+    from ftflow.cli import quiet_env
+
+    for name in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE"):
+        monkeypatch.delenv(name, raising=False)
+    quiet_env()
+    offline_env()
+    assert "HF_HUB_OFFLINE" not in os.environ and "HF_DATASETS_OFFLINE" not in os.environ
+    # ...and a user's (or the Makefile's) choice stands.
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    quiet_env()
+    offline_env()
+    assert os.environ["HF_HUB_OFFLINE"] == "1"
+
+
+def test_local_model_loads_online_mode_with_the_hub_unreachable(tiny_model_dir):
+    # Online mode, with every hub request going to a closed loopback port: a local directory must not try.
+    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env["HF_ENDPOINT"] = "http://127.0.0.1:9"
+    code = (
+        "import sys, time; t = time.time()\n"
+        "from ftflow.configs.schema import ModelConfig, QuantizationConfig\n"
+        "from ftflow.tasks.train.model import load_base_model, load_tokenizer\n"
+        "import huggingface_hub.constants as c; assert not c.HF_HUB_OFFLINE\n"
+        f"cfg = ModelConfig(name_or_path={tiny_model_dir!r})\n"
+        "t = time.time(); load_tokenizer(cfg.name_or_path, cfg); load_base_model(cfg.name_or_path, cfg, QuantizationConfig(mode='none'))\n"
+        "print(f'loaded in {time.time() - t:.1f}s')\n"
+    )
+    out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True, timeout=300)
+    assert out.returncode == 0, out.stderr[-3000:]
+    assert float(out.stdout.split("loaded in ")[1].rstrip("s\n")) < 30
+
+
+# --- one process, one GPU ---------------------------------------------------------------------------
+
+def test_quantized_model_goes_to_this_process_gpu(monkeypatch):
+    monkeypatch.delenv("LOCAL_RANK", raising=False)
+    assert quantized_device_map("cuda") == {"": 0}
+    monkeypatch.setenv("LOCAL_RANK", "1")  # what `accelerate launch` sets for the second process on a node
+    assert quantized_device_map("cuda") == {"": 1}
+    assert quantized_device_map("cpu") == {"": "cpu"}
+
+
+def test_fsdp_stores_4bit_weights_in_the_compute_dtype(monkeypatch):
+    monkeypatch.delenv("ACCELERATE_USE_FSDP", raising=False)
+    q = QuantizationConfig(compute_dtype="bfloat16")
+    assert bnb_config(q, "cuda").bnb_4bit_quant_storage == torch.uint8
+    # FSDP flattens every parameter of a unit into one tensor, so the packed 4-bit weights must share the dtype.
+    assert bnb_config(q, "cuda", fsdp=True).bnb_4bit_quant_storage == torch.bfloat16
+    monkeypatch.setenv("ACCELERATE_USE_FSDP", "true")  # what `accelerate launch` sets for an FSDP config
+    assert bnb_config(q, "cuda").bnb_4bit_quant_storage == torch.bfloat16
+    assert bnb_config(QuantizationConfig(), "cuda").bnb_4bit_quant_storage == torch.bfloat16  # auto on CUDA
+
+
+# --- one user-level cache of converted models ---------------------------------------------------------
+
+def test_cache_is_per_user_not_per_working_directory(monkeypatch, tmp_path):
+    monkeypatch.delenv("FTFLOW_CACHE_DIR", raising=False)
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    monkeypatch.chdir(tmp_path)
+    assert cache_root(ModelConfig()) == tmp_path / "xdg" / "ftflow" / "models"
+    monkeypatch.delenv("XDG_CACHE_HOME")
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_root(ModelConfig()) == tmp_path / "home" / ".cache" / "ftflow" / "models"
+    monkeypatch.setenv("FTFLOW_CACHE_DIR", str(tmp_path / "env-cache"))
+    assert cache_root(ModelConfig()) == tmp_path / "env-cache"
+    assert cache_root(ModelConfig(cache_dir=str(tmp_path / "cfg-cache"))) == tmp_path / "cfg-cache"
+
+
+def test_pkg_model_is_found_in_the_user_cache_from_any_folder(smollm_path, tmp_path, monkeypatch):
+    monkeypatch.chdir(tmp_path)
+    started = time.time()
+    assert resolve_model_path(ModelConfig()) == smollm_path
+    assert time.time() - started < 30  # hashing the GGUF, not converting it again
+    assert list(tmp_path.iterdir()) == []
+
+
+def _slow_build(calls: list, delay: float = 0.5):
+    def build(out: Path) -> None:
+        calls.append(out)
+        time.sleep(delay)
+        (out / "weights").write_text("w")
+        (out / CONVERTED_MARKER).write_text("{}")
+    return build
+
+
+def test_concurrent_builds_of_one_entry_build_it_once(tmp_path):
+    calls: list = []
+    results: list = []
+    target = tmp_path / "cache" / "model-abc"
+    threads = [threading.Thread(target=lambda: results.append(build_once(target, _slow_build(calls))))
+               for _ in range(3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=60)
+    assert len(calls) == 1 and results == [target] * 3
+    assert (target / "weights").read_text() == "w"
+    # Built beside the entry and renamed into place: nothing half-written is left behind.
+    assert sorted(p.name for p in target.parent.iterdir() if not p.name.endswith(".lock")) == ["model-abc"]
+
+
+def test_a_failed_build_leaves_no_entry(tmp_path):
+    target = tmp_path / "model-abc"
+
+    def broken(out: Path) -> None:
+        (out / "weights").write_text("half")
+        raise OSError("disk full")
+
+    with pytest.raises(OSError):
+        build_once(target, broken)
+    assert not target.exists()
+    assert [p.name for p in tmp_path.iterdir() if not p.name.endswith(".lock")] == []
+    calls: list = []
+    assert build_once(target, _slow_build(calls, 0)) == target and len(calls) == 1
+
+
+def test_an_entry_without_its_marker_is_rebuilt(tmp_path):
+    target = tmp_path / "model-abc"
+    target.mkdir()
+    (target / "weights").write_text("stale")
+    calls: list = []
+    build_once(target, _slow_build(calls, 0))
+    assert len(calls) == 1 and (target / "weights").read_text() == "w"
+
+
+# --- bad model files are input errors, named, not retried ------------------------------------------------
+
+def _copy_model(tmp_path: Path, tiny_model_dir: str) -> Path:
+    root = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, root)
+    return root
+
+
+def test_corrupt_safetensors_is_a_model_load_error_naming_the_file(tmp_path, tiny_model_dir):
+    root = _copy_model(tmp_path, tiny_model_dir)
+    weights = root / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a cut-off download
+    for q in (QuantizationConfig(mode=Quantization.none), QuantizationConfig()):
+        with pytest.raises(ModelLoadError) as err:
+            load_base_model(str(root), model_cfg(root), q)
+        assert str(weights) in str(err.value) and "safetensors" in str(err.value)
+
+
+def test_corrupt_config_json_is_a_model_load_error_naming_the_file(tmp_path, tiny_model_dir):
+    root = _copy_model(tmp_path, tiny_model_dir)
+    (root / "config.json").write_text('{"model_type": "llama", ')
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_base_model(str(root), model_cfg(root), QuantizationConfig(mode=Quantization.none))
+    with pytest.raises(ModelLoadError, match="config.json"):
+        load_tokenizer(str(root), model_cfg(root))
+
+
+def test_corrupt_tokenizer_json_is_a_model_load_error_naming_the_file(tmp_path, tiny_model_dir):
+    root = _copy_model(tmp_path, tiny_model_dir)
+    (root / "tokenizer.json").write_text('{"version": ')
+    with pytest.raises(ModelLoadError) as err:
+        load_tokenizer(str(root), model_cfg(root))
+    assert str(root / "tokenizer.json") in str(err.value) and "JSON" in str(err.value)
+
+
+def test_missing_weights_are_a_model_load_error(tmp_path, tiny_model_dir):
+    root = _copy_model(tmp_path, tiny_model_dir)
+    (root / "model.safetensors").unlink()
+    with pytest.raises(ModelLoadError, match="model.safetensors"):
+        load_base_model(str(root), model_cfg(root), QuantizationConfig(mode=Quantization.none))

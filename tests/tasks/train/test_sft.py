@@ -1,4 +1,5 @@
-"""QLoRA SFT on the tiny Llama: loss streamed and falling, only LoRA weights move, answer-only loss, resume."""
+"""QLoRA SFT through `trainer.train` on the tiny Llama: loss streamed and falling, only LoRA weights move,
+answer-only loss, the adapter and its metadata on disk, resume."""
 from __future__ import annotations
 
 import json
@@ -8,8 +9,8 @@ import pytest
 import torch
 
 from ftflow.configs.loader import load_config
-from ftflow.tasks.train.sft import run_sft
-from ftflow.tasks.train.training import last_checkpoint, losses
+from ftflow.tasks.stages import StageContext, resolve_model
+from ftflow.tasks.train.trainer import last_checkpoint, train
 
 # Two short rows; with batch 2 every step sees exactly this batch, so the loss must fall step after step.
 EXAMPLES = [
@@ -27,6 +28,25 @@ def sft_config(model_dir: str, out: Path, *overrides: str):
         "sft.learning_rate=5e-3", "sft.per_device_batch_size=2", "sft.warmup_ratio=0.0", "sft.logging_steps=1",
         "sft.save_steps=1000", "lora.r=4", *overrides,
     ])
+
+
+class Recorder:
+    """A progress hook that keeps what the trainer reports: (label, total) per start, (step, metrics) per update."""
+
+    def __init__(self) -> None:
+        self.started: list[tuple[str, int]] = []
+        self.updates: list[tuple[int, dict[str, float]]] = []
+
+    def __call__(self, label: str, total: int):
+        self.started.append((label, total))
+        return lambda step, metrics: self.updates.append((step, metrics))
+
+    def steps_with(self, key: str) -> list[int]:
+        return [step for step, metrics in self.updates if key in metrics]
+
+
+def context(cfg, out: Path, progress=None) -> StageContext:
+    return StageContext(cfg, resolve_model(cfg), None, out, lambda line: None, progress)
 
 
 def snapshot(model) -> dict[str, torch.Tensor]:
@@ -47,32 +67,31 @@ def trained(tmp_path_factory, tiny_model_dir):
 
     out = tmp_path_factory.mktemp("sft")
     cfg = sft_config(tiny_model_dir, out, f"sft.max_steps={STEPS}")
-    logged: list[tuple[int, dict[str, float]]] = []
-    progress: list[tuple[int, int]] = []
+    progress = Recorder()
     with pytest.MonkeyPatch.context() as mp:
         mp.setattr(trl, "SFTTrainer", RecordingSFTTrainer)
-        result = run_sft(cfg, tiny_model_dir, EXAMPLES, out, lambda metrics, step: logged.append((step, metrics)),
-                         progress=lambda step, total, metrics: progress.append((step, total)))
+        result = train(context(cfg, out, progress), "sft", EXAMPLES)
     assert len(seen) == 1
-    return {"cfg": cfg, "result": result, "logged": logged, "progress": progress, **seen[0]}
+    return {"cfg": cfg, "result": result, "progress": progress, **seen[0]}
 
 
 # --- metrics ----------------------------------------------------------------------------------
 
-def test_loss_logged_every_step_through_callback(trained):
-    steps = [step for step, m in trained["logged"] if "sft/loss" in m]
-    assert steps == list(range(1, STEPS + 1))
-    assert all(k.startswith("sft/") for _, m in trained["logged"] for k in m)
-    assert trained["progress"][0] == (1, STEPS)
-    assert trained["progress"][-1][0] == STEPS
+def test_loss_reported_every_step_through_callback(trained):
+    progress = trained["progress"]
+    assert progress.started == [("sft", STEPS)]
+    assert progress.steps_with("loss") == list(range(1, STEPS + 1))
+    # The last report is the trainer's summary at the final step.
+    assert progress.updates[-1][0] == STEPS and "train_loss" in progress.updates[-1][1]
 
 
 def test_loss_decreases_on_a_fixed_batch(trained):
-    curve = [m["sft/loss"] for _, m in trained["logged"] if "sft/loss" in m]
+    curve = [m["loss"] for _, m in trained["progress"].updates if "loss" in m]
     assert curve[-1] < curve[0] - 0.1
     # Same batch every step: no step may undo progress by more than noise.
     assert all(b <= a + 0.02 for a, b in zip(curve, curve[1:])), curve
-    assert losses(trained["result"].history) == list(zip(range(1, STEPS + 1), curve))
+    history = [(h["step"], h["loss"]) for h in trained["result"].history if "loss" in h]
+    assert history == list(zip(range(1, STEPS + 1), curve))
 
 
 def test_train_result_fields(trained):
@@ -114,10 +133,14 @@ def test_base_layers_are_4bit_and_frozen(trained):
 
 # --- adapter on disk ----------------------------------------------------------------------------
 
-def test_adapter_dir_holds_config_weights_and_tokenizer(trained):
+def test_adapter_dir_holds_config_weights_tokenizer_and_meta(trained):
     from safetensors.torch import load_file
 
     adapter = Path(trained["result"].adapter_dir)
+    assert adapter.parent.name == "sft"
+    meta = json.loads((adapter / "ftflow_meta.json").read_text())
+    assert meta["stage"] == "sft" and (meta["lora_r"], meta["lora_alpha"]) == (4, 8)
+    assert meta["eos_token"] == "<|im_end|>" and len(meta["template_fingerprint"]) == 16
     config = json.loads((adapter / "adapter_config.json").read_text())
     assert config["r"] == 4
     assert config["lora_alpha"] == 8  # 2 * r, alpha left empty
@@ -133,7 +156,7 @@ def test_adapter_dir_holds_config_weights_and_tokenizer(trained):
 
 def test_explicit_alpha_reaches_the_adapter(tmp_path, tiny_model_dir):
     cfg = sft_config(tiny_model_dir, tmp_path, "sft.max_steps=1", "lora.alpha=5")
-    result = run_sft(cfg, tiny_model_dir, EXAMPLES, tmp_path, lambda m, s: None)
+    result = train(context(cfg, tmp_path), "sft", EXAMPLES)
     config = json.loads(Path(result.adapter_dir, "adapter_config.json").read_text())
     assert (config["r"], config["lora_alpha"]) == (4, 5)
 
@@ -160,20 +183,20 @@ def test_loss_only_on_completion_tokens(trained):
 
 def test_resume_from_last_checkpoint(tmp_path, tiny_model_dir):
     first_cfg = sft_config(tiny_model_dir, tmp_path, "sft.max_steps=4", "sft.save_steps=2")
-    first = run_sft(first_cfg, tiny_model_dir, EXAMPLES, tmp_path, lambda m, s: None)
+    first = train(context(first_cfg, tmp_path), "sft", EXAMPLES)
     assert first.resumed_from_step == 0
     assert first.global_step == 4
-    ckpt_dir = tmp_path / "checkpoints"
+    ckpt_dir = tmp_path / "sft" / "checkpoints"
     assert {"checkpoint-2", "checkpoint-4"} <= {p.name for p in ckpt_dir.iterdir()}
     assert last_checkpoint(ckpt_dir) == str(ckpt_dir / "checkpoint-4")
 
-    logged: list[tuple[int, dict]] = []
+    progress = Recorder()
     second_cfg = sft_config(tiny_model_dir, tmp_path, "sft.max_steps=6", "sft.save_steps=2")
-    second = run_sft(second_cfg, tiny_model_dir, EXAMPLES, tmp_path, lambda m, s: logged.append((s, m)))
+    second = train(context(second_cfg, tmp_path, progress), "sft", EXAMPLES)
     assert second.resumed_from_step == 4
     assert second.global_step == 6
-    # Only the new steps were trained and logged.
-    assert [s for s, m in logged if "sft/loss" in m] == [5, 6]
+    # Only the new steps were trained and reported.
+    assert progress.steps_with("loss") == [5, 6]
     assert last_checkpoint(ckpt_dir) == str(ckpt_dir / "checkpoint-6")
 
 

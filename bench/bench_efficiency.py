@@ -1,0 +1,779 @@
+"""How close do SFT, DPO and evaluation generation on the demo model come to what this CPU can compute?
+
+    .venv/bin/python bench/bench_efficiency.py                        # 4bit + 8bit + none, levers on 4bit
+    .venv/bin/python bench/bench_efficiency.py --quick                # smoke run: 1 timed step / repeat
+    .venv/bin/python bench/bench_efficiency.py --modes 4bit --json out.json
+
+Prints, in one process, on the machine it runs on:
+  * the CPU model, its SIMD/AMX flags, torch's thread count and the physical core count;
+  * the fp32 and bf16 matmul rate at that thread count (square matmuls, median of several);
+  * per quantization mode: a bare forward+backward, the SFT trainer step, the DPO trainer step and batched
+    greedy generation on SmolLM2-135M-Instruct with demo-sized batches, as tokens/s and as model FLOP/s over
+    the fp32 matmul rate ("CPU MFU");
+  * levers, each measured side by side (alternating arms, ABBA) on the first mode: LoRA dropout 0.05 vs 0,
+    LoRA weights bf16 (TRL's QLoRA cast) vs fp32, torch threads = physical cores vs default, padding-free vs
+    padded batches, eval max_new_tokens sized from the longest reference vs fixed 64, and where a trainer step
+    spends its time beyond a bare forward+backward (phase timers and a torch.profiler table).
+
+FLOP accounting (stated once, used everywhere; attention score/value products are not counted, they are ~2 %
+at 130 tokens):
+  N      = weights that multiply every token: q/k/v/o/gate/up/down of all layers + the LM head, from the config
+  N_lora = LoRA A and B weights
+  SFT    = (4 N + 6 N_lora) T   the base is frozen, so the backward computes input gradients (2 N T) but no
+                                weight gradients; full fine-tuning would be 6 N T
+  DPO    = (6 N + 8 N_lora) T   policy forward+backward plus the reference forward, T = chosen + rejected tokens
+  decode = 2 (N + N_lora) T     T = prompt tokens + generated positions (finished rows still compute)
+T counts real tokens (padding excluded), so padding, recomputation and de-quantization all lower the MFU.
+"""
+from __future__ import annotations
+
+import argparse
+import contextlib
+import dataclasses
+import gc
+import json
+import math
+import os
+import platform
+import random
+import re
+import statistics
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, Callable, Optional
+
+ROOT = Path(__file__).resolve().parents[1]
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+import torch  # noqa: E402
+
+MODES = ("4bit", "8bit", "none")
+
+
+# --- machine --------------------------------------------------------------------------------------
+
+def cpu_info() -> dict[str, Any]:
+    model, flags = platform.processor() or "unknown", set()
+    try:
+        text = Path("/proc/cpuinfo").read_text()
+        found = re.search(r"^model name\s*:\s*(.+)$", text, re.M)
+        model = found.group(1).strip() if found else model
+        found = re.search(r"^flags\s*:\s*(.+)$", text, re.M)
+        flags = set(found.group(1).split()) if found else set()
+    except OSError:
+        pass
+    wanted = sorted(f for f in flags if f in ("avx2", "fma") or f.startswith(("avx512", "amx", "avx_vnni")))
+    try:
+        import psutil
+
+        physical = psutil.cpu_count(logical=False) or os.cpu_count()
+    except ImportError:
+        physical = os.cpu_count()
+    return {
+        "cpu": model,
+        "flags": wanted,
+        "torch_cpu_capability": torch.backends.cpu.get_cpu_capability(),
+        "torch_threads": torch.get_num_threads(),
+        "physical_cores": physical,
+        "logical_cpus": os.cpu_count(),
+        "torch": torch.__version__,
+        "loadavg_start": list(os.getloadavg()),
+    }
+
+
+def sync(device: str) -> None:
+    if device == "cuda":
+        torch.cuda.synchronize()
+
+
+def matmul_rate(dtype: torch.dtype, sizes: tuple[int, ...], reps: int, device: str = "cpu") -> dict[str, Any]:
+    """Median FLOP/s of n x n @ n x n per size; the best size is what a GEMM-bound step could reach."""
+    per_size = {}
+    for n in sizes:
+        a = torch.randn(n, n, dtype=dtype, device=device)
+        b = torch.randn(n, n, dtype=dtype, device=device)
+        a @ b  # first call builds the oneDNN/MKL plan
+        times = []
+        for _ in range(reps):
+            sync(device)
+            t0 = time.perf_counter()
+            a @ b
+            sync(device)
+            times.append(time.perf_counter() - t0)
+        per_size[n] = 2 * n**3 / statistics.median(times)
+    return {"per_size": per_size, "best": max(per_size.values())}
+
+
+# --- demo-shaped data -------------------------------------------------------------------------------
+
+def demo_data(n_sft: int, n_pairs: int, n_prompts: int, n_refs: int):
+    """Clean demo rows (no injected defects), formatted exactly as the pipeline hands them to TRL."""
+    from ftflow.tasks.data.demo import make_example, preference_pair, render_answer, sft_row
+    from ftflow.tasks.data.formatting import preference_example, sft_example
+
+    rng = random.Random("bench-efficiency")
+    examples = [make_example(rng, "en" if i % 2 == 0 else "ja") for i in range(n_sft + n_pairs + max(n_prompts, n_refs))]
+    sft = [sft_example(sft_row(ex), None) for ex in examples[:n_sft]]
+    pairs = [preference_example(preference_pair(ex, rng)[0], None) for ex in examples[n_sft:n_sft + n_pairs]]
+    held = examples[n_sft + n_pairs:]
+    prompts = [sft_example(sft_row(ex), None)["prompt"] for ex in held[:n_prompts]]
+    references = [render_answer(ex.answer) for ex in held[:n_refs]]
+    return sft, pairs, prompts, references
+
+
+# --- model -------------------------------------------------------------------------------------------
+
+def flop_params(config, lora_r: int, targets: list[str]) -> tuple[int, int]:
+    """(N, N_lora) from the architecture, since 4/8-bit weights are packed and numel() would undercount them."""
+    h, inter, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
+    head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
+    q_out = config.num_attention_heads * head_dim
+    kv_out = config.num_key_value_heads * head_dim
+    shapes = {"q_proj": (h, q_out), "k_proj": (h, kv_out), "v_proj": (h, kv_out), "o_proj": (q_out, h),
+              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    n = layers * sum(i * o for i, o in shapes.values()) + vocab * h
+    n_lora = layers * sum(lora_r * (i + o) for name, (i, o) in shapes.items() if name in targets)
+    return n, n_lora
+
+
+def load_peft(cfg, path: str):
+    from peft import get_peft_model, prepare_model_for_kbit_training
+
+    from ftflow.configs.schema import Quantization
+    from ftflow.tasks.train.model import build_lora_config, load_base_model
+
+    base = load_base_model(path, cfg.model, cfg.quantization)
+    if cfg.quantization.mode != Quantization.none:
+        # As the pipeline does: fp32 norms and input grads so gradients pass the frozen quantized layers.
+        base = prepare_model_for_kbit_training(base, use_gradient_checkpointing=False)
+    return get_peft_model(base, build_lora_config(cfg.lora))
+
+
+def common_args(section, out: Path, seed: int, device: str, steps: int) -> dict[str, Any]:
+    """The pipeline's trainer arguments (tasks/train common_args), minus checkpoints: saves are not steps."""
+    return dict(
+        output_dir=str(out), max_steps=steps, learning_rate=section.learning_rate,
+        per_device_train_batch_size=section.per_device_batch_size,
+        gradient_accumulation_steps=section.gradient_accumulation_steps,
+        warmup_steps=math.ceil(section.warmup_ratio * section.max_steps), lr_scheduler_type="cosine",
+        logging_steps=section.logging_steps, save_strategy="no", seed=seed, data_seed=seed,
+        max_length=section.max_length, activation_checkpointing=section.gradient_checkpointing,
+        report_to="none", disable_tqdm=True, bf16=device == "cuda", use_cpu=device == "cpu",
+        dataloader_num_workers=0, remove_unused_columns=True,
+    )
+
+
+class StepTimer:
+    """Wall time between successive step starts: the whole trainer step, data fetch and logging included."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        timer = self
+
+        class _CB(TrainerCallback):
+            def on_step_begin(self, args, state, control, **kw):
+                timer.marks.append(time.perf_counter())
+
+            def on_train_end(self, args, state, control, **kw):
+                timer.marks.append(time.perf_counter())
+
+        self.marks: list[float] = []
+        self.callback = _CB()
+
+    def steps(self) -> list[float]:
+        return [b - a for a, b in zip(self.marks, self.marks[1:])]
+
+
+def quiet(trainer) -> None:
+    from transformers.trainer_callback import PrinterCallback
+
+    trainer.remove_callback(PrinterCallback)
+
+
+def to_device(batch: dict, device: str) -> dict:
+    return {k: v.to(device) if torch.is_tensor(v) else v for k, v in batch.items()}
+
+
+def fixed_batch(trainer, device: str) -> dict:
+    return to_device(next(iter(trainer.get_train_dataloader())), device)
+
+
+def real_tokens(batch: dict) -> int:
+    if "attention_mask" in batch:
+        return int(batch["attention_mask"].sum())
+    return int(batch["input_ids"].numel())
+
+
+# --- timing ------------------------------------------------------------------------------------------
+
+def timed(fn: Callable[[], Any], device: str) -> float:
+    sync(device)
+    t0 = time.perf_counter()
+    fn()
+    sync(device)
+    return time.perf_counter() - t0
+
+
+def side_by_side(arms: dict[str, tuple[Callable, Callable, Callable]], reps: int, device: str,
+                 warm: bool = False) -> dict[str, list[float]]:
+    """arms: name -> (enter, run, leave). ABBA order, so a drift in the load from other jobs falls on every arm."""
+    names = list(arms)
+    out: dict[str, list[float]] = {n: [] for n in names}
+    if warm:
+        for n in names:
+            enter, run, leave = arms[n]
+            enter()
+            run()
+            leave()
+    for r in range(reps):
+        for n in (names if r % 2 == 0 else names[::-1]):
+            enter, run, leave = arms[n]
+            enter()
+            out[n].append(timed(run, device))
+            leave()
+    return out
+
+
+def med(xs: list[float]) -> float:
+    return statistics.median(xs) if xs else float("nan")
+
+
+# --- the rows ----------------------------------------------------------------------------------------
+
+@dataclasses.dataclass
+class Row:
+    section: str
+    mode: str
+    what: str
+    seconds: list[float]
+    tokens: int
+    flops: float
+    peak_fp32: float
+    note: str = ""
+
+    @property
+    def s(self) -> float:
+        return med(self.seconds)
+
+    @property
+    def tok_s(self) -> float:
+        return self.tokens / self.s if self.seconds else float("nan")
+
+    @property
+    def flop_s(self) -> float:
+        return self.flops / self.s if self.seconds else float("nan")
+
+    @property
+    def mfu(self) -> float:
+        return self.flop_s / self.peak_fp32
+
+    def as_dict(self) -> dict[str, Any]:
+        return {**dataclasses.asdict(self), "median_s": self.s, "tokens_per_s": self.tok_s, "flop_per_s": self.flop_s,
+                "cpu_mfu": self.mfu}
+
+
+class Bench:
+    def __init__(self, args, info):
+        from ftflow.configs.loader import load_config
+        from ftflow.tasks.data.formatting import end_of_turn_token
+        from ftflow.tasks.train.model import load_tokenizer, pick_device, resolve_model_path
+
+        self.args = args
+        self.info = info
+        self.cfg = load_config("demo", [f"model.cache_dir={ROOT / '.cache' / 'models'}"])
+        self.device = pick_device(self.cfg.model)
+        self.path = resolve_model_path(self.cfg.model)
+        self.tokenizer = load_tokenizer(self.path, self.cfg.model)
+        self.eos = end_of_turn_token(self.tokenizer)
+        self.sft_rows, self.pairs, self.prompts, self.references = demo_data(
+            self.cfg.sft.per_device_batch_size, self.cfg.dpo.per_device_batch_size, self.cfg.eval.batch_size,
+            self.cfg.eval.max_examples)
+        self.rows: list[Row] = []
+        self.levers: list[dict[str, Any]] = []
+        self.phases: dict[str, Any] = {}
+        self.profile: dict[str, Any] = {}
+        self.checks: dict[str, Any] = {}
+        self.loads: dict[str, float] = {}
+        self.work = Path(tempfile.mkdtemp(prefix="bench-efficiency-"))
+
+    # -- helpers
+    def log(self, msg: str) -> None:
+        print(f"[{time.strftime('%H:%M:%S')}] {msg}", file=sys.stderr, flush=True)
+
+    def mode_cfg(self, mode: str, overrides: tuple[str, ...] = ()):
+        from ftflow.configs.loader import load_config
+
+        return load_config("demo", [f"model.cache_dir={ROOT / '.cache' / 'models'}", f"quantization.mode={mode}",
+                                    *overrides])
+
+    def add(self, section, mode, what, seconds, tokens, flops, note="") -> Row:
+        row = Row(section, mode, what, list(seconds), tokens, flops, self.peak, note)
+        self.rows.append(row)
+        self.log(f"{mode:5s} {section:6s} {what}: {row.s:.2f} s, {row.tok_s:.0f} tok/s, MFU {row.mfu:.1%}")
+        return row
+
+    def lever(self, name: str, mode: str, arms: dict[str, list[float]], tokens: dict[str, int],
+              baseline: str, note: str = "") -> None:
+        entry = {"lever": name, "mode": mode, "baseline": baseline, "note": note, "arms": {}}
+        for arm, secs in arms.items():
+            entry["arms"][arm] = {"seconds": secs, "median_s": med(secs), "tokens": tokens[arm],
+                                  "tokens_per_s": tokens[arm] / med(secs)}
+        base = entry["arms"][baseline]["tokens_per_s"]
+        for arm in entry["arms"].values():
+            arm["tok_s_ratio_vs_baseline"] = arm["tokens_per_s"] / base
+            arm["time_ratio_vs_baseline"] = arm["median_s"] / entry["arms"][baseline]["median_s"]
+        self.levers.append(entry)
+        self.log(f"lever {name}: " + ", ".join(f"{a}={v['median_s']:.2f}s" for a, v in entry["arms"].items()))
+
+    # -- one mode
+    def run_mode(self, mode: str, with_levers: bool) -> None:
+        from trl import DPOConfig, DPOTrainer, SFTConfig, SFTTrainer
+        from datasets import Dataset
+
+        quick = self.args.quick
+        # An 8-bit CPU step costs several 4-bit steps (int8 matmul through fp16 casts): unless asked for, 8-bit gets
+        # one bare step and one generation, enough to show the de-quantization cost without dominating the run.
+        light = mode == "8bit" and not self.args.full_8bit and not with_levers
+        steps = 1 if (quick or light) else self.args.steps
+        reps = 1 if (quick or light) else self.args.reps
+        cfg = self.mode_cfg(mode)
+        t0 = time.perf_counter()
+        model = load_peft(cfg, self.path)
+        self.loads[mode] = time.perf_counter() - t0
+        n, n_lora = flop_params(model.config, cfg.lora.r, list(cfg.lora.target_modules))
+        self.n_params = (n, n_lora)
+        self.log(f"{mode}: loaded in {self.loads[mode]:.1f} s; N={n / 1e6:.1f}M, N_lora={n_lora / 1e6:.2f}M")
+
+        # ---- SFT: the real trainer loop on one fixed batch (dataset = one batch, so every step is the same work)
+        timer = StepTimer()
+        sft_args = SFTConfig(**common_args(cfg.sft, self.work / f"sft-{mode}", cfg.seed, self.device, 1 + steps),
+                             completion_only_loss=cfg.sft.assistant_only_loss, packing=False)
+        trainer = SFTTrainer(model=model, args=sft_args, train_dataset=Dataset.from_list(self.sft_rows),
+                             processing_class=self.tokenizer, callbacks=[timer.callback])
+        quiet(trainer)
+        batch = fixed_batch(trainer, self.device)
+        tokens = real_tokens(batch)
+        padded = int(batch["input_ids"].numel())
+        sft_flops = (4 * n + 6 * n_lora) * tokens
+        model.train()
+        if light:
+            def bare_light():
+                out = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")})
+                out.loss.backward()
+                model.zero_grad(set_to_none=True)
+            bare_light()  # the first step allocates and builds the int8 state
+            self.add("sft", mode, "bare fwd+bwd (HF loss)", side_by_side({"b": (noop, bare_light, noop)}, 1,
+                                                                         self.device)["b"], tokens, sft_flops,
+                     f"{batch['input_ids'].shape[0]} rows, {tokens} real / {padded} padded tokens; light mode: "
+                     "no trainer/DPO rows (--full-8bit adds them)")
+            self.gen_rows(mode, model, cfg, n, n_lora, with_levers=False, reps=1)
+            del model, trainer
+            gc.collect()
+            return
+        trainer.train()
+        train_steps = timer.steps()[1:]  # the first step builds kernels and optimizer state
+        pad_note = f"{batch['input_ids'].shape[0]} rows, {tokens} real / {padded} padded tokens"
+        lora_dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
+
+        def bare():
+            out = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")})
+            out.loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        model.train()
+        self.add("sft", mode, "SFTTrainer step (train loop)", train_steps, tokens, sft_flops,
+                 pad_note + f", LoRA {dtype_name(lora_dtype)}")
+        if with_levers:
+            # The lever mode's bare step is timed alternating with the trainer path (sft_levers), not alone.
+            self.sft_levers(mode, model, trainer, batch, tokens, sft_flops, reps, steps, lora_dtype)
+        else:
+            bare_s = side_by_side({"bare": (noop, bare, noop)}, max(steps, 1), self.device)["bare"]
+            self.add("sft", mode, "bare fwd+bwd (HF loss)", bare_s, tokens, sft_flops, pad_note)
+
+        # ---- DPO: TRL's DPOTrainer on the same PeftModel (it adds a frozen "ref" copy of the adapter, as in the demo)
+        timer = StepTimer()
+        dpo_args = DPOConfig(**common_args(cfg.dpo, self.work / f"dpo-{mode}", cfg.seed, self.device, 1 + steps),
+                             beta=cfg.dpo.beta, loss_type=[cfg.dpo.loss_type.value])
+        dpo = DPOTrainer(model=model, ref_model=None, args=dpo_args, train_dataset=Dataset.from_list(self.pairs),
+                         processing_class=self.tokenizer, callbacks=[timer.callback])
+        quiet(dpo)
+        dbatch = fixed_batch(dpo, self.device)
+        dtokens = real_tokens(dbatch)
+        dpo.train()
+        self.add("dpo", mode, "DPOTrainer step (train loop)", timer.steps()[1:], dtokens, (6 * n + 8 * n_lora) * dtokens,
+                 f"{len(self.pairs)} pairs = {dbatch['input_ids'].shape[0]} sequences, {dtokens} real tokens")
+        del dpo, trainer
+        gc.collect()
+
+        self.gen_rows(mode, model, cfg, n, n_lora, with_levers, reps)
+        del model
+        gc.collect()
+
+    def gen_rows(self, mode, model, cfg, n, n_lora, with_levers, reps) -> None:
+        """Evaluation generation: greedy, left padding, batch = eval.batch_size, as tasks/evaluate does."""
+        model.eval()
+        if "default" in getattr(model, "peft_config", {}):
+            model.set_adapter("default")
+        gen_arms = {f"max_new_tokens={cfg.eval.max_new_tokens} (config)": cfg.eval.max_new_tokens}
+        if with_levers:
+            gen_arms = {"fixed 64": 64, f"sized {self.sized_new_tokens()} (longest reference)": self.sized_new_tokens(),
+                        **gen_arms}
+        results: dict[str, dict] = {}
+
+        def gen_run(name, limit):
+            def run():
+                results[name] = self.generate(model, limit)
+            return run
+
+        self.generate(model, 2)  # warm: builds the decode kernels and the KV cache path
+        gen_s = side_by_side({k: (noop, gen_run(k, v), noop) for k, v in gen_arms.items()}, reps, self.device)
+        gen_tokens = {}
+        for name, secs in gen_s.items():
+            r = results[name]
+            computed = r["rows"] * r["steps"]
+            flops = 2 * (n + n_lora) * (r["prompt_tokens"] + computed)
+            gen_tokens[name] = computed
+            self.add("gen", mode, f"generate, {name}", secs, computed, flops,
+                     f"{r['rows']} prompts ({r['prompt_tokens']} tokens), {r['steps']} decode steps, "
+                     f"{r['useful']} tokens up to EOS, {r['stopped']}/{r['rows']} stopped")
+        if with_levers:
+            self.lever("eval max_new_tokens", mode, gen_s, {k: 1 for k in gen_s}, "fixed 64",
+                       note="time ratio is what matters (same prompts); an untuned model stops later than a trained one")
+
+    def sized_new_tokens(self) -> int:
+        longest = max(len(self.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in self.references) + 1
+        # A quarter of headroom over the longest reference (+ EOS): a trained model answering in the same schema fits.
+        return math.ceil(longest * 1.25)
+
+    @torch.no_grad()
+    def generate(self, model, max_new_tokens: int) -> dict[str, int]:
+        tok = self.tokenizer
+        tok.padding_side = "left"
+        eos_id = tok.convert_tokens_to_ids(self.eos)
+        texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in self.prompts]
+        enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
+        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, eos_token_id=eos_id,
+                             pad_token_id=tok.pad_token_id)
+        new = out[:, enc["input_ids"].shape[1]:].tolist()
+        useful = sum((row.index(eos_id) + 1) if eos_id in row else len(row) for row in new)
+        return {"rows": len(new), "steps": len(new[0]), "useful": useful, "stopped": sum(eos_id in r for r in new),
+                "prompt_tokens": int(enc["attention_mask"].sum())}
+
+    # -- levers on the SFT step
+    def sft_levers(self, mode, model, trainer, batch, tokens, sft_flops, reps, steps, lora_dtype) -> None:
+        from torch import nn
+
+        model.train()
+        keys = ("input_ids", "attention_mask", "labels")
+
+        def bare_on(b):
+            def run():
+                out = model(**{k: v for k, v in b.items() if k in keys + ("position_ids",)})
+                out.loss.backward()
+                model.zero_grad(set_to_none=True)
+            return run
+
+        bare = bare_on(batch)
+
+        # 1. where a trainer step goes beyond a bare forward+backward: phase timers, same batch, alternating
+        phase_s: dict[str, list[float]] = {}
+
+        def phased(tag: str, trainer_path: bool):
+            def run():
+                marks = [time.perf_counter()]
+                if trainer_path:
+                    loss = trainer.compute_loss(model, dict(batch))
+                else:
+                    loss = model(**{k: v for k, v in batch.items() if k in keys}).loss
+                marks.append(time.perf_counter())
+                loss.backward()
+                marks.append(time.perf_counter())
+                if trainer_path:
+                    torch.nn.utils.clip_grad_norm_(model.parameters(), trainer.args.max_grad_norm)
+                    trainer.optimizer.step()
+                    trainer.lr_scheduler.step()
+                model.zero_grad(set_to_none=True)
+                marks.append(time.perf_counter())
+                for name, a, b in (("forward+loss", 0, 1), ("backward", 1, 2), ("clip+optimizer+zero_grad", 2, 3)):
+                    phase_s.setdefault(f"{tag}/{name}", []).append(marks[b] - marks[a])
+            return run
+
+        step = side_by_side({"bare fwd+bwd (HF loss, full logits)": (noop, phased("bare", False), noop),
+                             "trainer path (TRL compute_loss + backward + clip + AdamW)": (noop, phased("trainer", True), noop)},
+                            max(reps, steps), self.device)
+        for name, secs in step.items():
+            self.add("sft", mode, name, secs, tokens, sft_flops, "phase-timed, same batch, ABBA")
+        self.phases = {k: med(v) for k, v in phase_s.items()}
+        train_loop = next(r for r in self.rows if r.mode == mode and r.what.startswith("SFTTrainer step"))
+        self.phases["trainer/train-loop step (median)"] = train_loop.s
+        self.phases["trainer/loop outside compute_loss+backward+optimizer"] = train_loop.s - med(
+            step["trainer path (TRL compute_loss + backward + clip + AdamW)"])
+
+        # 2. torch.profiler: which ops take the time, bare vs trainer path
+        if not self.args.quick or self.args.profile:
+            self.profile = {"bare": profile_ops(phased("bare-prof", False)), "trainer": profile_ops(phased("trainer-prof", True))}
+
+        # 3. LoRA dropout 0.05 vs 0 (the bernoulli masks)
+        dropouts = [m for m in model.modules() if hasattr(m, "lora_dropout")]
+        saved = [dict(m.lora_dropout) for m in dropouts]
+
+        def no_dropout():
+            for m in dropouts:
+                for k in m.lora_dropout:
+                    m.lora_dropout[k] = nn.Identity()
+
+        def restore_dropout():
+            for m, s in zip(dropouts, saved):
+                for k, v in s.items():
+                    m.lora_dropout[k] = v
+
+        p = self.cfg.lora.dropout
+        arms = side_by_side({f"lora_dropout={p}": (noop, bare, noop), "lora_dropout=0": (no_dropout, bare, restore_dropout)},
+                            reps, self.device)
+        self.lever("lora dropout", mode, arms, {k: tokens for k in arms}, f"lora_dropout={p}",
+                   note="bare fwd+bwd on the trainer's model; dropout=0 replaces the mask with nn.Identity")
+
+        # 4. LoRA weights bf16 (TRL casts them under QLoRA) vs fp32
+        trainable = [q for q in model.parameters() if q.requires_grad]
+        if lora_dtype != torch.float32:
+            def cast(dtype):
+                def go():
+                    for q in trainable:
+                        q.data = q.data.to(dtype)
+                return go
+
+            arms = side_by_side({f"LoRA {dtype_name(lora_dtype)} (TRL QLoRA cast)": (noop, bare, noop),
+                                 "LoRA fp32": (cast(torch.float32), bare, cast(lora_dtype))}, reps, self.device)
+            self.lever("lora weight dtype", mode, arms, {k: tokens for k in arms},
+                       f"LoRA {dtype_name(lora_dtype)} (TRL QLoRA cast)",
+                       note="SFTTrainer/DPOTrainer cast trainable params to bf16 when the base is 4/8-bit; "
+                            "bf16 GEMMs are native with avx512_bf16/AMX, converted on AVX2-only CPUs")
+
+        # 5. torch threads = physical cores vs default
+        default, physical = self.info["torch_threads"], self.info["physical_cores"]
+        if physical and physical != default:
+            def threads(k):
+                return lambda: torch.set_num_threads(k)
+
+            arms = side_by_side({f"threads={default} (default)": (noop, bare, noop),
+                                 f"threads={physical} (physical cores)": (threads(physical), bare, threads(default))},
+                                reps, self.device)
+            self.lever("torch threads", mode, arms, {k: tokens for k in arms}, f"threads={default} (default)")
+        else:
+            self.levers.append({"lever": "torch threads", "mode": mode, "arms": {},
+                                "note": f"not measured: default threads ({default}) == physical cores ({physical})"})
+
+        # 6. padding-free (TRL's collator flattens the batch, position_ids restart per row) vs padded
+        examples = [{k: trainer.train_dataset[i][k] for k in ("input_ids", "labels", "seq_lengths")
+                     if k in trainer.train_dataset.column_names} for i in range(len(trainer.train_dataset))]
+        pf_batch = to_device(dataclasses.replace(trainer.data_collator, padding_free=True)(examples), self.device)
+        pf_tokens = int(pf_batch["input_ids"].numel())
+        self.checks["padding_free"] = self.padding_free_check(model, trainer, batch, pf_batch)
+
+        def trainer_step(b):
+            def run():
+                loss = trainer.compute_loss(model, dict(b))
+                loss.backward()
+                model.zero_grad(set_to_none=True)
+            return run
+
+        arms = side_by_side({"padded": (noop, trainer_step(batch), noop),
+                             "padding-free": (noop, trainer_step(pf_batch), noop)}, reps, self.device)
+        self.lever("padding-free batch", mode, arms, {"padded": tokens, "padding-free": pf_tokens}, "padded",
+                   note=f"TRL compute_loss+backward; padded {tuple(batch['input_ids'].shape)} vs flat "
+                        f"{tuple(pf_batch['input_ids'].shape)} with a block-diagonal mask from position_ids (sdpa)")
+        model.zero_grad(set_to_none=True)
+
+    @torch.no_grad()
+    def padding_free_check(self, model, trainer, batch, pf_batch) -> dict[str, Any]:
+        """Same rows, same labels: the padded and the padding-free loss must agree, under sdpa and eager."""
+        out = {}
+        was = model.training
+        model.eval()
+        out["loss_padded_sdpa"] = float(trainer.compute_loss(model, dict(batch)))
+        out["loss_padding_free_sdpa"] = float(trainer.compute_loss(model, dict(pf_batch)))
+        if not self.args.quick:
+            base = model.get_base_model()
+            current = base.config._attn_implementation
+            try:
+                base.set_attn_implementation("eager")
+                out["loss_padding_free_eager"] = float(trainer.compute_loss(model, dict(pf_batch)))
+            except Exception as err:  # an attention backend that refuses packed positions is the finding itself
+                out["eager_error"] = f"{type(err).__name__}: {err}"
+            finally:
+                base.set_attn_implementation(current)
+        model.train(was)
+        return out
+
+    # -- output
+    def table(self) -> str:
+        info, lines = self.info, []
+        lines.append(f"CPU: {info['cpu']}")
+        lines.append(f"flags: {' '.join(info['flags']) or '(none of avx2/avx512*/amx*)'}; torch capability "
+                     f"{info['torch_cpu_capability']}; torch threads {info['torch_threads']}; physical cores "
+                     f"{info['physical_cores']} (logical {info['logical_cpus']}); torch {info['torch']}")
+        lines.append(f"load average at start {fmt_load(info['loadavg_start'])}, at end {fmt_load(info['loadavg_end'])} "
+                     f"(other jobs share these cores: compare rows of this run with each other)")
+        lines.append("")
+        for key, label in (("fp32", "fp32"), ("bf16", "bf16")):
+            m = self.matmul[key]
+            sizes = ", ".join(f"{n}: {v / 1e9:.0f}" for n, v in m["per_size"].items())
+            lines.append(f"matmul {label}: {m['best'] / 1e9:.0f} GFLOP/s best (per size, GFLOP/s: {sizes})")
+        end = self.matmul.get("fp32_end")
+        if end:
+            lines.append(f"matmul fp32 again at the end: {end['best'] / 1e9:.0f} GFLOP/s (drift in the shared load)")
+        n, n_lora = self.n_params
+        lines.append(f"model: N = {n / 1e6:.1f}M matmul weights/token, N_lora = {n_lora / 1e6:.2f}M; "
+                     "SFT (4N+6N_lora)T, DPO (6N+8N_lora)T, decode 2(N+N_lora)T; MFU = model FLOP/s / fp32 matmul best")
+        lines.append("load s: " + ", ".join(f"{m} {s:.1f}" for m, s in self.loads.items()))
+        lines.append("")
+        header = f"{'mode':5} {'stage':5} {'what':62} {'s (median)':>10} {'n':>2} {'tokens':>6} {'tok/s':>7} {'GFLOP/s':>8} {'MFU':>6}"
+        lines.append(header)
+        lines.append("-" * len(header))
+        for r in self.rows:
+            lines.append(f"{r.mode:5} {r.section:5} {r.what[:62]:62} {r.s:10.2f} {len(r.seconds):2d} {r.tokens:6d} "
+                         f"{r.tok_s:7.1f} {r.flop_s / 1e9:8.1f} {r.mfu:6.1%}")
+        for r in self.rows:
+            if r.note:
+                lines.append(f"  {r.mode} {r.section} {r.what}: {r.note}")
+        if self.levers:
+            lines.append("")
+            lines.append("levers (side by side, ABBA; ratio = tokens/s vs the baseline arm; time ratio = median s / baseline)")
+            for lv in self.levers:
+                if not lv["arms"]:
+                    lines.append(f"  {lv['lever']:22} {lv['note']}")
+                    continue
+                for arm, v in lv["arms"].items():
+                    lines.append(f"  {lv['lever']:22} {arm:42} {v['median_s']:8.2f} s  n={len(v['seconds'])}  "
+                                 f"tok/s x{v['tok_s_ratio_vs_baseline']:.3f}  time x{v['time_ratio_vs_baseline']:.3f}")
+                if lv.get("note"):
+                    lines.append(f"  {'':22} ({lv['note']})")
+        if self.checks:
+            lines.append("")
+            lines.append("checks: " + json.dumps(self.checks))
+        if self.phases:
+            lines.append("")
+            lines.append("SFT step phases (median s, same batch, alternating bare / trainer path)")
+            for k, v in self.phases.items():
+                lines.append(f"  {k:62} {v:8.2f}")
+        for tag, prof in self.profile.items():
+            lines.append("")
+            lines.append(f"torch.profiler, one {tag} step: {prof['total_s']:.2f} s wall; self CPU time by category "
+                         f"(% of summed self time)")
+            for cat, s in prof["categories"].items():
+                lines.append(f"  {cat:40} {s:8.2f} s  {s / prof['self_total_s']:6.1%}")
+            lines.append("  top ops by self CPU time:")
+            for op in prof["top"]:
+                lines.append(f"    {op['op'][:60]:60} {op['self_s']:8.2f} s  {op['share']:6.1%}  calls {op['calls']}")
+        return "\n".join(lines)
+
+
+def noop() -> None:
+    pass
+
+
+def dtype_name(dtype: torch.dtype) -> str:
+    return str(dtype).replace("torch.", "").replace("float32", "fp32").replace("bfloat16", "bf16")
+
+
+def fmt_load(load: list[float]) -> str:
+    return "/".join(f"{x:.1f}" for x in load)
+
+
+CATEGORIES = (
+    ("matmul (mm/addmm/bmm/linear)", ("aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul",
+                                      "aten::_addmm_activation", "mkldnn", "onednn")),
+    ("bitsandbytes (de-quantize / int8)", ("bitsandbytes", "dequant", "int8", "gemv_4bit", "gemm_4bit")),
+    ("dropout masks (bernoulli)", ("bernoulli", "dropout")),
+    ("dtype casts / copies", ("aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous")),
+    ("attention (sdpa / softmax)", ("scaled_dot_product", "flash_attention", "softmax")),
+    ("optimizer (AdamW foreach)", ("_foreach", "addcdiv", "addcmul", "lerp")),
+    ("log-softmax / logprob tiles", ("log_softmax", "logsumexp", "exp", "amax", "max", "gather")),
+)
+
+
+def profile_ops(run: Callable[[], None], top: int = 12) -> dict[str, Any]:
+    from torch.profiler import ProfilerActivity, profile
+
+    t0 = time.perf_counter()
+    with profile(activities=[ProfilerActivity.CPU]) as prof:
+        run()
+    total = time.perf_counter() - t0
+    events = [e for e in prof.key_averages() if e.self_cpu_time_total > 0]
+    self_total = sum(e.self_cpu_time_total for e in events) / 1e6
+    cats: dict[str, float] = {name: 0.0 for name, _ in CATEGORIES}
+    cats["everything else"] = 0.0
+    for e in events:
+        key = e.key.lower()
+        for name, pats in CATEGORIES:
+            if any(p.lower() in key for p in pats):
+                cats[name] += e.self_cpu_time_total / 1e6
+                break
+        else:
+            cats["everything else"] += e.self_cpu_time_total / 1e6
+    ranked = sorted(events, key=lambda e: e.self_cpu_time_total, reverse=True)[:top]
+    return {
+        "total_s": total,
+        "self_total_s": self_total,
+        "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
+        "top": [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / 1e6 / self_total,
+                 "calls": e.count} for e in ranked],
+    }
+
+
+def main(argv: Optional[list[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="smoke run: 1 timed step / repeat, no profiler")
+    ap.add_argument("--modes", default=",".join(MODES), help="comma list of 4bit, 8bit, none; levers run on the first")
+    ap.add_argument("--steps", type=int, default=2, help="timed trainer steps per mode, after one warm-up step")
+    ap.add_argument("--full-8bit", action="store_true", help="8bit gets the trainer and DPO rows too (slow on CPU)")
+    ap.add_argument("--reps", type=int, default=2, help="repeats per lever arm (ABBA order)")
+    ap.add_argument("--no-levers", action="store_true")
+    ap.add_argument("--profile", action="store_true", help="run the profiler even with --quick")
+    ap.add_argument("--json", help="write every figure to this file")
+    args = ap.parse_args(argv)
+    modes = [m.strip() for m in args.modes.split(",") if m.strip()]
+    bad = [m for m in modes if m not in MODES]
+    if bad:
+        ap.error(f"unknown mode(s) {bad}; choose from {MODES}")
+
+    sys.path.insert(0, str(ROOT))
+    from ftflow.tasks.train.model import offline_env
+
+    offline_env()
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    info = cpu_info()
+    t_start = time.perf_counter()
+    bench = Bench(args, info)
+    sizes = (1024, 2048)
+    reps = 3 if args.quick else 5
+    bench.matmul = {"fp32": matmul_rate(torch.float32, sizes, reps), "bf16": matmul_rate(torch.bfloat16, sizes, reps)}
+    bench.peak = bench.matmul["fp32"]["best"]
+    bench.log(f"matmul fp32 {bench.peak / 1e9:.0f} GFLOP/s, bf16 {bench.matmul['bf16']['best'] / 1e9:.0f} GFLOP/s")
+    for i, mode in enumerate(modes):
+        bench.run_mode(mode, with_levers=(i == 0 and not args.no_levers))
+    bench.matmul["fp32_end"] = matmul_rate(torch.float32, sizes, reps)
+    info["loadavg_end"] = list(os.getloadavg())
+    info["wall_s"] = time.perf_counter() - t_start
+    text = bench.table()
+    print(text)
+    print(f"\ntotal wall {info['wall_s']:.0f} s")
+    if args.json:
+        payload = {"machine": info, "matmul": bench.matmul, "n_params": bench.n_params, "loads_s": bench.loads,
+                   "rows": [r.as_dict() for r in bench.rows], "levers": bench.levers, "phases_s": bench.phases,
+                   "profile": bench.profile, "checks": bench.checks, "argv": sys.argv[1:]}
+        Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

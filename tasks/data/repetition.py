@@ -1,0 +1,106 @@
+"""Degeneration in answers: repeated lines, text inside repeated n-grams, one unit looping back to back.
+
+The first two follow Gopher's repetition filter (Rae et al. 2021, table A1: `dup_line_frac`, the duplicated
+n-gram character fraction). datatrove ships that filter, but as a 17 MB wheel pulling huggingface-hub,
+loguru, dill and multiprocess, with spaCy/SudachiPy word splitting for Japanese; these ~40 lines do the same
+measures on a CJK-aware split (each CJK character is a word, since Japanese has no spaces). Gopher's
+thresholds are tuned on web pages; answers are short, so the defaults are looser and a short answer has
+too few lines or n-grams to judge (see MIN_*).
+"""
+from __future__ import annotations
+
+import re
+from dataclasses import dataclass
+from typing import Optional
+
+NGRAM = 5                 # Gopher's smallest duplicated n-gram size
+MAX_UNIT_WORDS = 8        # a looping unit is up to this many words ("I am sorry." is 4 with the period)
+MIN_LINES = 3             # with fewer lines, one repeat is already a third of them
+MIN_WORDS = 2 * NGRAM     # fewer words hold at most one pair of 5-grams
+
+_WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f]|[^\W_]+|[^\w\s]", re.UNICODE)
+
+
+def words(text: str) -> list[str]:
+    """Words for repetition: letter/digit runs, each CJK character, each punctuation mark."""
+    return _WORD.findall(text.casefold())
+
+
+def dup_line_frac(text: str) -> float:
+    """Share of non-empty lines that repeat an earlier line (whitespace-stripped)."""
+    lines = [line.strip() for line in text.splitlines() if line.strip()]
+    if len(lines) < MIN_LINES:
+        return 0.0
+    seen: set[str] = set()
+    dups = 0
+    for line in lines:
+        dups += line in seen
+        seen.add(line)
+    return dups / len(lines)
+
+
+def dup_ngram_char_frac(tokens: list[str], n: int = NGRAM) -> float:
+    """Share of word characters inside n-grams seen before (Gopher's `find_all_duplicate`: a repeat is skipped
+    over whole, so overlapping repeats are not counted twice)."""
+    total = sum(len(w) for w in tokens)
+    if len(tokens) < MIN_WORDS or not total:
+        return 0.0
+    seen: set[tuple[str, ...]] = set()
+    repeated, i = 0, 0
+    while i <= len(tokens) - n:
+        gram = tuple(tokens[i:i + n])
+        if gram in seen:
+            repeated += sum(len(w) for w in gram)
+            i += n
+        else:
+            seen.add(gram)
+            i += 1
+    return repeated / total
+
+
+def longest_run(tokens: list[str]) -> int:
+    """Most back-to-back copies of one unit of 1..MAX_UNIT_WORDS words that holds a letter or digit
+    ("no no no", "thanks! thanks! thanks!"); runs of punctuation alone ("!!!", "...") do not count."""
+    best = 1
+    if len(set(tokens)) == len(tokens):
+        return best
+    wordy = [w[0].isalnum() for w in tokens]
+    for size in range(1, MAX_UNIT_WORDS + 1):
+        # k copies of a `size`-word unit are (k - 1) * size positions in a row where a word equals the one `size` later
+        streak = 0
+        for i in range(len(tokens) - size):
+            if tokens[i] != tokens[i + size]:
+                streak = 0
+                continue
+            streak += 1
+            copies = 1 + streak // size
+            if copies > best:
+                start = i + 1 - streak
+                if any(wordy[start:start + size]):
+                    best = copies
+    return best
+
+
+@dataclass(frozen=True)
+class Repetition:
+    dup_line_frac: float
+    dup_ngram_char_frac: float
+    longest_run: int
+
+
+def measure(text: str) -> Repetition:
+    tokens = words(text)
+    return Repetition(dup_line_frac(text), dup_ngram_char_frac(tokens), longest_run(tokens))
+
+
+def repetition_problem(text: str, max_dup_line_frac: float, max_dup_ngram_char_frac: float, max_repeat_run: int) -> Optional[str]:
+    """None for a healthy answer, else which measure is over its threshold and by how much."""
+    m = measure(text)
+    if m.dup_line_frac > max_dup_line_frac:
+        return f"{m.dup_line_frac:.0%} of lines repeat an earlier line (> quality.max_dup_line_frac {max_dup_line_frac})"
+    if m.dup_ngram_char_frac > max_dup_ngram_char_frac:
+        return (f"{m.dup_ngram_char_frac:.0%} of characters are in repeated {NGRAM}-grams "
+                f"(> quality.max_dup_ngram_char_frac {max_dup_ngram_char_frac})")
+    if m.longest_run > max_repeat_run:
+        return f"one phrase repeats {m.longest_run} times in a row (> quality.max_repeat_run {max_repeat_run})"
+    return None

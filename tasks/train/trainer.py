@@ -1,0 +1,224 @@
+"""SFT and DPO in one builder, `train`: a quantized base, a peft LoRA adapter and TRL's trainer for the kind.
+
+SFT rows are TRL prompt/completion pairs, so the loss falls on the answer only. DPO continues the SFT
+adapter; TRL copies it into a frozen `ref` adapter on the same base weights, so the reference policy is
+the SFT model and there is no second model copy.
+
+Nothing heavy (torch, transformers, TRL) is imported until `train` runs, and never Prefect or MLflow:
+GPU scripts and the `accelerate launch` workers import this module on machines that may lack them.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Literal, Optional
+
+from ftflow.configs.schema import PipelineConfig, Quantization, TrainCommon
+from ftflow.tasks.stages import StageContext, Update
+
+Kind = Literal["sft", "dpo"]
+
+
+@dataclass
+class TrainResult:
+    adapter_dir: str
+    history: list[dict[str, float]]
+    trainable_params: int
+    total_params: int
+    wall_s: float
+    peak_memory_mb: float
+    resumed_from_step: int = 0
+    global_step: int = 0
+    metrics: dict[str, float] = field(default_factory=dict)
+    backend: Optional[str] = None  # the process group's backend when training ran in launched processes
+
+
+def train(ctx: StageContext, kind: Kind, examples: list[dict[str, Any]], start_adapter: Optional[str] = None) -> TrainResult:
+    """Train `kind` on `examples` into work_dir/<kind>/adapter, from the last checkpoint when there is one.
+
+    `start_adapter` continues an existing adapter (DPO starts from the SFT one); otherwise a fresh LoRA
+    adapter from `cfg.lora`. The adapter gets `ftflow_meta.json` (template, base, stage) and goes to ctx.run."""
+    if ctx.cfg.distributed.num_processes > 1 and "WORLD_SIZE" not in os.environ:
+        from ftflow.tasks.train.launch import launch
+
+        # Not yet inside a process group: start one; each of its processes comes back here.
+        return launch(ctx, kind, examples, start_adapter)
+    import torch
+    from datasets import Dataset
+
+    from ftflow.tasks.train.model import load_tokenizer, pick_device, trainable_parameters
+
+    section: TrainCommon = getattr(ctx.cfg, kind)  # each kind has its config section of the same name
+    device = pick_device(ctx.cfg.model)
+    if device == "cuda":
+        torch.cuda.reset_peak_memory_stats()
+    tokenizer = load_tokenizer(ctx.model.path, ctx.cfg.model)
+    model = trainable_model(ctx.cfg, ctx.model.path, start_adapter, section.gradient_checkpointing)
+    counted = trainable_parameters(model)
+    out_dir = ctx.work_dir / kind
+    config_class, trainer_class, own_args = _kind_specific(kind, ctx.cfg)
+    args = config_class(**{**common_args(section, out_dir / "checkpoints", ctx.cfg.seed, device), **own_args,
+                           **section.extra})
+    stream = step_stream(ctx, kind, args.max_steps)
+    trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(examples),
+                            processing_class=tokenizer, callbacks=[stream])
+    result = _fit(trainer, model, stream.history, out_dir, counted)
+    if trainer.is_world_process_zero():
+        _record(ctx, kind, result)
+    return result
+
+
+def trainable_model(cfg: PipelineConfig, model_path: str, start_adapter: Optional[str] = None,
+                    gradient_checkpointing: bool = False):
+    """The base (quantized per the config) with a trainable LoRA adapter: `start_adapter`'s, or a new one."""
+    from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+
+    from ftflow.tasks.train.model import build_lora_config, load_base_model
+
+    model = load_base_model(model_path, cfg.model, cfg.quantization)
+    if cfg.quantization.mode != Quantization.none:
+        # Casts norms to fp32 and enables input grads so gradients flow through frozen 4/8-bit layers.
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if start_adapter:
+        return PeftModel.from_pretrained(model, start_adapter, is_trainable=True)
+    return get_peft_model(model, build_lora_config(cfg.lora))
+
+
+def _kind_specific(kind: Kind, cfg: PipelineConfig) -> tuple[Any, Any, dict[str, Any]]:
+    """TRL's config and trainer classes for `kind`, and the config arguments only that kind takes."""
+    import trl
+
+    if kind == "sft":
+        return trl.SFTConfig, trl.SFTTrainer, {"completion_only_loss": cfg.sft.assistant_only_loss, "packing": False}
+    # With ref_model left out, TRL builds the reference from the PeftModel's current adapter (the SFT one).
+    return trl.DPOConfig, trl.DPOTrainer, {"beta": cfg.dpo.beta, "loss_type": [cfg.dpo.loss_type.value]}
+
+
+def common_args(section: TrainCommon, output_dir: Path, seed: int, device: str) -> dict[str, Any]:
+    """Keyword arguments both SFTConfig and DPOConfig accept."""
+    return dict(
+        output_dir=str(output_dir),
+        max_steps=section.max_steps,
+        learning_rate=section.learning_rate,
+        per_device_train_batch_size=section.per_device_batch_size,
+        gradient_accumulation_steps=section.gradient_accumulation_steps,
+        warmup_steps=math.ceil(section.warmup_ratio * section.max_steps),
+        lr_scheduler_type="cosine",
+        logging_steps=section.logging_steps,
+        save_strategy="steps",
+        save_steps=section.save_steps,
+        save_total_limit=2,
+        seed=seed,
+        data_seed=seed,
+        max_length=section.max_length,
+        activation_checkpointing=section.gradient_checkpointing,
+        # Metrics go to MLflow through step_stream with an explicit run id, not the global active run.
+        report_to="none",
+        disable_tqdm=True,
+        bf16=device == "cuda",
+        use_cpu=device == "cpu",
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
+    )
+
+
+def step_stream(ctx: StageContext, kind: Kind, total: int):
+    """A trainer callback: every log to ctx.run under `<kind>/` and to ctx's progress, and into `.history`.
+
+    MLflow is addressed by run id: Prefect runs tasks in threads and MLflow's active run is per thread."""
+    from transformers import TrainerCallback
+
+    update: Update = ctx.start_progress(kind, total)
+
+    class StepStream(TrainerCallback):
+        def __init__(self) -> None:
+            self.history: list[dict[str, float]] = []
+            self.started = time.perf_counter()
+
+        def on_log(self, args, state, control, logs=None, **kwargs):
+            numeric = {k: float(v) for k, v in (logs or {}).items()
+                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            if not numeric:
+                return
+            numeric["elapsed_s"] = time.perf_counter() - self.started
+            self.history.append({"step": state.global_step, **numeric})
+            if not state.is_world_process_zero:
+                return
+            if ctx.run is not None:
+                ctx.run.log_metrics({f"{kind}/{k}": v for k, v in numeric.items()}, state.global_step)
+            update(state.global_step, numeric)
+
+    return StepStream()
+
+
+def _fit(trainer, model, history: list[dict[str, float]], out_dir: Path, counted: tuple[int, int]) -> TrainResult:
+    """Train from the last checkpoint, if any, and save the trained adapter only."""
+    from transformers.trainer_callback import PrinterCallback
+
+    # Progress goes to the log and MLflow through step_stream; the trainer's raw dict printer would repeat it.
+    trainer.remove_callback(PrinterCallback)
+    resume = last_checkpoint(out_dir / "checkpoints")
+    started = time.perf_counter()
+    output = trainer.train(resume_from_checkpoint=resume)
+    wall = time.perf_counter() - started
+    adapter_dir = out_dir / "adapter"
+    # "default" is the adapter being trained; DPO's frozen "ref" copy stays behind.
+    model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
+    trainer.processing_class.save_pretrained(str(adapter_dir))
+    return TrainResult(
+        adapter_dir=str(adapter_dir),
+        history=history,
+        trainable_params=counted[0],
+        total_params=counted[1],
+        wall_s=wall,
+        peak_memory_mb=peak_memory_mb(trainer.args.device.type),
+        resumed_from_step=checkpoint_step(resume),
+        global_step=output.global_step,
+        metrics={k: float(v) for k, v in output.metrics.items() if isinstance(v, (int, float))},
+    )
+
+
+def _record(ctx: StageContext, kind: Kind, result: TrainResult) -> None:
+    """What the adapter needs to be served and compared later, beside it and in the run."""
+    Path(result.adapter_dir, "ftflow_meta.json").write_text(json.dumps({
+        "template_fingerprint": ctx.model.template_fingerprint, "eos_token": ctx.model.eos_token,
+        "base_model": ctx.cfg.model.name_or_path, "base_sha256": ctx.model.source_sha256, "stage": kind,
+        "lora_r": ctx.cfg.lora.r, "lora_alpha": ctx.cfg.lora.resolved_alpha,
+    }, indent=2))
+    if ctx.run is not None:
+        ctx.run.log_metrics({f"{kind}/trainable_params": result.trainable_params, f"{kind}/wall_s": result.wall_s,
+                             f"{kind}/peak_memory_mb": result.peak_memory_mb,
+                             f"{kind}/resumed_from_step": result.resumed_from_step})
+        ctx.run.log_artifact(result.adapter_dir, f"adapters/{kind}")
+
+
+def peak_memory_mb(device: str) -> float:
+    if device == "cuda":
+        import torch
+
+        return torch.cuda.max_memory_allocated() / 2**20
+    import resource
+
+    # ru_maxrss is the process high-water mark in KiB on Linux: an upper bound for the step on CPU.
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def last_checkpoint(output_dir: Path) -> Optional[str]:
+    """Newest complete `checkpoint-N` in output_dir, so a retried task resumes instead of starting over."""
+    if not output_dir.exists():
+        return None
+    complete = [
+        p for p in output_dir.glob("checkpoint-*")
+        if p.is_dir() and (p / "trainer_state.json").exists() and p.name.split("-")[-1].isdigit()
+    ]
+    if not complete:
+        return None
+    return str(max(complete, key=lambda p: int(p.name.split("-")[-1])))
+
+
+def checkpoint_step(path: Optional[str]) -> int:
+    return int(Path(path).name.split("-")[-1]) if path else 0

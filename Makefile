@@ -12,7 +12,7 @@ export GX_ANALYTICS_ENABLED := false
 export PREFECT_SERVER_ANALYTICS_ENABLED := false
 export DO_NOT_TRACK := 1
 
-.PHONY: install demo sweep test ui serve stop bench clean
+.PHONY: install demo sweep test test-fast lint ui serve stop bench clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -29,6 +29,13 @@ demo: install  ## one pipeline run on the CPU demo recipe
 
 sweep: install  ## rank sweep r = 8/16/32 on the demo recipe
 	$(VENV)/bin/ftflow sweep sweep
+
+test-fast: install  ## the fast tier: no servers, no real model (every commit; under 3 min on 2 cores)
+	$(PY) -m pytest -q -p no:cacheprovider -m fast --timeout=600; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+
+lint: install  ## ruff, as CI runs it
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 test: install  ## the whole suite (CI runs this)
 	$(PY) -m pytest -q -p no:cacheprovider --timeout=1200; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
@@ -47,4 +54,4 @@ bench: install
 	$(PY) bench/bench_validation.py
 
 clean:
-	rm -rf runs mlartifacts mlflow.db .cache/models
+	rm -rf runs mlartifacts mlflow.db  # the converted model stays: it is cached per user in ~/.cache/ftflow

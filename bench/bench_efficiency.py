@@ -421,10 +421,11 @@ class Bench:
         model.eval()
         if "default" in getattr(model, "peft_config", {}):
             model.set_adapter("default")
-        gen_arms = {f"max_new_tokens={cfg.eval.max_new_tokens} (config)": cfg.eval.max_new_tokens}
         if with_levers:
-            gen_arms = {"fixed 64": 64, f"sized {self.sized_new_tokens()} (longest reference)": self.sized_new_tokens(),
-                        **gen_arms}
+            gen_arms = {"fixed 64": 64, f"sized {self.sized_new_tokens()} (longest reference)": self.sized_new_tokens()}
+        else:
+            gen_arms = {f"max_new_tokens={cfg.eval.max_new_tokens} (config)": cfg.eval.max_new_tokens}
+            reps = 1
         results: dict[str, dict] = {}
 
         def gen_run(name, limit):

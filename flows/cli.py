@@ -13,7 +13,9 @@ import argparse
 import contextlib
 import logging
 import os
+import signal
 import sys
+import threading
 import traceback
 from pathlib import Path
 from typing import Optional, Sequence
@@ -211,11 +213,15 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
     return args
 
 
-def _preflight(cfg) -> None:
+def _preflight(cfg, command: str) -> None:
     # Seconds, before Prefect starts: a dead tracking server otherwise fails only inside the flow run.
     from ftflow.tasks.tracking import check_tracking_store, tracking_uri
 
     check_tracking_store(tracking_uri(cfg))
+    if command in ("run", "sweep"):
+        from ftflow.tasks.stages import writable_dir
+
+        writable_dir(Path(cfg.output_dir), "output_dir")
 
 
 def _dispatch(args: argparse.Namespace) -> int:
@@ -232,23 +238,46 @@ def _dispatch(args: argparse.Namespace) -> int:
         return 0 if validate_file(cfg, args.file, args.kind, args.out) else 1
     cfg = load_config(args.recipe, args.overrides)
     if args.command != "serve":
-        _preflight(cfg)
+        _preflight(cfg, args.command)
     import mlflow  # noqa: F401  (configures its log handler, which _route_logs then routes)
 
     if args.command in ("export", "serve", "promote"):
         _route_logs(args.verbosity)
         return _registry_command(args, cfg)
-    if args.command == "run":
-        from ftflow.pipeline import pipeline_flow
+    from ftflow.local_api import prefect_api
+    from ftflow.tasks.tracking import credentials_to_env
 
-        _route_logs(args.verbosity)
-        pipeline_flow(config=cfg, resume_run_id=args.resume)
-    else:
-        from ftflow.sweep import sweep_flow
+    # The config becomes the flow run's parameters, stored by the Prefect API: no password in it.
+    cfg = credentials_to_env(cfg)
+    with prefect_api():
+        if args.command == "run":
+            from ftflow.pipeline import pipeline_flow
 
-        _route_logs(args.verbosity)
-        sweep_flow(config=cfg)
+            _route_logs(args.verbosity)
+            pipeline_flow(config=cfg, resume_run_id=args.resume)
+        else:
+            from ftflow.sweep import sweep_flow
+
+            _route_logs(args.verbosity)
+            sweep_flow(config=cfg)
     return 0
+
+
+class Terminated(BaseException):
+    """SIGTERM as an exception: the stack unwinds, so the flow records its end and the local Prefect server stops.
+
+    The default action of SIGTERM ends the process on the spot, skipping every `finally` and atexit hook."""
+
+
+def _terminated(signum, frame) -> None:
+    raise Terminated()
+
+
+def _on_sigterm(handler):
+    """Install `handler` for SIGTERM and return the one it replaces; a no-op off the main thread."""
+    if handler is None or threading.current_thread() is not threading.main_thread():
+        return None
+    return signal.signal(signal.SIGTERM, handler)
 
 
 def _report(err: BaseException, verbosity: str, stderr, expected: bool) -> None:
@@ -273,6 +302,7 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     from ftflow.configs.loader import ConfigError
     from ftflow.tasks.errors import PipelineError
 
+    previous = _on_sigterm(_terminated)
     try:
         if args.verbosity == "verbose":
             return _dispatch(args)
@@ -285,9 +315,14 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     except KeyboardInterrupt:
         print("ftflow: interrupted", file=stderr)
         return 130
+    except Terminated:
+        print("ftflow: terminated (SIGTERM)", file=stderr)
+        return 128 + signal.SIGTERM
     except Exception as err:
         _report(err, args.verbosity, stderr, expected=False)
         return 1
+    finally:
+        _on_sigterm(previous)
 
 
 if __name__ == "__main__":

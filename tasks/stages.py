@@ -89,11 +89,27 @@ def resolve_config(config: Optional[PipelineConfig], recipe: Optional[str], over
     return config_from_dict(apply_overrides(base.model_dump(mode="json"), overrides), "flow parameters") if overrides else base
 
 
+def writable_dir(path: Path, what: str) -> Path:
+    """`path`, created, once a file could be made in it; else one PipelineError line naming `what`.
+
+    Tried, not asked: os.access says yes to root even where a write fails (a read-only mount, chattr +i)."""
+    import tempfile
+
+    from ftflow.tasks.errors import PipelineError
+
+    try:
+        path.mkdir(parents=True, exist_ok=True)
+        with tempfile.TemporaryFile(dir=path):
+            pass
+    except OSError as err:
+        raise PipelineError(f"{what} {path} is not writable ({err.strerror or type(err).__name__})") from None
+    return path
+
+
 def run_dir(cfg: PipelineConfig, run: RunLogger) -> Path:
     """The run's own folder: checkpoints, adapters and plots; a resumed run finds its checkpoints here."""
-    path = Path(cfg.output_dir) / run.run_id
-    path.mkdir(parents=True, exist_ok=True)
-    return path
+    writable_dir(Path(cfg.output_dir), "output_dir")
+    return writable_dir(Path(cfg.output_dir) / run.run_id, "output_dir")
 
 
 def resolve_model(cfg: PipelineConfig) -> ModelInfo:

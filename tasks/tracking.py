@@ -180,6 +180,137 @@ def _store_errors(uri: str):
         raise PipelineError(f"MLflow store {uri}: {first}") from None
 
 
+RESOLVED_CONFIG = "config/resolved_config.yaml"
+# Tags naming the process that owns a RUNNING run, so a later run can tell a live run from one whose process died.
+HOST_TAG, PID_TAG, PID_STARTED_TAG = "ftflow.host", "ftflow.pid", "ftflow.pid_started"
+FLOW_RUN_TAG = "ftflow.prefect_flow_run_id"
+
+
+def credentials_to_env(cfg: PipelineConfig) -> PipelineConfig:
+    """The config without `user:password@` in its MLflow URIs; the credentials go to this process's
+    MLFLOW_TRACKING_USERNAME / MLFLOW_TRACKING_PASSWORD, which MLflow's client sends as basic auth.
+
+    The CLI calls this before the config becomes a flow run's parameters, which the Prefect API stores."""
+    from urllib.parse import unquote, urlsplit
+
+    updates = {}
+    for section, key in (("tracking", "tracking_uri"), ("registry", "registry_uri")):
+        uri = getattr(getattr(cfg, section), key)
+        if not uri or "://" not in uri or strip_credentials(uri) == uri:
+            continue
+        parts = urlsplit(uri)
+        if parts.username:
+            os.environ["MLFLOW_TRACKING_USERNAME"] = unquote(parts.username)
+        if parts.password is not None:
+            os.environ["MLFLOW_TRACKING_PASSWORD"] = unquote(parts.password)
+        updates[section] = getattr(cfg, section).model_copy(update={key: strip_credentials(uri)})
+    return cfg.model_copy(update=updates) if updates else cfg
+
+
+def process_started(pid: int) -> str:
+    """When `pid` started (clock ticks since boot, /proc/<pid>/stat field 22): tells a reused pid apart; '' if unknown."""
+    try:
+        stat = Path(f"/proc/{pid}/stat").read_text()
+    except OSError:
+        return ""
+    return stat.rsplit(")", 1)[-1].split()[19]
+
+
+def process_tags() -> dict[str, str]:
+    import socket
+
+    return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_STARTED_TAG: process_started(os.getpid())}
+
+
+def owner_alive(tags: dict[str, str]) -> Optional[bool]:
+    """Whether the process a run's tags name is alive: None when it ran on another host or is not recorded."""
+    import socket
+
+    if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
+        return None
+    pid = int(tags[PID_TAG])
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        pass  # alive, owned by someone else
+    started = tags.get(PID_STARTED_TAG)
+    return not started or process_started(pid) in ("", started)
+
+
+def _flat(data: Any, prefix: str = "") -> dict[str, Any]:
+    """Dotted keys of a nested dict, as loader.flatten makes them (an empty dict is a value)."""
+    if isinstance(data, dict) and data:
+        out: dict[str, Any] = {}
+        for k, v in data.items():
+            out.update(_flat(v, f"{prefix}.{k}" if prefix else str(k)))
+        return out
+    return {prefix: data}
+
+
+def _comparable(value: Any) -> str:
+    # Credentials never take part: a URI compares without `user:password@`, a secret as its redaction.
+    return strip_credentials(redact_text(json.dumps(value, sort_keys=True, default=str)))
+
+
+def logged_config(c, run) -> tuple[Optional[dict[str, str]], bool]:
+    """The config a run was started with, flattened and comparable, and whether it came from the params.
+
+    Its resolved-config artifact when there is one, else its params (strings), else None (a run killed
+    before it logged anything)."""
+    import tempfile
+
+    import yaml
+
+    try:
+        with tempfile.TemporaryDirectory() as tmp:
+            local = c.download_artifacts(run.info.run_id, RESOLVED_CONFIG, tmp)
+            data = yaml.safe_load(Path(local).read_text(encoding="utf-8"))
+        return {k: _comparable(v) for k, v in _flat(data).items()}, False
+    except Exception:
+        known = set(flatten(PipelineConfig()))
+        params = {k: _comparable(v) for k, v in run.data.params.items() if k in known}
+        return (params or None), True
+
+
+def config_differences(run_config: dict[str, str], cfg: PipelineConfig, from_params: bool = False) -> list[str]:
+    """`key (run: X, now: Y)` for every key where `cfg` differs from a run's logged config."""
+    if from_params:
+        now = {k: _comparable(str(v)[:6000]) for k, v in redact(flatten(cfg)).items()}
+    else:
+        now = {k: _comparable(v) for k, v in _flat(redact_config_dict(cfg.model_dump(mode="json"))).items()}
+    out = []
+    for key in sorted(set(run_config) | set(now)):
+        if from_params and key not in run_config:
+            continue
+        old, new = run_config.get(key, "(absent)"), now.get(key, "(absent)")
+        if old != new:
+            out.append(f"{key} (run: {old[:60]}, now: {new[:60]})")
+    return out
+
+
+def check_resumable(c, run, cfg: PipelineConfig) -> None:
+    """Raise one PipelineError line when `run` cannot be continued with `cfg`; reads only, writes nothing."""
+    from ftflow.tasks.errors import PipelineError
+
+    run_id, status = run.info.run_id, run.info.status
+    if status == "FINISHED":
+        raise PipelineError(f"--resume {run_id}: the run FINISHED; only an interrupted run (FAILED, KILLED, or "
+                            f"RUNNING with its process gone) can be resumed; start a new run instead")
+    if status == "RUNNING" and owner_alive(run.data.tags):
+        raise PipelineError(f"--resume {run_id}: the run is still RUNNING in process {run.data.tags.get(PID_TAG)} "
+                            f"on {run.data.tags.get(HOST_TAG)}")
+    logged, from_params = logged_config(c, run)
+    if logged is None:
+        return  # killed before its config was logged: nothing trained, nothing to disagree with
+    diff = config_differences(logged, cfg, from_params=from_params)
+    if diff:
+        shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
+        raise PipelineError(f"--resume {run_id}: the config differs from the run's in {len(diff)} key(s): {shown}; "
+                            f"resume with the run's own recipe and overrides (its {RESOLVED_CONFIG} artifact)")
+
+
 class RunLogger:
     """One MLflow run, addressed by id, with helpers that batch what MLflow wants batched."""
 
@@ -187,6 +318,8 @@ class RunLogger:
         self.cfg = cfg
         self.run_id = run_id
         self.client = client(cfg)
+        # A resumed run's params are already logged (and immutable): re-logging checks them instead.
+        self.resumed = False
 
     @classmethod
     def start(cls, cfg: PipelineConfig, run_name: Optional[str] = None, parent_run_id: Optional[str] = None,
@@ -197,14 +330,16 @@ class RunLogger:
         c = client(cfg)
         with _store_errors(uri):
             exp_id = ensure_experiment(c, cfg.tracking.experiment, uri)
-            all_tags = {"git_commit": git_commit(), **(tags or {})}
+            all_tags = {"git_commit": git_commit(), **process_tags(), **(tags or {})}
             if parent_run_id:
                 all_tags["mlflow.parentRunId"] = parent_run_id
             run = c.create_run(exp_id, run_name=run_name or cfg.tracking.run_name, tags=all_tags)
         return cls(cfg, run.info.run_id)
 
     @classmethod
-    def resume(cls, cfg: PipelineConfig, run_id: str) -> "RunLogger":
+    def resume(cls, cfg: PipelineConfig, run_id: str, tags: Optional[dict[str, str]] = None) -> "RunLogger":
+        """Continue an interrupted run. Everything is checked first (the run exists, did not finish, is not
+        running elsewhere, and `cfg` equals its logged config); only then is the run touched."""
         from ftflow.tasks.errors import PipelineError
         from mlflow.exceptions import MlflowException
 
@@ -213,12 +348,17 @@ class RunLogger:
         check_tracking_store(uri)
         logger = cls(cfg, run_id)
         try:
-            logger.client.get_run(run_id)
+            run = logger.client.get_run(run_id)
         except MlflowException:
             raise PipelineError(f"--resume {run_id}: no such MLflow run at {uri}") from None
+        check_resumable(logger.client, run, cfg)
         with _store_errors(uri):
             logger.client.update_run(run_id, status="RUNNING")
-            logger.client.set_tag(run_id, "resumed", "true")
+            count = int(run.data.tags.get("ftflow.resume_count", "0")) + 1
+            for key, value in {"resumed": "true", "ftflow.resume_count": str(count), **process_tags(),
+                               **(tags or {})}.items():
+                logger.client.set_tag(run_id, key, value)
+        logger.resumed = True
         return logger
 
     @property
@@ -228,14 +368,43 @@ class RunLogger:
     def log_params(self, params: dict[str, Any]) -> None:
         from mlflow.entities import Param
 
-        items = [Param(k, str(v)[:6000]) for k, v in redact(params).items()]
+        values = {k: str(v)[:6000] for k, v in redact(params).items()}
+        if self.resumed:
+            values = self._not_yet_logged(values)
+        items = [Param(k, v) for k, v in values.items()]
         for i in range(0, len(items), 100):
             self.client.log_batch(self.run_id, params=items[i : i + 100])
 
+    def _not_yet_logged(self, values: dict[str, str]) -> dict[str, str]:
+        """A resumed run: the params it lacks; one equal to its logged value is skipped, a different one refused."""
+        from ftflow.tasks.errors import PipelineError
+
+        logged = self.client.get_run(self.run_id).data.params
+        changed = [f"{k} (run: {logged[k][:60]}, now: {v[:60]})" for k, v in values.items() if k in logged and logged[k] != v]
+        if changed:
+            raise PipelineError(f"--resume {self.run_id}: this attempt differs from the run in {'; '.join(changed)}; "
+                                f"an MLflow param cannot change, start a new run instead")
+        return {k: v for k, v in values.items() if k not in logged}
+
     def log_config(self, cfg: PipelineConfig) -> None:
+        if self.resumed:
+            # Same config (checked by resume); the libraries may have moved on since the first attempt.
+            self._record_resumed_versions()
+            return
         self.log_params(flatten(cfg))
         self.log_params({f"version.{k}": v for k, v in library_versions().items()})
         self.log_dict(redact_config_dict(cfg.model_dump(mode="json")), "config/resolved_config.yaml")
+
+    def _record_resumed_versions(self) -> None:
+        logged = {k[len("version."):]: v for k, v in self.client.get_run(self.run_id).data.params.items()
+                  if k.startswith("version.")}
+        now = library_versions()
+        changes = [f"{lib} {logged.get(lib, '?')} -> {v}" for lib, v in now.items() if logged.get(lib) != v]
+        n = self.client.get_run(self.run_id).data.tags.get("ftflow.resume_count", "1")
+        tags = {f"ftflow.resume.{n}.versions": json.dumps(now, sort_keys=True)}
+        if changes:
+            tags[f"ftflow.resume.{n}.version_changes"] = "; ".join(changes)
+        self.set_tags(tags)
 
     def log_metrics(self, metrics: dict[str, float], step: Optional[int] = None) -> None:
         import time

@@ -20,6 +20,22 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 quiet_env()
 
 REPO = Path(__file__).resolve().parents[1]
+TESTS = Path(__file__).resolve().parent
+# Tiers: `fast` (no server of any kind, no real model weights: every commit, `make test-fast`) and
+# `slow` (real Prefect/MLflow servers, subprocess CLIs, the real 135M model; `make test`, CI).
+# Flow, infra and bench tests start Prefect's API or other servers, so they default to slow.
+SLOW_DIRS = {"flows", "infra", "bench"}
+SLOW_FIXTURES = {"prefect_harness", "mlflow_server_port"}
+
+
+def pytest_collection_modifyitems(config, items):
+    """Give every test exactly one tier; an explicit @pytest.mark.fast/slow wins over the defaults."""
+    for item in items:
+        if item.get_closest_marker("slow") or item.get_closest_marker("fast"):
+            continue
+        top = Path(str(item.fspath)).resolve().relative_to(TESTS).parts[0]
+        slow = top in SLOW_DIRS or bool(SLOW_FIXTURES & set(getattr(item, "fixturenames", ())))
+        item.add_marker(pytest.mark.slow if slow else pytest.mark.fast)
 
 
 @pytest.fixture(scope="session")

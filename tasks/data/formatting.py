@@ -138,13 +138,15 @@ def has_generation_markers(tokenizer) -> bool:
     return bool(template) and markers(template)
 
 
-def assistant_spans(tokenizer, messages: list[dict], eot: Optional[str] = None) -> tuple[list[int], list[tuple[int, int]], str]:
+def assistant_spans(tokenizer, messages: list[dict], eot: Optional[str] = None, last_only: bool = False
+                    ) -> tuple[list[int], list[tuple[int, int]], str]:
     """Token ids of the whole conversation and each assistant turn's [start, end) token span (its content and
-    end-of-turn token), in turn order; and which method found them (`mask_source`)."""
+    end-of-turn token), in turn order, or the final turn's alone; and which method found them (`mask_source`)."""
     eot = eot or end_of_turn_token(tokenizer)
     if has_generation_markers(tokenizer):
-        return (*_spans_from_markers(tokenizer, messages, eot), MASK_SOURCE_MARKERS)
-    return (*_spans_from_boundaries(tokenizer, messages, eot), MASK_SOURCE_BOUNDARIES)
+        ids, spans = _spans_from_markers(tokenizer, messages, eot)
+        return ids, spans[-1:] if last_only else spans, MASK_SOURCE_MARKERS
+    return (*_spans_from_boundaries(tokenizer, messages, eot, last_only), MASK_SOURCE_BOUNDARIES)
 
 
 def _spans_from_markers(tokenizer, messages: list[dict], eot: str) -> tuple[list[int], list[tuple[int, int]]]:
@@ -158,27 +160,38 @@ def _spans_from_markers(tokenizer, messages: list[dict], eot: str) -> tuple[list
         elif not bit and start is not None:
             # Some marked templates leave the end-of-turn token outside {% generation %}; the model must still learn to stop.
             end = i + 1 if i < len(ids) and ids[i] == eot_id else i
+            if ids[end - 1] != eot_id:
+                raise DataError(f"assistant turn {len(spans) + 1} is not closed by the end-of-turn token {eot!r}; "
+                                "the model would not learn to stop")
             spans.append((start, end))
             start = None
     _check_span_count(spans, messages, "the {% generation %} markers")
     return ids, spans
 
 
-def _spans_from_boundaries(tokenizer, messages: list[dict], eot: str) -> tuple[list[int], list[tuple[int, int]]]:
+def _spans_from_boundaries(tokenizer, messages: list[dict], eot: str, last_only: bool = False
+                           ) -> tuple[list[int], list[tuple[int, int]]]:
     full = tokenizer.apply_chat_template(messages, tokenize=False)
+    turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
     char_spans = []
-    for k, message in enumerate(messages):
-        if message["role"] != "assistant":
+    for turn, k in enumerate(turns, start=1):
+        if last_only and turn < len(turns):
             continue
+        message = messages[k]
         before = tokenizer.apply_chat_template(messages[:k], tokenize=False, add_generation_prompt=True) if k else ""
         if not full.startswith(before):
             raise DataError(
-                f"the chat template renders the conversation before assistant turn {k + 1} differently when later "
+                f"the chat template renders the conversation before assistant turn {turn} differently when later "
                 "turns follow (it is not prefix-preserving), so its turn boundaries cannot be found; use a template "
                 "with {% generation %} markers or sft.loss_on=last_turn")
         end = full.find(eot, len(before))
-        if end < 0:
-            raise DataError(f"assistant turn {k + 1} is not closed by the end-of-turn token {eot!r}")
+        # The answer must run straight into the end-of-turn token: a template that leaves assistant turns
+        # open would otherwise stretch the span over the next user turn, up to *its* end token.
+        if end < 0 or full[len(before):end].strip() != message["content"].strip():
+            raise DataError(f"the chat template does not render assistant turn {turn} as its content closed by the "
+                            f"end-of-turn token {eot!r} (a turn left open would not teach the model to stop; content "
+                            "rewritten once later turns follow cannot be located); use a template with "
+                            "{% generation %} markers or sft.loss_on=last_turn")
         char_spans.append((len(before), end + len(eot)))
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("turn boundaries need a fast tokenizer (character offsets); this one is not")
@@ -190,24 +203,24 @@ def _spans_from_boundaries(tokenizer, messages: list[dict], eot: str) -> tuple[l
         inside = [i for i, (start, _) in enumerate(offsets) if lo <= start < hi]
         if inside:
             spans.append((inside[0], inside[-1] + 1))
-    _check_span_count(spans, messages, "the template's turn boundaries")
+    _check_span_count(spans, messages, "the template's turn boundaries", last_only)
     return ids, spans
 
 
-def _check_span_count(spans: list, messages: list[dict], how: str) -> None:
-    expected = sum(m["role"] == "assistant" for m in messages)
+def _check_span_count(spans: list, messages: list[dict], how: str, last_only: bool = False) -> None:
+    expected = 1 if last_only else sum(m["role"] == "assistant" for m in messages)
     if len(spans) != expected:
         raise DataError(f"{how} give {len(spans)} assistant span(s) for {expected} assistant turn(s)")
 
 
 def tokenized_example(tokenizer, messages: list[dict], window: Window, eot: Optional[str] = None) -> tuple[dict[str, Any], str]:
     """`input_ids` and `assistant_masks` of one conversation under `window`'s loss settings, and the mask source."""
-    ids, spans, source = assistant_spans(tokenizer, messages, eot)
+    last_only = window.loss_on == LossOn.last_turn or not window.assistant_only_loss
+    ids, spans, source = assistant_spans(tokenizer, messages, eot, last_only)
     if not window.assistant_only_loss:
         return {"input_ids": ids, "assistant_masks": [1] * len(ids)}, source
-    trained = spans if window.loss_on == LossOn.all_assistant_turns else spans[-1:]
     mask = [0] * len(ids)
-    for lo, hi in trained:
+    for lo, hi in spans:
         mask[lo:hi] = [1] * (hi - lo)
     return {"input_ids": ids, "assistant_masks": mask}, source
 
@@ -236,21 +249,23 @@ def _count(tokenizer, conversations: list[list[dict]]) -> int:
     return max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
-def _fit_sft(tokenizer, messages: list[dict], window: Window) -> tuple[Optional[list[dict]], int, int]:
-    """(the messages that fit, or None; the original token count; exchanges removed)."""
-    n = _count(tokenizer, [messages])
+def _fit_sft(tokenizer, messages: list[dict], window: Window, eot: str
+             ) -> tuple[Optional[list[dict]], Optional[dict[str, Any]], int, int]:
+    """(the messages that fit and their tokens, or None, None; the original token count; exchanges removed)."""
+    tokens, _ = tokenized_example(tokenizer, messages, window, eot)
+    n = len(tokens["input_ids"])
     if window.max_length is None or n <= window.max_length:
-        return messages, n, 0
+        return messages, tokens, n, 0
     if window.truncation == Truncation.drop:
-        return None, n, 0
+        return None, None, n, 0
     removed, current = 0, messages
     while True:
         current = _shorter(current, keep_tail=2)
         if current is None:
-            return None, n, removed
+            return None, None, n, removed
         removed += 1
         if _count(tokenizer, [current]) <= window.max_length:
-            return current, n, removed
+            return current, tokenized_example(tokenizer, current, window, eot)[0], n, removed
 
 
 def _fit_pair(tokenizer, example: dict, window: Window) -> tuple[Optional[dict], int, int]:
@@ -290,15 +305,18 @@ def format_sft(tokenizer, records: list[Record], system_prompt: Optional[str], w
                eot: Optional[str] = None) -> tuple[list[dict[str, Any]], list[Dropped], dict[str, Any], str]:
     """SFT rows → self-sufficient training examples (see the module doc); returns (examples, dropped, tally, mask source)."""
     eot = eot or end_of_turn_token(tokenizer)
-    examples, dropped, truncated, source = [], [], 0, ""
-    for record in records:
+    source = MASK_SOURCE_MARKERS if has_generation_markers(tokenizer) else MASK_SOURCE_BOUNDARIES
+    examples, dropped, truncated = [], [], 0
+    for i, record in enumerate(records, start=1):
         messages = with_system_prompt(record.row["messages"], system_prompt)
-        fitted, n, removed = _fit_sft(tokenizer, messages, window)
+        try:
+            fitted, tokens, n, removed = _fit_sft(tokenizer, messages, window, eot)
+        except DataError as e:
+            raise DataError(f"formatted row: {e}", "sft (formatted)", i) from None
         if fitted is None:
             dropped.append(_window_drop(record, n, window, "sft"))
             continue
         truncated += removed > 0
-        tokens, source = tokenized_example(tokenizer, fitted, window, eot)
         examples.append({"prompt": fitted[:-1], "completion": [fitted[-1]], **tokens})
     return examples, dropped, _tally(len(records), len(examples), truncated, len(dropped), window), source
 
@@ -350,7 +368,7 @@ def format_data(tokenizer, sft: list[Record], preference: list[Record], system_p
     eot = end_of_turn_token(tokenizer)
     sft_examples, sft_dropped, sft_tally, source = format_sft(tokenizer, sft, system_prompt, sft_window, eot)
     pref_examples, pref_dropped, pref_tally = format_preference(tokenizer, preference, system_prompt, dpo_window)
-    check_ends_with_eos(tokenizer, sft_examples, "sft (formatted)")
+    # SFT rows were checked turn by turn while their spans were found; pairs are rendered here.
     check_ends_with_eos(tokenizer, pref_examples, "preference (formatted)")
     stats = {f"sft_{k}": v for k, v in length_stats(token_lengths(tokenizer, sft_examples)).items()}
     stats.update({f"preference_{k}": v for k, v in length_stats(token_lengths(tokenizer, pref_examples)).items()})

@@ -168,25 +168,6 @@ def reward_margins(policy: tuple[list[float], list[float]], reference: tuple[lis
     return [beta * ((a - b) - (c - d)) for a, b, c, d in zip(pc, rc, pr, rr)]
 
 
-def heldout_loss(logps: list[float], counts: list[int]) -> dict[str, float]:
-    tokens = sum(counts)
-    loss = -sum(logps) / tokens if tokens else float("nan")
-    # heldout_logprob is the same evidence as the loss, oriented so that higher is better like every gate metric.
-    return {"heldout_loss": loss, "heldout_perplexity": math.exp(min(loss, 50.0)), "heldout_logprob": -loss}
-
-
-def preference_scores(policy: tuple[list[float], list[float]], reference: tuple[list[float], list[float]],
-                      beta: float) -> dict[str, float]:
-    """DPO's implicit reward r = beta * (log pi(y|x) - log pi_ref(y|x)); accuracy = share of pairs with r_chosen > r_rejected."""
-    margins = reward_margins(policy, reference, beta)
-    if not margins:
-        return {}
-    return {
-        "preference_accuracy": sum(m > 0 for m in margins) / len(margins),
-        "reward_margin": sum(margins) / len(margins),
-    }
-
-
 def check_heldout(heldout: list[dict], train: list[dict]) -> None:
     if not heldout:
         raise DataError("held-out set is empty after validation; nothing to evaluate on", "heldout")

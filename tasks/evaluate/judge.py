@@ -142,7 +142,7 @@ def judge_variants(ctx: StageContext, results: dict[str, VariantResult]) -> list
     judge metric to each result and returns one row per verdict for the MLflow table."""
     cfg = ctx.cfg.eval.judge
     judge = client(cfg)
-    metric = registry.get("judge_win_rate" if cfg.mode == JudgeMode.pairwise else "judge_score")
+    metric = registry.get(registry.JUDGE_METRICS[cfg.mode.value])
     base = results["base"].predictions[: cfg.max_examples]
     rows: list[dict[str, Any]] = []
     for variant, result in results.items():
@@ -152,7 +152,7 @@ def judge_variants(ctx: StageContext, results: dict[str, VariantResult]) -> list
         for mine, theirs in zip(result.predictions[: cfg.max_examples], base):
             question, reference, answer = mine["prompt"], mine["reference"], mine["prediction"]
             row: dict[str, Any] = {"variant": variant, "prompt": question, "reference": reference, "answer": answer}
-            if metric.name == "judge_win_rate":
+            if cfg.mode == JudgeMode.pairwise:
                 ask = dict(question=question, reference=reference)
                 first = _ask(judge, cfg, PAIRWISE_PROMPT.format(a=answer, b=theirs["prediction"], **ask))
                 swapped = _ask(judge, cfg, PAIRWISE_PROMPT.format(a=theirs["prediction"], b=answer, **ask))

@@ -96,6 +96,8 @@ METRICS: tuple[Metric, ...] = (
            description="LLM judge, graded 1-10 against the reference, scaled to 0-1"),
 )
 BY_NAME = {m.name: m for m in METRICS}
+# eval.judge.mode -> the metric its verdicts make
+JUDGE_METRICS = {"pairwise": "judge_win_rate", "graded": "judge_score"}
 
 
 @dataclass(frozen=True)

@@ -182,6 +182,11 @@ def log_packaged_model(cfg: PipelineConfig, adapter_dir: str, meta: dict[str, An
     config = _model_config(cfg, adapter_dir, meta)
     run = client.get_run(run_id)
     tag_experiment_kind(client, run.info.experiment_id)
+    # Idempotent like register_candidate: a retried gate task finds the model it already logged.
+    for output in (run.outputs.model_outputs if run.outputs else []):
+        existing = client.get_logged_model(output.model_id)
+        if existing.name == LOGGED_MODEL_NAME and "READY" in str(existing.status):
+            return LoggedModelRef(existing.model_id, f"models:/{existing.model_id}")
     # Created here so it lands in the run's experiment: Model.log would create it in the fluent
     # "active" experiment, which is the Default one in a process that never called set_experiment.
     logged = client.create_logged_model(

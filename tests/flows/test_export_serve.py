@@ -165,6 +165,7 @@ def test_logged_model_the_mlflow3_way(registered):
     client, cfg = registered.client, registered.cfg
     source = resolve_source(client, f"models:/{registered.name}@champion")
     ref = log_packaged_model(cfg, source.adapter_dir, source.meta, registered.run_id, client)
+    assert log_packaged_model(cfg, source.adapter_dir, source.meta, registered.run_id, client) == ref  # a retry
     model = client.get_logged_model(ref.model_id)
     run = client.get_run(registered.run_id)
     assert model.experiment_id == run.info.experiment_id and model.source_run_id == registered.run_id

@@ -40,6 +40,9 @@ def test_sweep_lands_as_parent_with_three_children(prefect_harness, tiny_cfg, ml
     assert sorted(row[table["columns"].index("r")] for row in table["data"]) == [8, 16, 32]
     best = [c for c in children if c.data.tags.get("best_arm") == "true"]
     assert len(best) == 1 and parent.data.params["sweep.best_run_id"] == best[0].info.run_id
+    # The arms were ranked on validation: each child logged its adapters' validation scores.
+    assert all("validation/sft/heldout_exact" in c.data.metrics for c in children)
+    assert "validation_heldout_exact" in table["columns"]
     # One validation for three arms: the arms log no data of their own.
     assert all(not c.inputs.dataset_inputs for c in children) and parent.inputs.dataset_inputs
 
@@ -51,9 +54,13 @@ def test_arms_and_best_arm_rules():
     with pytest.raises(ValueError, match="sweep.alphas"):
         sweeps.arms(SweepConfig(ranks=[4, 8], alphas=[4]))
     outcomes = [
-        {"r": 32, "status": "FINISHED", "metrics": {"heldout_exact": 0.9}},
-        {"r": 8, "status": "FINISHED", "metrics": {"heldout_exact": 0.9}},
-        {"r": 16, "status": "FAILED", "metrics": {}},
+        {"r": 32, "status": "FINISHED", "validation": {"heldout_exact": 0.9}, "metrics": {"heldout_exact": 0.5}},
+        {"r": 8, "status": "FINISHED", "validation": {"heldout_exact": 0.9}, "metrics": {"heldout_exact": 0.4}},
+        {"r": 16, "status": "FAILED", "validation": {}, "metrics": {}},
     ]
     assert sweeps.best_arm(outcomes, "heldout_exact")["r"] == 8  # a tie goes to the smaller rank
     assert sweeps.best_arm([outcomes[2]], "heldout_exact") is None
+    # Ranked on validation in the metric's direction; the held-out scores play no part.
+    by_loss = [{"r": 8, "status": "FINISHED", "validation": {"heldout_loss": 2.0}, "metrics": {"heldout_loss": 1.0}},
+               {"r": 16, "status": "FINISHED", "validation": {"heldout_loss": 1.5}, "metrics": {"heldout_loss": 3.0}}]
+    assert sweeps.best_arm(by_loss, "heldout_loss")["r"] == 16

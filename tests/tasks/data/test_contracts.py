@@ -6,6 +6,7 @@ import typing
 from pathlib import Path
 
 import pytest
+
 from ftflow.configs.schema import QualityConfig
 from ftflow.tasks.data.contracts import (
     DEFAULT_CONTRACTS_DIR,

@@ -13,7 +13,7 @@ from ftflow.configs.schema import DemoDataConfig, DemoTask, QualityConfig
 from ftflow.tasks.data.demo import generate_demo
 from ftflow.tasks.data.demo_free_text import PREFERENCE_DEFECTS, SFT_DEFECTS
 from ftflow.tasks.data.formats import load_rows
-from ftflow.tasks.data.formatting import Window, format_data
+from ftflow.tasks.data.formatting import format_data
 from ftflow.tasks.data.quality import chat_token_lengths, check_leakage, run_quality
 
 CFG = DemoDataConfig(task=DemoTask.free_text, seed=0, n_sft=200, n_preference=100, n_heldout=30, defect_rate=0.06)

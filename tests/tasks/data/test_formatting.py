@@ -7,7 +7,6 @@ import copy
 
 import pytest
 
-from ftflow.tasks.errors import DataError
 from ftflow.tasks.data.formatting import (
     check_ends_with_eos,
     end_of_turn_token,
@@ -21,6 +20,7 @@ from ftflow.tasks.data.formatting import (
     with_system_prompt,
 )
 from ftflow.tasks.data.rows import Record
+from ftflow.tasks.errors import DataError
 
 SYSTEM = "Reply with JSON only."
 

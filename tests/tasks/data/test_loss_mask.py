@@ -136,6 +136,21 @@ def test_a_template_that_renders_earlier_turns_differently_is_refused_with_the_w
         tokenized_example(tok, THREE_TURNS, Window())
 
 
+def test_a_template_that_rewrites_earlier_answers_still_trains_the_last_turn(smollm):
+    from ftflow.tasks.errors import DataError
+
+    tok = copy.deepcopy(smollm)
+    # Like reasoning templates that strip earlier answers: an assistant turn renders differently once others follow.
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n"
+                         "{% if m.role == 'assistant' and not loop.last %}[earlier answer]{% else %}{{ m.content }}"
+                         "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(DataError, match="assistant turn 1 .* use a template with \\{% generation %\\} markers or sft.loss_on=last_turn"):
+        tokenized_example(tok, THREE_TURNS, Window())
+    example, _ = tokenized_example(tok, THREE_TURNS, Window(loss_on=LossOn.last_turn))
+    eot_id = tok.convert_tokens_to_ids("<|im_end|>")
+    assert [t for _, t in runs(example["input_ids"], example["assistant_masks"])] == [encode(tok, ANSWERS[-1]) + [eot_id]]
+
+
 # --- what TRL makes of it ----------------------------------------------------------------------
 
 @pytest.mark.parametrize("completion_only_loss", [True, False])
@@ -248,3 +263,18 @@ def test_agreeing_limits_truncate_left_or_no_dpo_load():
     cfg = load(["quality.max_tokens=384", "sft.truncation=truncate_left", "dpo.truncation=truncate_left"])
     assert cfg.sft.truncation == Truncation.truncate_left
     assert load(["quality.max_tokens=384", "sft.max_length=384", "dpo.enabled=false"]).dpo.max_length == 256
+
+
+def test_a_template_that_leaves_assistant_turns_open_is_refused_not_mis_masked(smollm):
+    from ftflow.tasks.errors import DataError
+
+    tok = copy.deepcopy(smollm)
+    # Closes user turns only: a naive search for <|im_end|> would run the first answer into the next user turn.
+    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+                         "{% if m.role != 'assistant' %}<|im_end|>\n{% endif %}{% endfor %}"
+                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    with pytest.raises(DataError, match="does not render assistant turn 1 as its content closed by the end-of-turn"):
+        tokenized_example(tok, THREE_TURNS, Window())
+    with pytest.raises(DataError) as err:
+        format_data(tok, [Record({"messages": THREE_TURNS}, "t.jsonl", 1)], [], None)
+    assert (err.value.path, err.value.line) == ("sft (formatted)", 1)

@@ -9,7 +9,14 @@ from ftflow.configs.schema import DemoDataConfig, DemoTask, QualityConfig
 from ftflow.tasks.data.demo import generate_demo
 from ftflow.tasks.data.formats import load_rows
 from ftflow.tasks.data.quality import run_quality
-from ftflow.tasks.data.repetition import dup_line_frac, dup_ngram_char_frac, longest_run, measure, repetition_problem, words
+from ftflow.tasks.data.repetition import (
+    dup_line_frac,
+    dup_ngram_char_frac,
+    longest_run,
+    measure,
+    repetition_problem,
+    words,
+)
 from ftflow.tasks.data.rows import Record
 
 DEFAULT = QualityConfig()

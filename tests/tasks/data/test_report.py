@@ -150,12 +150,12 @@ def test_window_drops_join_counts_reasons_metrics_and_markdown(tmp_path: Path):
     metrics = report_metrics(merged)
     assert metrics["data/dropped/truncated_answer"] == 2.0 and metrics["data/window/truncated_left"] == 1.0
     assert "1 with their earliest turns dropped" in report_markdown(merged)
-    lines = [json.loads(l) for l in files["quarantine"].read_text().splitlines()]
+    lines = [json.loads(line) for line in files["quarantine"].read_text().splitlines()]
     assert len(lines) == merged["counts_in"] - merged["counts_out"]
     # Formatting the same split again replaces its drops instead of piling them up.
     add_window_drops(report, WINDOW_TALLY, window_drops(), files["quarantine"])
-    assert [json.loads(l) for l in files["quarantine"].read_text().splitlines()] == lines
-    assert [l["reason"] for l in lines].count("truncated_answer") == 2
+    assert [json.loads(line) for line in files["quarantine"].read_text().splitlines()] == lines
+    assert [row["reason"] for row in lines].count("truncated_answer") == 2
 
 
 def test_heldout_accounting_names_every_exclusion():

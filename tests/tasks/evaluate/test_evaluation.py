@@ -10,15 +10,16 @@ from ftflow.configs.schema import EvalConfig, LoraConfig, ModelConfig, PipelineC
 from ftflow.tasks.errors import DataError
 from ftflow.tasks.evaluate.evaluation import (
     EvalSets,
+    VariantResult,
     active_variant,
     answer_logps,
+    answer_losses,
     check_heldout,
     check_template,
     evaluate_variants,
     few_shot_prompt,
     generate,
-    heldout_loss,
-    preference_scores,
+    reward_margins,
 )
 from ftflow.tasks.data.formatting import template_fingerprint
 
@@ -137,30 +138,32 @@ def test_generate_stops_at_end_token(peft_model, tokenizer):
 
 # --- score math ---------------------------------------------------------------------------------
 
-def test_preference_scores_math():
+def test_reward_margins_math():
     policy = ([-1.0, -2.0], [-3.0, -1.0])     # log p(chosen), log p(rejected)
     reference = ([-2.0, -2.0], [-2.0, -2.0])
-    scores = preference_scores(policy, reference, beta=0.5)
     # margins: 0.5 * ((-1 + 2) - (-3 + 2)) = 1.0 and 0.5 * ((-2 + 2) - (-1 + 2)) = -0.5
-    assert scores == {"preference_accuracy": 0.5, "reward_margin": pytest.approx(0.25)}
-
-
-def test_preference_scores_identical_policy_has_no_margin():
+    assert reward_margins(policy, reference, beta=0.5) == pytest.approx([1.0, -0.5])
+    result = VariantResult.of("dpo", {"preference_accuracy": [1.0, 0.0], "reward_margin": [1.0, -0.5]})
+    assert result.metrics == {"preference_accuracy": 0.5, "reward_margin": pytest.approx(0.25)}
     same = ([-1.0, -2.0], [-3.0, -1.0])
-    assert preference_scores(same, same, beta=0.1) == {"preference_accuracy": 0.0, "reward_margin": 0.0}
-    assert preference_scores(([], []), ([], []), beta=0.1) == {}
+    assert reward_margins(same, same, beta=0.1) == [0.0, 0.0]
 
 
-def test_heldout_loss_math():
-    scores = heldout_loss([-4.0, -2.0], [2, 2])
-    assert scores["heldout_loss"] == pytest.approx(1.5)
-    assert scores["heldout_perplexity"] == pytest.approx(math.exp(1.5))
-    # The same evidence, higher-is-better, for the gate.
-    assert scores["heldout_logprob"] == pytest.approx(-1.5)
+def test_heldout_loss_is_token_weighted_over_per_example_losses():
+    losses = answer_losses([-4.0, -2.0], [2, 2])
+    assert losses == [2.0, 1.0]
+    result = VariantResult.of("sft", {"heldout_loss": losses, "heldout_logprob": [-x for x in losses]},
+                              {"heldout_loss": [2, 2], "heldout_logprob": [2, 2]})
+    assert result.metrics["heldout_loss"] == pytest.approx(1.5)
+    assert result.metrics["heldout_perplexity"] == pytest.approx(math.exp(1.5))
+    # The same evidence, higher-is-better.
+    assert result.metrics["heldout_logprob"] == pytest.approx(-1.5)
+    unequal = VariantResult.of("sft", {"heldout_loss": answer_losses([-4.0, -1.0], [4, 1])}, {"heldout_loss": [4, 1]})
+    assert unequal.metrics["heldout_loss"] == pytest.approx(1.0)  # (4 + 1) / 5 tokens, not the mean of 1 and 1
 
 
 def test_heldout_loss_without_tokens_is_nan():
-    assert math.isnan(heldout_loss([], [])["heldout_loss"])
+    assert math.isnan(answer_losses([0.0], [0])[0])
 
 
 def test_answer_logps_match_a_manual_forward(peft_model, tokenizer):
@@ -227,8 +230,7 @@ def test_evaluate_variants_end_to_end(peft_model, tokenizer, tmp_path):
     assert len(logs) == 3 and logs[0].startswith("evaluated base:")
     generation_keys = {"heldout_exact", "heldout_field_accuracy", "heldout_json_valid", "heldout_rougeL",
                        "heldout_bleu", "heldout_chrf", "eos_stop_rate", "mean_new_tokens"}
-    loss_keys = set(heldout_loss([-1.0], [1]))
-    assert loss_keys >= {"heldout_loss", "heldout_perplexity"}
+    loss_keys = {"heldout_loss", "heldout_perplexity", "heldout_logprob"}
     preference_keys = {"preference_accuracy", "reward_margin"}
     assert set(results["base_fewshot"].metrics) == generation_keys
     assert set(results["base"].metrics) == generation_keys | loss_keys
@@ -251,3 +253,60 @@ def test_evaluate_variants_without_pairs_has_no_preference_scores(peft_model, to
                                 tokenizer, ["base", "sft"], EvalSets([], HELDOUT[:1], []))
     assert set(results["sft"].metrics) == set(results["base"].metrics)
     assert "preference_accuracy" not in results["sft"].metrics
+
+
+def test_per_example_scores_average_to_the_logged_metrics(peft_model, tokenizer, tmp_path):
+    from ftflow.tasks.evaluate import registry
+
+    results = evaluate_variants(eval_ctx(tmp_path, lambda line: None), peft_model, tokenizer, ["base", "sft"],
+                                EvalSets(TRAIN, HELDOUT, PAIRS))
+    for res in results.values():
+        for name, values in res.per_example.items():
+            metric = registry.get(name)
+            assert res.metrics[name] == pytest.approx(registry.aggregate(metric, values, res.weights.get(name)))
+            assert len(values) == (len(PAIRS) if metric.source == "preference" else len(HELDOUT))
+        # The predictions table carries the same per-example scores the gate reads.
+        assert [row["exact_match"] for row in res.predictions] == res.per_example["heldout_exact"]
+        assert [row["answer_loss"] for row in res.predictions] == res.per_example["heldout_loss"]
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_model_dir):
+    """The tiny base with a candidate (`sft`) and a `champion` adapter, both randomised differently."""
+    from peft import get_peft_model
+
+    from ftflow.tasks.train.model import build_lora_config, load_base_model
+
+    base = load_base_model(tiny_model_dir, ModelConfig(name_or_path=tiny_model_dir),
+                           QuantizationConfig(mode=Quantization.none))
+    model = get_peft_model(base, build_lora_config(LoraConfig(r=4)), adapter_name="sft")
+    model.add_adapter("champion", build_lora_config(LoraConfig(r=4)))
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for name, param in model.named_parameters():
+            if "lora_B" in name:
+                param.normal_(0, 0.5)
+    model.eval()
+    return model
+
+
+def test_decide_reads_real_evaluation_output_and_the_preference_guard_runs(two_adapters, tokenizer, tmp_path):
+    """evaluate_variants' own output, champion included, goes straight into the gate: the champion gets pair
+    log-probs like the trained adapters, so the preference-accuracy guard compares candidate and champion."""
+    from ftflow.tasks.registry.gate import decide
+
+    pairs = PAIRS + [{"prompt": [msg("user", "Extract the city: Kyiv, Ukraine.")],
+                      "chosen": [msg("assistant", '{"city": "Kyiv"}')], "rejected": [msg("assistant", "kyiv?")]}]
+    ctx = eval_ctx(tmp_path, lambda line: None, few_shot_k=1)
+    results = evaluate_variants(ctx, two_adapters, tokenizer, ["base", "base_fewshot", "sft", "champion"],
+                                EvalSets(TRAIN, HELDOUT, pairs))
+    assert results["champion"].pair_logps is not None and results["base_fewshot"].pair_logps is None
+    assert len(results["champion"].per_example["preference_accuracy"]) == len(pairs)
+    assert "preference_accuracy" not in results["base"].metrics  # the base is the common reference
+    decision = decide("sft", results, ctx.cfg)
+    guards = {g.metric: g for g in decision.guards}
+    assert set(guards) == {"eos_stop_rate", "preference_accuracy"}
+    assert guards["preference_accuracy"].against == "champion" and guards["preference_accuracy"].n == len(pairs)
+    assert {c.against for c in decision.comparisons} == {"base", "base_fewshot", "champion"}
+    assert not decision.promote  # a random adapter has no exact answers: nothing clears the baselines
+    assert decision.summary().startswith("REFUSE sft: heldout_exact +0.000 [0.000, 0.000] vs base")

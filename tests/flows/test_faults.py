@@ -1,0 +1,92 @@
+"""What goes wrong around a run rather than in its data: folders it cannot write, processes killed under it,
+runs started together, two gates racing for one registered model, credentials on their way to Prefect."""
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import threading
+import time
+from pathlib import Path
+
+import pytest
+import yaml
+from mlflow import MlflowClient
+
+from ftflow.configs.loader import apply_overrides, config_from_dict
+
+REPO = Path(__file__).resolve().parents[2]
+
+
+def _with(cfg, *overrides):
+    return config_from_dict(apply_overrides(cfg.model_dump(mode="json"), list(overrides)))
+
+
+def _runs(cfg):
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    exp = client.get_experiment_by_name(cfg.tracking.experiment)
+    return client.search_runs([exp.experiment_id]) if exp else []
+
+
+def _recipe(cfg, tmp_path: Path, name: str = "recipe.yaml") -> Path:
+    recipe = tmp_path / name
+    recipe.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
+    return recipe
+
+
+# --- an output folder that cannot be written ---------------------------------------------------------
+
+def _unwritable(tmp_path: Path) -> Path:
+    # chmod does not stop root; a folder "inside" a regular file cannot be made by anyone.
+    (tmp_path / "a-file").write_text("")
+    return tmp_path / "a-file" / "runs"
+
+
+@pytest.mark.bad_input("runtime", "output_dir that cannot be written (read-only, or under a file)",
+                       "ftflow: error: output_dir <path> is not writable (Not a directory)")
+def test_unwritable_output_dir_is_one_line_before_any_run(prefect_harness, tiny_cfg, tmp_path, capsys):
+    from ftflow.cli import main
+
+    capsys.readouterr()
+    rc = main(["run", str(_recipe(tiny_cfg, tmp_path)), f"output_dir={_unwritable(tmp_path)}"])
+    err = capsys.readouterr().err
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith(f"ftflow: error: output_dir {_unwritable(tmp_path)} is not writable"), err
+    assert [r.info.status for r in _runs(tiny_cfg)] in ([], ["FAILED"])
+
+
+def test_unwritable_output_dir_inside_a_flow_marks_the_run_failed(prefect_harness, tiny_cfg, tmp_path):
+    # A deployment run has no CLI check in front of it: the flow itself must end its MLflow run.
+    from ftflow.pipeline import pipeline_flow
+    from ftflow.tasks.errors import PipelineError
+
+    with pytest.raises(PipelineError, match="output_dir .* is not writable"):
+        pipeline_flow(config=_with(tiny_cfg, f"output_dir={_unwritable(tmp_path)}"))
+    runs = _runs(tiny_cfg)
+    assert [r.info.status for r in runs] == ["FAILED"]
+    assert "is not writable" in runs[0].data.tags["failure_reason"]
+
+
+# --- every row longer than the training window ------------------------------------------------------------
+
+@pytest.mark.bad_input("data", "every row longer than sft.max_length",
+                       "ftflow: error: sft: all <n> rows are longer than sft.max_length (<m> tokens; the shortest has <k>): ...")
+def test_every_row_too_long_is_one_data_error_before_training(prefect_harness, tiny_cfg, tmp_path, capsys):
+    from ftflow.cli import main
+
+    rows = [{"messages": [{"role": "user", "content": f"Tell me about item {i}: " + "word " * 60},
+                          {"role": "assistant", "content": f"Item {i} is a fine thing to have in the house."}]}
+            for i in range(40)]
+    data = tmp_path / "long.jsonl"
+    data.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    capsys.readouterr()
+    rc = main(["run", str(_recipe(tiny_cfg, tmp_path)), "data.demo.enabled=false", f"data.sft_path={data}",
+               "sft.max_length=32", "sft.truncation=truncate_left", "quality.max_tokens=512", "quality.min_kept_rows=1",
+               "dpo.enabled=false", "registry.enabled=false"])
+    out, err = capsys.readouterr()
+    assert rc == 2 and err.count("\n") == 1, err
+    assert "are longer than sft.max_length (32 tokens" in err and "num_samples" not in err, err
+    assert "Retries" not in out and "Retrying" not in out  # bad input is not retried as if it were transient
+    assert [r.info.status for r in _runs(tiny_cfg)] == ["FAILED"]

@@ -7,13 +7,22 @@
 # in .whl/ (bench/fetch_gpu_wheels.sh puts them there on a machine with PyPI), installed without deps or index.
 set -uo pipefail
 cd "$(dirname "$0")/.."
-PY=${PYTHON:-python3}
+dry=0
+[[ " $* " == *" --dry-run "* ]] && dry=1
+if [[ $dry == 1 && -x .venv/bin/python ]]; then PY=${PYTHON:-.venv/bin/python}; else PY=${PYTHON:-python3}; fi
 WHEELS=${WHEELS:-.whl}
 status=0
 
-if compgen -G "$WHEELS/*.whl" >/dev/null; then
-  # --no-deps: their dependencies (torch, transformers, accelerate, datasets) must already be there or be absent.
-  "$PY" -m pip install --quiet --no-deps --no-index "$WHEELS"/*.whl || echo "gpu_check: wheel install failed; continuing"
+# A dry run here uses the project's venv, which has them already; the wheels are built for the GPU image's Python.
+if [[ $dry == 0 ]] && compgen -G "$WHEELS/*.whl" >/dev/null; then
+  # Into a folder of their own, first on PYTHONPATH: the image's packages stay as they are. --no-deps: what they
+  # need (torch, transformers, accelerate, ...) must already be there.
+  site=${SITE:-/tmp/ftflow-site}
+  if "$PY" -m pip install --quiet --no-deps --no-index --no-compile --no-cache-dir --upgrade --target "$site" "$WHEELS"/*.whl; then
+    export PYTHONPATH="$site${PYTHONPATH:+:$PYTHONPATH}"
+  else
+    echo "gpu_check: wheel install failed; continuing with what is importable"
+  fi
 fi
 "$PY" - <<'PY'
 import importlib
@@ -36,7 +45,7 @@ if ! "$PY" -c "import ftflow.tasks.train.model" 2>/dev/null; then
   ln -s "$PWD/tasks" "$shim/ftflow/tasks"
   export PYTHONPATH="$shim${PYTHONPATH:+:$PYTHONPATH}"
 fi
-if [[ " $* " == *" --dry-run "* ]]; then
+if [[ $dry == 1 ]]; then
   echo "gpu_check: dry run, tests/bench/test_gpu_path.py needs CUDA: not run"
 elif "$PY" -c "import trl" 2>/dev/null; then
   if "$PY" -c "import pytest" 2>/dev/null; then

@@ -187,6 +187,10 @@ class QualityConfig(Strict):
     min_kept_rows: int = Field(50, ge=1, description="Contract: fewer kept rows than this fails the run.")
     max_dropped_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Contract: a larger dropped share fails the run.")
     size_policy: Literal["warn", "fail"] = Field("warn", description="Below the FAQ's minimum size for the task type: warn or fail.")
+    contract_mostly: float = Field(
+        0.9, gt=0.0, le=1.0,
+        description=("Contract: share of input rows (before filtering) each row check must hold for; a file with more "
+                     "broken rows fails even though filtering would drop them."))
     max_dup_line_frac: float = Field(
         0.3, ge=0.0, le=1.0,
         description="Repetition: answers whose share of lines repeating an earlier line exceeds this are dropped (1 = off).")

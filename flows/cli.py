@@ -41,6 +41,9 @@ def _output_env(verbosity: str) -> None:
         os.environ["MLFLOW_LOGGING_LEVEL"] = "WARNING"
     elif verbosity == "verbose":
         os.environ["PREFECT_LOGGING_LEVEL"] = "DEBUG"
+    from ftflow import console
+
+    console.configure(verbosity, late=False)
 
 
 class _BriefFormatter(logging.Formatter):
@@ -99,6 +102,10 @@ def _route_logs(verbosity: str) -> None:
     from ftflow.tasks.secrets import install_log_redaction
 
     install_log_redaction()
+    from ftflow import console
+
+    # Again now the libraries are imported: some set their loggers' levels at import.
+    console.configure(verbosity)
     if verbosity == "verbose":
         for name in ("prefect", "ftflow"):
             logging.getLogger(name).setLevel(logging.DEBUG)
@@ -110,6 +117,8 @@ def _route_logs(verbosity: str) -> None:
             h.console.file = stdout
         if not isinstance(h.formatter, _BriefFormatter):
             h.setFormatter(_BriefFormatter(h.formatter))
+        if not any(isinstance(f, console.DropCompleted) for f in h.filters):
+            h.addFilter(console.DropCompleted())
         if verbosity == "quiet":
             h.setLevel(max(h.level, logging.WARNING))
 

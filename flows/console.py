@@ -37,7 +37,7 @@ QUIET_LOGGERS = {
 }
 
 
-def configure(verbosity: str) -> None:
+def configure(verbosity: str, late: bool = True) -> None:
     """Before the libraries are imported (env) and again after (loggers): in --verbose everything shows."""
     global _verbosity
     _verbosity = verbosity
@@ -51,6 +51,8 @@ def configure(verbosity: str) -> None:
         warnings.filterwarnings("ignore", message=message, module=module)
     for name, level in QUIET_LOGGERS.items():
         logging.getLogger(name).setLevel(level)
+    if not late:
+        return  # importing transformers costs seconds; `ftflow recipes` should not pay them
     try:
         from transformers.utils import logging as hf_logging
 
@@ -144,12 +146,17 @@ def _terminal_bar(label: str, total: int) -> Update:
     task = _live.add_task(label, total=total or None, info="")
     rate = Rate(total)
 
+    done = [False]
+
     def update(step: int, metrics: dict[str, float]) -> None:
         global _live
+        if done[0] or _live is None:
+            return  # the trainer's closing log (runtime, mean loss) comes after the last step
         rate.update(step, metrics)
         loss = f"loss {metrics['loss']:.4f} " if "loss" in metrics else ""
         _live.update(task, completed=step, info=loss + rate.describe())
         if total and step >= total:
+            done[0] = True
             _live.remove_task(task)
             if not _live.tasks:
                 _live.stop()
@@ -164,3 +171,14 @@ def progress(label: str, total: int, log: Callable[[str], None]) -> Update:
     if _verbosity == "normal" and sys.stdout.isatty():
         return _terminal_bar(label, total)
     return periodic(label, total, log)
+
+
+class DropCompleted(logging.Filter):
+    """Prefect's "Finished in state Completed()" per task and flow: the bars and the final table already say so,
+    and the flow's own line would otherwise come after the table, which must end the output."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        # QUIET_LOGGERS again at the handler: Prefect's logging setup resets some of those loggers' levels.
+        if record.levelno < QUIET_LOGGERS.get(record.name, 0):
+            return False
+        return not (record.name.startswith("prefect.") and record.getMessage().endswith("Finished in state Completed()"))

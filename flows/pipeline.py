@@ -50,7 +50,7 @@ def pipeline_flow(
         results = steps.evaluate(ctx, sets, trained.scored(champion), trained.candidate)
         stages.log_losses(ctx, trained)
 
-        gate = (steps.promotion_gate(ctx, results, trained, champion, sets.heldout_accounting)
+        gate = (steps.promotion_gate(ctx, results, trained, champion, sets.heldout_accounting, sets)
                 if cfg.registry.enabled else None)
 
         summary = stages.summarize(ctx, results, gate)

@@ -7,14 +7,16 @@ the StageContext built here (the run logger as `log`, progress artifacts as `pro
 from __future__ import annotations
 
 import hashlib
+import re
 from datetime import timedelta
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, ContextManager
 
 from prefect import get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_progress_artifact, update_progress_artifact
 from prefect.cache_policies import NO_CACHE
 
+from ftflow import console
 from ftflow.configs.schema import PipelineConfig
 from ftflow.tasks import stages
 from ftflow.tasks.errors import PipelineError
@@ -50,7 +52,12 @@ def _validated_key(context, parameters: dict[str, Any]) -> str:
 
 
 def _formatted_key(context, parameters: dict[str, Any]) -> str:
-    return _folder_key(context.task.name, parameters["data"].out_dir)
+    # The training window decides which rows survive formatting and where the loss falls.
+    cfg = parameters["ctx"].cfg
+    window = "|".join(str(v) for v in (cfg.sft.max_length, cfg.sft.truncation, cfg.sft.loss_on, cfg.sft.assistant_only_loss,
+                                        cfg.dpo.max_length, cfg.dpo.truncation, cfg.data.system_prompt))
+    digest = hashlib.sha256(window.encode()).hexdigest()[:8]
+    return f"{_folder_key(context.task.name, parameters['data'].out_dir)}-{digest}"
 
 
 def log(message: str) -> None:
@@ -58,12 +65,12 @@ def log(message: str) -> None:
 
 
 def progress(label: str, total: int) -> stages.Update:
-    """A `<label>-progress` artifact on the dashboard, moved on every trainer log, and a log line."""
+    """A `<label>-progress` artifact on the dashboard, moved on every update, and a live bar or periodic log lines."""
     artifact = create_progress_artifact(progress=0.0, key=f"{label}-progress", description=f"{label} training")
-    logger = get_run_logger()
+    shown = console.progress(label, total, get_run_logger().info)
 
     def update(step: int, metrics: dict[str, float]) -> None:
-        logger.info(stages.progress_line(label, step, total, metrics))
+        shown(step, metrics)
         if not total:
             return
         description = (f"{label} done: {step} steps" if step >= total else
@@ -72,8 +79,36 @@ def progress(label: str, total: int) -> stages.Update:
     return update
 
 
+def registry_limit_name(model_name: str) -> str:
+    return "ftflow-registry-" + re.sub(r"[^A-Za-z0-9_.-]", "-", model_name)
+
+
+REGISTRY_LOCK_TIMEOUT_S = 3600
+
+
+def registry_lock(name: str) -> ContextManager:
+    """`name` ("registry:<model>") held by one gate at a time, across flows, deployments and processes that
+    share this Prefect API: a global concurrency limit of 1 (a deployment's own limit covers only its runs).
+
+    Prefect 3 no longer creates a missing limit on acquisition (it would skip the lock with a warning), so it
+    is created here first; `strict=True` refuses to run unlocked. A holder that dies frees it when its
+    lease (300 s, renewed while alive) runs out."""
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.actions import GlobalConcurrencyLimitCreate
+    from prefect.concurrency.sync import concurrency
+    from prefect.exceptions import ObjectAlreadyExists
+
+    limit = registry_limit_name(name.split(":", 1)[-1])
+    with get_client(sync_client=True) as client:
+        try:
+            client.create_global_concurrency_limit(GlobalConcurrencyLimitCreate(name=limit, limit=1))
+        except ObjectAlreadyExists:
+            pass  # made by an earlier gate, or by a concurrent one just now
+    return concurrency(limit, occupy=1, strict=True, timeout_seconds=REGISTRY_LOCK_TIMEOUT_S)
+
+
 def context(cfg: PipelineConfig, model: stages.ModelInfo, run: RunLogger) -> stages.StageContext:
-    return stages.StageContext(cfg, model, run, stages.run_dir(cfg, run), log, progress)
+    return stages.StageContext(cfg, model, run, stages.run_dir(cfg, run), log, progress, registry_lock)
 
 
 def prepare(ctx: stages.StageContext, explains_failure: list[Path]) -> tuple[FormattedData, EvalSets]:
@@ -86,6 +121,8 @@ def prepare(ctx: stages.StageContext, explains_failure: list[Path]) -> tuple[For
     explains_failure.append(data_dir)
     data = validate(ctx, paths, data_dir)
     train_set, heldout_set, validation_set = format_chat(ctx, data)
+    stages.add_window_drops(data, {"train": train_set, "heldout": heldout_set, "validation": validation_set})
+    stages.check_trainable(ctx, train_set, data)
     create_markdown_artifact(log_data(ctx, data, train_set), key="data-validation",
                              description="Rows in and out per reason, contracts, quarantine counts")
     return train_set, stages.eval_sets(data, train_set, heldout_set, validation_set)

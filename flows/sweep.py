@@ -106,7 +106,7 @@ def sweep_flow(
         if cfg.registry.enabled:
             best_cfg = sweeps.arm_config(cfg, best["r"], best["alpha"]).model_copy(update={"registry": cfg.registry})
             best_ctx = replace(ctx, cfg=best_cfg, run=RunLogger(best_cfg, best["run_id"]))
-            gate = steps.promotion_gate(best_ctx, best["results"], best["trained"], champion, sets.heldout_accounting)
+            gate = steps.promotion_gate(best_ctx, best["results"], best["trained"], champion, sets.heldout_accounting, sets)
 
         table = sweeps.markdown(rows)
         summary = (f"# Rank sweep `{parent.run_id}`\n\nMLflow parent run: [{parent.run_id}]({parent.url()})\n\n{table}\n\n"

@@ -7,9 +7,10 @@ from __future__ import annotations
 
 import json
 import traceback
+from contextlib import nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Callable, Optional
+from typing import TYPE_CHECKING, Any, Callable, ContextManager, Optional
 
 from ftflow.configs.loader import apply_overrides, config_from_dict, load_config
 from ftflow.configs.schema import PipelineConfig
@@ -25,6 +26,7 @@ if TYPE_CHECKING:
 Log = Callable[[str], None]
 Update = Callable[[int, dict[str, float]], None]
 Progress = Callable[[str, int], Update]
+Lock = Callable[[str], ContextManager]
 Results = dict[str, "VariantResult"]
 
 SHOWN_METRICS = ("loss", "rewards/accuracies", "rewards/margins", "learning_rate")
@@ -49,9 +51,15 @@ class StageContext:
     log: Log = print
     # progress(label, total) -> update(step, metrics); None writes one log line per update.
     progress: Optional[Progress] = None
+    # lock(name) -> a context manager held by one holder at a time across processes (in a flow: a Prefect
+    # global concurrency limit); None locks nothing, for a single caller.
+    lock: Optional[Lock] = None
 
     def start_progress(self, label: str, total: int) -> Update:
         return (self.progress or logged_progress(self.log))(label, total)
+
+    def exclusive(self, name: str) -> ContextManager:
+        return self.lock(name) if self.lock is not None else nullcontext()
 
 
 def progress_line(label: str, step: int, total: int, metrics: dict[str, float]) -> str:
@@ -166,7 +174,7 @@ def validate_split(path: str, kind: Kind, cfg: PipelineConfig, token_length, out
     from ftflow.tasks.data.quality import run_quality
     from ftflow.tasks.data.report import build_report, write_report_files
 
-    records, schema_dropped = load_rows(path, kind, cfg.data.format)
+    records, schema_dropped = load_rows(path, kind, cfg.data.format, mapping=cfg.data.mapping)
     result = run_quality(records, kind, cfg.quality, token_length)
     result.dropped = schema_dropped + result.dropped
     result.counts_in += len(schema_dropped)
@@ -176,7 +184,7 @@ def validate_split(path: str, kind: Kind, cfg: PipelineConfig, token_length, out
         files = write_report_files(build_report(result, None), result, out_dir)
         raise DataError(f"no {kind} rows left after validation ({result.counts_in} in; reasons: {result.reasons}); "
                         f"see {files['quarantine']}", path)
-    contract = run_contracts(result, cfg.quality)
+    contract = run_contracts(result, cfg.quality, token_length=token_length)
     report = build_report(result, contract)
     files = write_report_files(report, result, out_dir)
     if enforce_contract:
@@ -270,10 +278,44 @@ def format_chat(ctx: StageContext, data: CleanData) -> tuple[FormattedData, Form
     from ftflow.tasks.train.model import load_tokenizer
 
     tokenizer = load_tokenizer(ctx.model.path, ctx.cfg.model)
-    system = ctx.cfg.data.system_prompt
-    return (format_data(tokenizer, data.sft, data.preference, system),
-            format_data(tokenizer, data.heldout, data.heldout_preference, system),
-            format_data(tokenizer, data.validation, [], system))
+    system, sft, dpo = ctx.cfg.data.system_prompt, ctx.cfg.sft, ctx.cfg.dpo
+    # Every split sees the training window, so held-out and validation rows are scored as training saw them.
+    return (format_data(tokenizer, data.sft, data.preference, system, sft, dpo),
+            format_data(tokenizer, data.heldout, data.heldout_preference, system, sft, dpo),
+            format_data(tokenizer, data.validation, [], system, sft, dpo))
+
+
+def add_window_drops(data: CleanData, formatted: dict[str, FormattedData]) -> None:
+    """Rows the training window could not hold join each split's report and quarantine file (reason
+    truncated_answer), so nothing is dropped without a word. Runs on every run, cached formatting or not."""
+    from ftflow.tasks.data.report import add_window_drops as merge
+
+    for split, (fmt, kind) in {"sft": (formatted["train"], "sft"), "preference": (formatted["train"], "preference"),
+                               "heldout": (formatted["heldout"], "sft"),
+                               "heldout_preference": (formatted["heldout"], "preference"),
+                               "validation": (formatted["validation"], "sft")}.items():
+        if split not in data.reports or kind not in fmt.window:
+            continue
+        quarantine = data.files.get(split, {}).get("quarantine")
+        data.reports[split] = merge(data.reports[split], fmt.window[kind], fmt.dropped.get(kind, []), quarantine)
+
+
+def check_trainable(ctx: StageContext, train_set: FormattedData, data: CleanData) -> None:
+    """A training split the window emptied is one DataError line before any model loads (not TRL's
+    `num_samples=0`, retried as if transient, nor a DPO stage skipped without a word)."""
+    import re
+
+    for kind, section in (("sft", "sft"), ("preference", "dpo")):
+        tally = train_set.window.get(kind) or {}
+        if (section == "dpo" and not ctx.cfg.dpo.enabled) or not tally.get("in") or tally.get("kept"):
+            continue
+        counts = [int(m.group(1)) for d in train_set.dropped.get(kind, [])
+                  if (m := re.search(r"(\d+) tokens", d.detail))]
+        shortest = f"; the shortest has {min(counts)}" if counts else ""
+        quarantine = data.files.get(kind, {}).get("quarantine")
+        raise DataError(f"{section}: all {tally['in']} rows are longer than {section}.max_length ({tally.get('max_length')} "
+                        f"tokens{shortest}): raise {section}.max_length, or shorten the rows"
+                        + (f"; see {quarantine} (reason truncated_answer)" if quarantine else ""))
 
 
 def eval_sets(data: CleanData, train_set: FormattedData, heldout_set: FormattedData,
@@ -516,35 +558,69 @@ def find_champion(ctx: StageContext) -> Optional[Champion]:
 
 
 def gate(ctx: StageContext, results: Results, trained: Trained, champion: Optional[Champion],
-         heldout_accounting: Optional[dict[str, Any]] = None) -> dict[str, Any]:
+         heldout_accounting: Optional[dict[str, Any]] = None, sets: Optional[EvalSets] = None) -> dict[str, Any]:
     """Register the candidate (idempotently) and move `champion` only through the gate; else `challenger`.
 
-    `heldout_accounting` (EvalSets.heldout_accounting): the held-out rows dropped before scoring, named in the decision."""
+    Reading the champion, deciding and moving the alias happen under `ctx.exclusive("registry:<model>")`,
+    and the champion is read again there: another run (a retrain, a sweep, a CLI run) may have moved the
+    alias since this one found its champion. A new champion is re-scored on `sets` (else its recorded
+    metrics stand in). `heldout_accounting` (EvalSets.heldout_accounting): the held-out rows dropped
+    before scoring, named in the decision."""
     from ftflow.tasks.registry import gate as registry
-    from ftflow.tasks.registry.packaging import package_model
+    from ftflow.tasks.registry.packaging import document_version, log_packaged_model, package_model
 
     cfg, run, candidate = ctx.cfg, _require_run(ctx), trained.candidate
-    recorded = None
-    if champion is not None and "champion" not in results:
-        recorded = registry.recorded("champion", champion.recorded_metrics)  # not re-scorable: its logged numbers
-    decision = registry.decide(candidate, results, cfg, recorded, heldout_accounting, trained.selection)
-    ctx.log(f"gate: {decision.summary()}")
     client = registry.registry_client(cfg)
     registry.check_reachable(client, cfg)
     meta = {"template_fingerprint": ctx.model.template_fingerprint, "eos_token": ctx.model.eos_token}
     adapter_dir = trained.adapters[candidate]
     packaged = package_model(cfg, adapter_dir, meta, Path(adapter_dir).parent.parent / "registry")
     run.log_artifact(packaged, "registry_model")
-    version = registry.register_candidate(client, cfg.registry.model_name, run.run_id)
-    alias = registry.apply_decision(client, cfg.registry.model_name, version, decision, run.run_id)
+    trained_meta = json.loads(Path(adapter_dir, "ftflow_meta.json").read_text())
+    logged = log_packaged_model(cfg, adapter_dir, {**trained_meta, **meta}, run.run_id, run.client)
+    with ctx.exclusive(f"registry:{cfg.registry.model_name}"):
+        results, recorded = _champion_now(ctx, client, results, champion, sets)
+        decision = registry.decide(candidate, results, cfg, recorded, heldout_accounting, trained.selection)
+        ctx.log(f"gate: {decision.summary()}")
+        version = registry.register_candidate(client, cfg.registry.model_name, run.run_id, logged.model_uri,
+                                              logged.model_id)
+        alias = registry.apply_decision(client, cfg.registry.model_name, version, decision, run.run_id)
     run.log_metrics({"gate/promoted": float(decision.promote), "gate/n": float(decision.n),
                      **{f"gate/{c.against}/{k}": getattr(c, k) for c in decision.comparisons
                         for k in ("improvement", "low", "high")}})
     run.set_tags({"gate.decision": decision.summary()[:5000], "gate.alias": alias, "gate.version": version,
                   "gate.candidate": decision.candidate})
     run.log_dict({**decision.as_dict(), "version": version, "alias": alias}, "gate/decision.json")
+    # After the decision is on the run: the description and the card quote it.
+    document_version(client, cfg.registry.model_name, version, run.run_id, run.url(), stage=candidate)
     return {"promoted": decision.promote, "alias": alias, "version": version, "candidate": decision.candidate,
             "summary": decision.summary(), "reasons": decision.reasons}
+
+
+def _champion_now(ctx: StageContext, client, results: Results, champion: Optional[Champion],
+                  sets: Optional[EvalSets]) -> tuple[Results, Optional[VariantResult]]:
+    """(results, recorded champion) against the champion of this moment (called under the registry lock)."""
+    from dataclasses import replace
+
+    from ftflow.tasks.registry import gate as registry
+
+    now = registry.champion_version(client, ctx.cfg.registry.model_name)
+    seen, current = (champion.version if champion else None), (str(now.version) if now else None)
+    if current == (str(seen) if seen is not None else None):
+        if champion is not None and "champion" not in results:  # not re-scorable: its logged numbers
+            return results, registry.recorded("champion", champion.recorded_metrics)
+        return results, None
+    ctx.log(f"gate: the champion moved while this run trained (v{seen or '-'} -> v{current or '-'}); "
+            f"comparing with v{current or '-'}")
+    results = {k: v for k, v in results.items() if k != "champion"}
+    fresh = find_champion(ctx)
+    if fresh is None:
+        return results, None
+    if fresh.adapter_dir and sets is not None:
+        baselines = {k: v for k, v in results.items() if k in ("base", "base_fewshot")}
+        rescored = evaluate(replace(ctx, run=None), sets, {"champion": fresh.adapter_dir}, baselines=baselines)
+        return {**results, "champion": rescored["champion"]}, None
+    return results, registry.recorded("champion", fresh.recorded_metrics)
 
 
 @dataclass

@@ -443,7 +443,7 @@ class RunLogger:
         from mlflow.entities import DatasetInput, InputTag
 
         frame = pd.DataFrame([{k: json.dumps(v, ensure_ascii=False) for k, v in r.items()} for r in rows])
-        dataset = mlflow.data.from_pandas(frame, source=redact_text(source), name=name)
+        dataset = mlflow.data.from_pandas(frame, source=dataset_source(redact_text(source)), name=name)
         self.client.log_inputs(
             self.run_id,
             datasets=[DatasetInput(dataset._to_mlflow_entity(), tags=[InputTag("mlflow.data.context", context)])],
@@ -474,3 +474,18 @@ def ui_command(cfg: PipelineConfig) -> str:
     if uri.startswith("http"):
         return f"open {uri}"
     return f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000   # then open http://127.0.0.1:5000"
+
+
+def dataset_source(raw: str):
+    """`raw` as the DatasetSource MLflow would pick (the last registered that reads it), chosen here: MLflow
+    registers its local-file source under two schemes and, given the string, warns that a plain path "can be
+    interpreted in multiple ways" for every dataset logged."""
+    from mlflow.data.dataset_source_registry import get_registered_sources
+
+    for source in reversed(get_registered_sources()):
+        try:
+            if source._can_resolve(raw):
+                return source._resolve(raw)
+        except Exception:  # a resolver that cannot read it; MLflow itself skips it too
+            continue
+    return raw

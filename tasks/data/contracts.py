@@ -1,9 +1,15 @@
-"""Data contracts: Great Expectations 1.x suites run on the cleaned rows before any training.
+"""Data contracts: Great Expectations 1.x suites run on the data before any training.
 
 The suites live as GX JSON in `data_contracts/` so a team can read and edit them without Python:
-- `sft_rows.json` / `preference_pairs.json`: row-level checks on `contract_frame(result)` (one row per
-  kept record) plus the dataset size checks (`quality.min_kept_rows`, the seed FAQ's minimum for
-  `quality.task_type` from `thresholds.json`).
+- `sft_rows.json` / `preference_pairs.json`: row-level checks plus the dataset size checks
+  (`quality.min_kept_rows`, the seed FAQ's minimum for `quality.task_type` from `thresholds.json`).
+  The row checks (`expect_column_values_*`) run twice:
+  - on the input before filtering (`input_frame(result)`: every row read, kept or dropped; a row that
+    could not be read at all has null columns), with GX's `mostly` = `quality.contract_mostly`. Filtering
+    drops broken rows, so checks on the kept rows alone could never fail on a mostly broken file;
+    here "40 % of the rows end with a user turn" fails the contract although those rows would be dropped.
+  - on the kept rows (`contract_frame(result)`), strictly: a kept row that fails is one the filters missed.
+  The size checks and column checks run on the kept rows.
 - `dataset_summary.json`: the dropped share, on a one-row summary frame (it is a property of the
   input, which the kept-rows frame no longer holds).
 Thresholds enter through GX suite parameters (`{"$PARAMETER": "max_tokens"}` in the JSON), filled
@@ -43,6 +49,7 @@ class ContractReport:
     details: list[dict[str, Any]] = field(default_factory=list)  # every expectation, JSON-safe
     kind: str = "sft"
     parameters: dict[str, Any] = field(default_factory=dict)  # the suite parameter values used
+    # Each detail has "scope": "input" (every row read, before filtering, with `mostly`) or "kept".
 
     def as_dict(self) -> dict[str, Any]:
         return {"passed": self.passed, "kind": self.kind, "failures": list(self.failures),
@@ -114,6 +121,58 @@ def contract_frame(result: QualityResult) -> "pd.DataFrame":
     if not rows:  # keep numeric dtypes so range checks on an empty frame stay well-typed
         frame = frame.astype({"line": "int64", "token_length": "int64"})
     return frame
+
+
+def _well_formed(row: Any, kind: str) -> bool:
+    """A canonical row the frame's columns can be derived from (the quality checks' own `malformed` test)."""
+    if not isinstance(row, dict):
+        return False
+    msgs = row.get("messages" if kind == "sft" else "prompt")
+    if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
+                                             and isinstance(m.get("content"), str) for m in msgs):
+        return False
+    return kind == "sft" or all(isinstance(row.get(k), str) for k in ("chosen", "rejected"))
+
+
+def _lengths(rows: list[dict], token_length: Any) -> list[Any]:
+    """Token lengths of rows the filters dropped; None where the chat template refuses a row (it is broken)."""
+    from ftflow.tasks.data.lengths import estimate_token_lengths
+
+    measure = token_length or estimate_token_lengths
+    try:
+        return list(measure(rows))
+    except Exception:
+        out: list[Any] = []
+        for row in rows:
+            try:
+                out.append(measure([row])[0])
+            except Exception:
+                out.append(None)
+        return out
+
+
+def input_frame(result: QualityResult, token_length: Any = None) -> "pd.DataFrame":
+    """One row per input row before filtering (kept and dropped, in file order), with contract_frame's columns.
+
+    Kept rows reuse their measured token lengths; dropped rows are measured with `token_length` (a batched
+    `chat_token_lengths`), else estimated. A row that could not be read (schema) has null columns."""
+    import pandas as pd
+
+    kept = contract_frame(result)
+    derive = _sft_columns if result.kind == "sft" else _preference_columns
+    readable = [d for d in result.dropped if _well_formed(d.row, result.kind)]
+    lengths = dict(zip(map(id, readable), _lengths([d.row for d in readable], token_length))) if readable else {}
+    rows = []
+    for d in result.dropped:
+        if id(d) in lengths:
+            n = lengths[id(d)]
+            rows.append({"source": d.source, "line": d.line, **derive(d.row), "token_length": None if n is None else int(n)})
+        else:
+            rows.append({"source": d.source, "line": d.line})
+    frame = pd.concat([kept, pd.DataFrame(rows, columns=_FRAME_COLUMNS[result.kind])], ignore_index=True) if rows else kept
+    frame["line"] = pd.to_numeric(frame["line"], errors="coerce").fillna(0).astype("int64")
+    frame["token_length"] = pd.to_numeric(frame["token_length"], errors="coerce").astype("Float64")
+    return frame.sort_values(["source", "line"], kind="stable").reset_index(drop=True)
 
 
 def summary_frame(result: QualityResult) -> "pd.DataFrame":
@@ -198,6 +257,16 @@ def suite_parameters(cfg: QualityConfig, observed_languages: list[str], contract
     }
 
 
+ROW_CHECK_PREFIX = "expect_column_values_"
+
+
+def _input_checks(data: dict[str, Any], mostly: float) -> dict[str, Any]:
+    """The suite's row checks only, each holding for `mostly` of the rows unless the suite sets its own."""
+    expectations = [{**e, "kwargs": {"mostly": mostly, **e.get("kwargs", {})}}
+                    for e in data["expectations"] if str(e.get("type", "")).startswith(ROW_CHECK_PREFIX)]
+    return {**data, "expectations": expectations}
+
+
 def _resolve_severity(data: dict[str, Any], cfg: QualityConfig) -> dict[str, Any]:
     policy = {"warn": "warning", "fail": "critical"}[cfg.size_policy]
     expectations = []
@@ -231,14 +300,15 @@ def _expected_text(expectation: str, kwargs: dict[str, Any]) -> str:
     if expectation == "expect_column_values_to_not_be_null":
         return "no nulls"
     lo, hi = kwargs.get("min_value"), kwargs.get("max_value")
+    share = f" for {kwargs['mostly']:.0%} of rows" if kwargs.get("mostly", 1) < 1 else ""
     if "value_set" in kwargs:
-        return f"in {list(kwargs['value_set'])}"
+        return f"in {list(kwargs['value_set'])}{share}"
     if lo is not None and hi is not None:
-        return f"between {lo} and {hi}"
+        return f"between {lo} and {hi}{share}"
     if lo is not None:
-        return f">= {lo}"
+        return f">= {lo}{share}"
     if hi is not None:
-        return f"<= {hi}"
+        return f"<= {hi}{share}"
     return json.dumps(json_safe(kwargs))
 
 
@@ -264,8 +334,9 @@ def _observed(result: dict[str, Any], frame: "pd.DataFrame", expectation: str, c
     return None, "failed"
 
 
-def _validate(suite: "ExpectationSuite", frame: "pd.DataFrame", params: dict[str, Any], context: Any) -> list[dict[str, Any]]:
-    asset = context.data_sources.add_pandas(f"ftflow-{suite.name}").add_dataframe_asset("rows")
+def _validate(suite: "ExpectationSuite", frame: "pd.DataFrame", params: dict[str, Any], context: Any,
+              scope: str = "kept") -> list[dict[str, Any]]:
+    asset = context.data_sources.add_pandas(f"ftflow-{suite.name}-{scope}").add_dataframe_asset("rows")
     batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": frame})
     run = batch.validate(
         suite,
@@ -282,6 +353,7 @@ def _validate(suite: "ExpectationSuite", frame: "pd.DataFrame", params: dict[str
         error = (r.exception_info or {}).get("exception_message") if (r.exception_info or {}).get("raised_exception") else None
         details.append({
             "suite": suite.name,
+            "scope": scope,
             "contract": meta.get("contract", cfg.type),
             "expectation": cfg.type,
             "column": kwargs.get("column"),
@@ -300,32 +372,47 @@ def _validate(suite: "ExpectationSuite", frame: "pd.DataFrame", params: dict[str
 
 def _line(d: dict[str, Any]) -> str:
     on = f" on {d['column']}" if d["column"] else ""
+    if d.get("scope") == "input":
+        on += f", input before filtering, mostly {d['kwargs'].get('mostly')}"
     return f"{d['suite']}.{d['contract']} ({d['expectation']}{on}): observed {d['observed_text']}; expected {d['expected']}"
 
 
-def run_contracts(result: QualityResult, cfg: QualityConfig, contracts_dir: Path = DEFAULT_CONTRACTS_DIR) -> ContractReport:
-    """Validate the cleaned set against its kind's suite and the dataset summary suite."""
+def run_contracts(result: QualityResult, cfg: QualityConfig, contracts_dir: Path = DEFAULT_CONTRACTS_DIR,
+                  token_length: Any = None) -> ContractReport:
+    """Validate the input (row checks, `mostly`), the kept rows (every check) and the dataset summary.
+
+    `token_length` (a batched `chat_token_lengths`) measures the rows the filters dropped; without it
+    they are estimated."""
     gx = _gx()
     if result.kind not in SUITE_FOR_KIND:
         raise ContractError(f"unknown data kind {result.kind!r}; expected one of {sorted(SUITE_FOR_KIND)}")
     rows = contract_frame(result)
     params = suite_parameters(cfg, [str(x) for x in rows["language"].dropna().unique()], contracts_dir)
 
+    inputs = input_frame(result, token_length)
+    if not cfg.languages:  # "any language" accepts whatever the input holds, dropped rows included
+        params["languages"] = sorted({str(x) for x in inputs["language"].dropna().unique()})
+
     suites = []
-    for name, frame in ((SUITE_FOR_KIND[result.kind], rows), (SUMMARY_SUITE, summary_frame(result))):
+    row_suite = SUITE_FOR_KIND[result.kind]
+    for name, frame, scope in ((row_suite, rows, "kept"), (row_suite, inputs, "input"),
+                               (SUMMARY_SUITE, summary_frame(result), "kept")):
         path = _suite_path(name, contracts_dir)
-        suite = _build_suite(_resolve_severity(_read_suite_dict(name, contracts_dir), cfg), path)
+        data = _resolve_severity(_read_suite_dict(name, contracts_dir), cfg)
+        if scope == "input":
+            data = _input_checks(data, cfg.contract_mostly)
+        suite = _build_suite(data, path)
         missing = sorted(set(suite.suite_parameter_options) - set(params))
         if missing:
             raise ContractError(f"{path}: unknown suite parameter(s) {missing}; known: {sorted(params)}")
-        suites.append((suite, frame))
+        suites.append((suite, frame, scope))
 
     # A fresh in-memory context per call: nothing persists between runs and nothing is written to disk.
     context = gx.get_context(mode="ephemeral")
     from great_expectations.data_context.types.base import ProgressBarsConfig
 
     context.variables.progress_bars = ProgressBarsConfig(globally=False, metric_calculations=False)
-    details = [d for suite, frame in suites for d in _validate(suite, frame, params, context)]
+    details = [d for suite, frame, scope in suites for d in _validate(suite, frame, params, context, scope)]
 
     failures = [_line(d) for d in details if not d["success"] and d["severity"] == "critical"]
     warnings = [_line(d) for d in details if not d["success"] and d["severity"] != "critical"]

@@ -20,7 +20,7 @@ from ftflow.tasks.evaluate import registry
 
 if TYPE_CHECKING:
     from ftflow.tasks.data.formatting import FormattedData
-    from ftflow.tasks.stages import StageContext
+    from ftflow.tasks.stages import StageContext, Update
 
 ALL_SOURCES = frozenset({"generation", "loss", "preference"})
 
@@ -102,7 +102,8 @@ def _batches(items: list, size: int):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], cfg: EvalConfig, eos_token: str) -> list[dict[str, Any]]:
+def generate(model, tokenizer, prompts: list[list[dict]], cfg: EvalConfig, eos_token: str,
+             update: Optional[Update] = None) -> list[dict[str, Any]]:
     """Greedy generations; `text` keeps the end-of-turn marker when the model emitted it (the EOS-stop metric reads it)."""
     tokenizer.padding_side = "left"
     eos_id = tokenizer.convert_tokens_to_ids(eos_token)
@@ -124,6 +125,8 @@ def generate(model, tokenizer, prompts: list[list[dict]], cfg: EvalConfig, eos_t
             text = tokenizer.decode(ids, skip_special_tokens=True)
             out.append({"text": text + (eos_token if stopped else ""), "answer": text, "stopped": stopped,
                         "new_tokens": len(ids) + int(stopped)})
+        if update is not None:
+            update(len(out), {})
     return out
 
 
@@ -253,7 +256,10 @@ def score_variants(ctx: StageContext, model, tokenizer, variants: list[str], exa
         with active_variant(model, variant):
             if "generation" in sources:
                 asked = [few_shot_prompt(p, list(few_shots)) for p in prompts] if variant == "base_fewshot" else prompts
-                result = score_variant(variant, generate(model, tokenizer, asked, cfg, eos_token), references, prompts,
+                # Batches only on a progress display: without one the "evaluated <variant>" line below says enough.
+                # Progress artifact keys allow lowercase letters, digits and dashes only.
+                update = ctx.progress(f"eval-{variant.replace('_', '-')}", len(asked)) if ctx.progress else None
+                result = score_variant(variant, generate(model, tokenizer, asked, cfg, eos_token, update), references, prompts,
                                        eos_token, suite)
             else:
                 result = VariantResult(variant, {})

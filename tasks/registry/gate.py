@@ -130,7 +130,7 @@ def decide(candidate: str, results: dict[str, VariantResult], cfg: PipelineConfi
         if interval.low > margin:
             decision.reasons.append(f"{metric.name} {interval.line()}: lower bound clears {margin}")
         else:
-            refuse(f"{metric.name} {interval.line()}: lower bound does not clear {margin} vs {against}")
+            refuse(f"lower bound {interval.low:.3f} does not clear {margin} vs {against}")
     if not decision.comparisons:
         refuse(f"no baseline has {metric.name}: nothing to compare with")
 
@@ -191,13 +191,17 @@ def ensure_registered_model(client, name: str) -> None:
             pass  # a concurrent creator won the race
 
 
-def register_candidate(client, name: str, run_id: str, artifact_path: str = "registry_model") -> str:
-    """Idempotent: a retried task finds the version it already created for this run."""
+def register_candidate(client, name: str, run_id: str, source: Optional[str] = None,
+                       model_id: Optional[str] = None) -> str:
+    """Idempotent: a retried task finds the version it already created for this run.
+
+    `source`/`model_id`: the run's LoggedModel (MLflow 3), so the version links to it in the UI; without
+    them the version points at the run's `registry_model` artifact folder."""
     ensure_registered_model(client, name)
     for mv in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
         return str(mv.version)
-    mv = client.create_model_version(name, source=f"runs:/{run_id}/{artifact_path}", run_id=run_id,
-                                     tags={"ftflow.run_id": run_id})
+    mv = client.create_model_version(name, source=source or f"runs:/{run_id}/registry_model", run_id=run_id,
+                                     tags={"ftflow.run_id": run_id}, model_id=model_id)
     return str(mv.version)
 
 

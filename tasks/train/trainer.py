@@ -47,12 +47,13 @@ def train(ctx: StageContext, kind: Kind, examples: list[dict[str, Any]], start_a
 
         # Not yet inside a process group: start one; each of its processes comes back here.
         return launch(ctx, kind, examples, start_adapter)
+    section: TrainCommon = getattr(ctx.cfg, kind)  # each kind has its config section of the same name
+    check_trainable(kind, examples, section)
     import torch
     from datasets import Dataset
 
     from ftflow.tasks.train.model import load_tokenizer, pick_device, trainable_parameters
 
-    section: TrainCommon = getattr(ctx.cfg, kind)  # each kind has its config section of the same name
     device = pick_device(ctx.cfg.model)
     if device == "cuda":
         torch.cuda.reset_peak_memory_stats()
@@ -70,6 +71,21 @@ def train(ctx: StageContext, kind: Kind, examples: list[dict[str, Any]], start_a
     if trainer.is_world_process_zero():
         _record(ctx, kind, result)
     return result
+
+
+def check_trainable(kind: Kind, examples: list[dict[str, Any]], section: TrainCommon) -> None:
+    """Bad input is a DataError before any model loads, not a sampler's ValueError retried as if transient.
+
+    TRL drops a pre-tokenized row longer than max_length; when every row is, the trainer gets none."""
+    from ftflow.tasks.errors import DataError
+
+    if not examples:
+        raise DataError(f"{kind}: no training rows left after validation and formatting")
+    lengths = [len(ex["input_ids"]) for ex in examples if "input_ids" in ex]
+    if lengths and min(lengths) > section.max_length:
+        raise DataError(f"{kind}: all {len(lengths)} rows are longer than {kind}.max_length ({section.max_length} "
+                        f"tokens; the shortest has {min(lengths)}): raise {kind}.max_length, or shorten the rows "
+                        f"(quality.max_tokens drops longer ones at validation)")
 
 
 def trainable_model(cfg: PipelineConfig, model_path: str, start_adapter: Optional[str] = None,

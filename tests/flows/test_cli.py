@@ -127,3 +127,35 @@ def test_pipeline_error_inside_the_flow_prints_one_line_and_no_traceback(tmp_pat
     assert "Traceback" not in done.stdout + done.stderr
     # Progress still shows, on stdout: the run is not silent, only its error is not repeated as a trace.
     assert "Beginning flow run" in done.stdout
+
+
+# --- what the terminal shows -------------------------------------------------------------------------
+
+KNOWN_NOISE = ("interpreted in multiple ways", "is_gradient_checkpointing", "gemm_4bit_forward", "ephemeral docs site",
+               "Loading weights", "Writing model shards", "Downloading artifacts", "Pandas4Warning")
+
+
+def _tiny_run(tmp_path: Path, tiny_model_dir: str, *flags: str) -> subprocess.CompletedProcess:
+    return _cli("run", "tiny", f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path / 'runs'}",
+                f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *flags, cwd=tmp_path, timeout=900)
+
+
+@pytest.mark.slow
+def test_a_run_shows_no_known_library_noise_and_ends_with_the_result(tmp_path, tiny_model_dir):
+    done = _tiny_run(tmp_path, tiny_model_dir)
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert [n for n in KNOWN_NOISE if n in done.stdout] == [], done.stdout[-5000:]
+    assert "sft step 2/2" in done.stdout  # not a terminal: progress as log lines
+    lines = [line for line in done.stdout.splitlines() if line.strip()]
+    header = max(i for i, line in enumerate(lines) if line.startswith("| model |"))
+    last = lines[header:]
+    assert all(line.startswith("|") for line in last[:6]) and any(line.startswith("Gate: ") for line in last)
+    assert last[-1].startswith("Open the MLflow UI: "), last
+
+
+@pytest.mark.slow
+def test_quiet_run_prints_no_progress(tmp_path, tiny_model_dir):
+    done = _tiny_run(tmp_path, tiny_model_dir, "--quiet", "dpo.enabled=false")
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    assert " step " not in done.stdout and "ETA" not in done.stdout
+    assert done.stdout.rstrip().splitlines()[-1].startswith("Open the MLflow UI: ")

@@ -90,3 +90,93 @@ def test_every_row_too_long_is_one_data_error_before_training(prefect_harness, t
     assert "are longer than sft.max_length (32 tokens" in err and "num_samples" not in err, err
     assert "Retries" not in out and "Retrying" not in out  # bad input is not retried as if it were transient
     assert [r.info.status for r in _runs(tiny_cfg)] == ["FAILED"]
+
+
+# --- two gates racing for one registered model ----------------------------------------------------------------
+
+GATE = ["eval.primary_metric=heldout_logprob", "dpo.enabled=false", "sft.learning_rate=0.003",
+        "sft.per_device_batch_size=8", "sft.save_steps=100", "eval.max_examples=4", "eval.few_shot_k=0"]
+
+
+def _lock():
+    from ftflow import steps
+
+    return steps.registry_lock
+
+
+def _candidate(cfg, model, train_set, sets, max_steps: int):
+    """A run that trained and scored one SFT adapter, as the pipeline leaves it just before its gate."""
+    from ftflow.tasks import stages
+    from ftflow.tasks.tracking import RunLogger
+    from ftflow.tasks.train.trainer import train
+
+    cfg = _with(cfg, f"sft.max_steps={max_steps}")
+    run = RunLogger.start(cfg, tags={"pipeline": "fine-tune"})
+    run.log_config(cfg)
+    ctx = stages.StageContext(cfg, model, run, stages.run_dir(cfg, run), print, None, _lock())
+    trained = stages.Trained.of(train(ctx, "sft", train_set.sft))
+    results = stages.evaluate(ctx, sets, trained.adapters, trained.candidate)
+    return ctx, results, trained
+
+
+@pytest.mark.slow
+def test_racing_gates_leave_the_alias_on_the_better_version_and_record_both(prefect_harness, tiny_cfg, tmp_path):
+    from dataclasses import replace
+
+    from prefect.client.orchestration import get_client
+
+    from ftflow import steps
+    from ftflow.tasks import stages
+    from ftflow.tasks.tracking import RunLogger
+
+    cfg = _with(tiny_cfg, *GATE)
+    model = stages.resolve_model(cfg)
+    ctx = stages.StageContext(cfg, model, None, tmp_path / "prep")
+    paths = stages.data_paths(ctx)
+    data = stages.validate_data(ctx, paths, tmp_path / "validated")
+    train_set, heldout_set, validation_set = stages.format_chat(ctx, data)
+    sets = stages.eval_sets(data, train_set, heldout_set, validation_set)
+    better = _candidate(cfg, model, train_set, sets, max_steps=12)
+    worse = _candidate(cfg, model, train_set, sets, max_steps=3)
+    client = MlflowClient(cfg.tracking.tracking_uri)
+
+    def gate(candidate, name: str):
+        (c, results, trained) = candidate
+        cfg_named = _with(c.cfg, f"registry.model_name={name}")
+        # Each gate read "no champion" before training: the stale view a concurrent run has.
+        return stages.gate(replace(c, cfg=cfg_named), results, trained, None, sets.heldout_accounting, sets)
+
+    # Interleaved: the better run moves the alias between the worse run's read and its decision.
+    name = cfg.registry.model_name
+    first, second = gate(better, name), gate(worse, name)
+    assert first["promoted"] and not second["promoted"], (first["summary"], second["summary"])
+    assert "vs champion" in second["summary"]  # compared with the champion of the moment, re-scored
+    assert str(client.get_model_version_by_alias(name, "champion").version) == first["version"]
+
+    # Truly concurrent, in two threads, against one MLflow store and one Prefect API.
+    race = f"{name}-race"
+    outcomes: dict[str, dict] = {}
+    barrier = threading.Barrier(2)
+
+    def contend(label, candidate):
+        c, results, trained = candidate
+        run = RunLogger.start(c.cfg, tags={"pipeline": "fine-tune"})  # a fresh run per gate
+        barrier.wait()
+        outcomes[label] = gate((replace(c, run=run), results, trained), race)
+
+    threads = [threading.Thread(target=contend, args=(label, cand)) for label, cand in (("better", better), ("worse", worse))]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=900)
+    assert set(outcomes) == {"better", "worse"}
+    assert str(client.get_model_version_by_alias(race, "champion").version) == outcomes["better"]["version"]
+    for outcome in outcomes.values():  # both decisions are on record, on the version and in the run
+        tags = client.get_model_version(race, outcome["version"]).tags
+        assert tags["ftflow.gate"].startswith("PROMOTE" if outcome["promoted"] else "REFUSE")
+    assert not outcomes["worse"]["promoted"] or outcomes["better"]["promoted"]
+
+    # The lock is a Prefect global concurrency limit named after the model, free again.
+    with get_client(sync_client=True) as prefect:
+        limit = prefect.read_global_concurrency_limit_by_name(steps.registry_limit_name(race))
+    assert limit.limit == 1 and limit.active_slots == 0

@@ -282,3 +282,15 @@ def test_log_records_are_redacted_on_every_handler(monkeypatch):
     text, exc_text = records[0]
     assert "Pa55w0rdXYZ" not in text and "http://bob:***@host" in text
     assert "Traceback" in text and "Pa55w0rdXYZ" not in exc_text
+
+
+def test_a_local_dataset_path_resolves_to_one_source_without_a_warning(tmp_path):
+    import warnings
+
+    from ftflow.tasks.tracking import dataset_source
+
+    path = str(tmp_path / "sft.jsonl")
+    with warnings.catch_warnings():
+        warnings.simplefilter("error")  # MLflow warns "interpreted in multiple ways" when handed the string
+        source = dataset_source(path)
+    assert type(source).__name__ == "LocalArtifactDatasetSource" and source.to_dict() == {"uri": path}

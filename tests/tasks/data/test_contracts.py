@@ -43,7 +43,9 @@ def pair_record(i: int, *, chosen: str | None = None, rejected: str | None = Non
 
 def result_of(kind: str, kept: list[Record], counts_in: int | None = None, token_length: int = 40) -> QualityResult:
     counts_in = len(kept) if counts_in is None else counts_in
-    dropped = [Dropped("train.jsonl", 10_000 + j, "exact_duplicate", "same as line 1", {}) for j in range(counts_in - len(kept))]
+    # Dropped as duplicates of kept rows: well-formed input, so the row checks on the input pass as well.
+    dropped = [Dropped("train.jsonl", 10_000 + j, "exact_duplicate", "same as line 1", kept[j % len(kept)].row if kept else {})
+               for j in range(counts_in - len(kept))]
     reasons = {"exact_duplicate": len(dropped)} if dropped else {}
     return QualityResult(kind, kept, dropped, counts_in, reasons, {}, [token_length] * len(kept))
 
@@ -195,3 +197,43 @@ def test_load_suite_names_the_file_when_it_is_missing_or_not_json(tmp_path: Path
     (tmp_path / "bad.json").write_text('{"name": "bad", "expectations": [\n')
     with pytest.raises(ContractError, match=r"bad.json:2: invalid JSON"):
         load_suite("bad", tmp_path)
+
+
+# --- row checks on the input before filtering (quality.contract_mostly) ------------------------------------
+
+def _broken_input(n_good: int, n_bad: int) -> QualityResult:
+    """What run_quality leaves when n_bad rows end with a user turn: they are dropped, the rest kept."""
+    good = [sft_record(i) for i in range(n_good)]
+    bad = [sft_record(n_good + j, last_role="user") for j in range(n_bad)]
+    dropped = [Dropped(r.source, r.line, "role_order", "conversation must end with an assistant turn", r.row) for r in bad]
+    return QualityResult("sft", good, dropped, n_good + n_bad, {"role_order": n_bad} if n_bad else {}, {}, [40] * n_good)
+
+
+@pytest.mark.bad_input("data", "40 % of rows broken (the filters would drop them)",
+                       "ftflow: error: data contract failed (sft): sft_rows.ends_with_assistant (... input before filtering, "
+                       "mostly 0.9): observed 80 of 200 rows ...")
+def test_row_checks_run_on_the_input_so_a_mostly_broken_file_fails_even_though_filtering_would_hide_it():
+    # 40 % of the rows are broken; filtering drops them and every kept row is fine, so checks on the kept
+    # rows alone could never fail. The dropped share (0.4) is under max_dropped_fraction (0.5) too.
+    report = run_contracts(_broken_input(120, 80), QualityConfig(contract_mostly=0.9))
+    assert not report.passed
+    [failure] = report.failures
+    assert "sft_rows.ends_with_assistant" in failure and "input before filtering, mostly 0.9" in failure
+    assert "observed 80 of 200 rows" in failure and "train.jsonl:121" in failure
+    with pytest.raises(ContractError, match="ends_with_assistant"):
+        enforce(report)
+
+
+def test_a_few_broken_input_rows_pass_under_mostly_and_the_threshold_is_the_configs():
+    assert run_contracts(_broken_input(190, 10), QualityConfig(contract_mostly=0.9)).passed  # 5 % broken
+    assert not run_contracts(_broken_input(190, 10), QualityConfig(contract_mostly=0.99)).passed
+    details = [d for d in run_contracts(_broken_input(190, 10), QualityConfig()).details if d.get("scope") == "input"]
+    assert details and all(d["kwargs"]["mostly"] == 0.9 for d in details)  # the default
+
+
+def test_rows_that_could_not_be_read_count_as_broken_input():
+    good = [sft_record(i) for i in range(60)]
+    unreadable = [Dropped("train.jsonl", 100 + j, "schema", "invalid JSON", "{not json") for j in range(40)]
+    report = run_contracts(QualityResult("sft", good, unreadable, 100, {"schema": 40}, {}, [40] * 60),
+                           QualityConfig(contract_mostly=0.9))
+    assert any("last_role_present" in f and "40 of 100 rows" in f for f in report.failures), report.failures

@@ -114,7 +114,7 @@ def mlflow_server_port(tmp_path):
         except OSError:
             if proc.poll() is not None or time.time() > deadline:
                 proc.kill()
-                raise RuntimeError((tmp_path / "mlflow-server.log").read_text()[-4000:])
+                raise RuntimeError((tmp_path / "mlflow-server.log").read_text()[-4000:]) from None
             time.sleep(1)
     yield port
     proc.terminate()

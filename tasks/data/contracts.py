@@ -2,7 +2,7 @@
 
 The suites live as GX JSON in `data_contracts/` so a team can read and edit them without Python:
 - `sft_rows.json` / `preference_pairs.json`: row-level checks plus the dataset size checks
-  (`quality.min_kept_rows`, the seed FAQ's minimum for `quality.task_type` from `thresholds.json`).
+  (`quality.min_kept_rows`, the FAQ minimum (docs/guidance.md) for `quality.task_type` from `thresholds.json`).
   The row checks (`expect_column_values_*`) run twice:
   - on the input before filtering (`input_frame(result)`: every row read, kept or dropped; a row that
     could not be read at all has null columns), with GX's `mostly` = `quality.contract_mostly`. Filtering

@@ -51,8 +51,8 @@ def test_injected_defects_are_caught_at_their_known_lines(tmp_path, tiny_cfg):
     for split in ("sft", "preference"):
         kind = split
         stages.validate_split(made[split], kind, tiny_cfg, None, tmp_path / split)
-        dropped = {json.loads(l)["line"]: json.loads(l)["reason"]
-                   for l in (tmp_path / split / "quarantine.jsonl").read_text().splitlines()}
+        dropped = {json.loads(row)["line"]: json.loads(row)["reason"]
+                   for row in (tmp_path / split / "quarantine.jsonl").read_text().splitlines()}
         injected = set()
         for defect, info in manifest["defects"][split].items():
             for line in info["lines"]:

@@ -289,7 +289,7 @@ def test_every_named_volume_is_declared_and_used(compose):
 
 def test_published_ports_are_unique_and_match_what_the_process_listens_on(services):
     published = []
-    for name, service in services.items():
+    for _name, service in services.items():
         for host_ip, port, target, protocol in map(parse_port, service.get("ports", [])):
             published.append((port, protocol))
             if "--port" in str(service.get("command", "")):

@@ -20,6 +20,7 @@ from a paired bootstrap over the held-out examples (both arms resampled with the
 resamples), and so is the clean - noisy difference: an interval above 0 means the clean arm is better.
 It also says how many of the injected rows the quality checks would have caught before training.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -39,12 +40,14 @@ NOISE_KINDS = ("wrong_answer", "truncated", "repeated_lines", "swapped_roles")
 
 # --- data ----------------------------------------------------------------------------------------
 
+
 def demo_rows(work: Path, n_train: int, n_heldout: int, seed: int) -> tuple[list[dict], list[dict]]:
     from ftflow.configs.schema import DemoDataConfig
     from ftflow.tasks.data.demo import generate_demo
 
-    made = generate_demo(DemoDataConfig(seed=seed, n_sft=n_train, n_preference=1, n_heldout=n_heldout,
-                                        defect_rate=0.0), work / "demo")
+    made = generate_demo(
+        DemoDataConfig(seed=seed, n_sft=n_train, n_preference=1, n_heldout=n_heldout, defect_rate=0.0), work / "demo"
+    )
 
     def read(path: str) -> list[dict]:
         return [json.loads(line) for line in Path(path).read_text(encoding="utf-8").splitlines()]
@@ -61,8 +64,15 @@ def noisy_copy(row: dict, kind: str, rng: random.Random) -> dict:
     if kind == "wrong_answer":
         fields = json.loads(answer)
         # The sentence itself is not needed by these mistakes beyond the decoy numbers it holds.
-        ex = Example(fields["lang"], fields["name"], fields["item"], fields["qty"], fields["city"], 0,
-                     user["content"].split("\n", 1)[-1])
+        ex = Example(
+            fields["lang"],
+            fields["name"],
+            fields["item"],
+            fields["qty"],
+            fields["city"],
+            0,
+            user["content"].split("\n", 1)[-1],
+        )
         mistake = rng.choice(sorted(k for k in MISTAKES if k != "prose"))
         assistant["content"] = MISTAKES[mistake](ex, rng)
     elif kind == "truncated":
@@ -91,8 +101,12 @@ def caught_by_validation(noisy: list[dict], kinds: dict[int, str], tokenizer) ->
     from ftflow.tasks.data.quality import chat_token_lengths, run_quality
     from ftflow.tasks.data.rows import Record
 
-    result = run_quality([Record(r, "noisy", i) for i, r in enumerate(noisy)], "sft", QualityConfig(languages=[]),
-                         chat_token_lengths(tokenizer))
+    result = run_quality(
+        [Record(r, "noisy", i) for i, r in enumerate(noisy)],
+        "sft",
+        QualityConfig(languages=[]),
+        chat_token_lengths(tokenizer),
+    )
     dropped = {d.line: d.reason for d in result.dropped}
     out = {}
     for kind in NOISE_KINDS:
@@ -103,6 +117,7 @@ def caught_by_validation(noisy: list[dict], kinds: dict[int, str], tokenizer) ->
 
 
 # --- training and scoring ----------------------------------------------------------------------
+
 
 def train_and_score(name: str, rows: list[dict], heldout: list[dict], args, model_path: str, work: Path) -> list[dict]:
     import torch
@@ -117,13 +132,19 @@ def train_and_score(name: str, rows: list[dict], heldout: list[dict], args, mode
     from ftflow.tasks.evaluate.metrics.json_match import score_example
     from ftflow.tasks.train.model import build_lora_config, load_base_model, load_tokenizer, pick_device
 
-    cfg = PipelineConfig.model_validate({"seed": args.seed, "model": {"name_or_path": model_path},
-                                         "sft": {"max_steps": args.steps, "per_device_batch_size": args.batch}})
+    cfg = PipelineConfig.model_validate(
+        {
+            "seed": args.seed,
+            "model": {"name_or_path": model_path},
+            "sft": {"max_steps": args.steps, "per_device_batch_size": args.batch},
+        }
+    )
     device = pick_device(cfg.model)
     tokenizer = load_tokenizer(model_path, cfg.model)
     eot = end_of_turn_token(tokenizer)
-    examples, dropped, _, _ = format_sft(tokenizer, [Record(r, name, i) for i, r in enumerate(rows, 1)], None,
-                                         Window.of(cfg.sft), eot)
+    examples, dropped, _, _ = format_sft(
+        tokenizer, [Record(r, name, i) for i, r in enumerate(rows, 1)], None, Window.of(cfg.sft), eot
+    )
     if dropped:
         raise SystemExit(f"{name}: {len(dropped)} rows do not fit sft.max_length {cfg.sft.max_length}")
     torch.manual_seed(args.seed)
@@ -131,27 +152,52 @@ def train_and_score(name: str, rows: list[dict], heldout: list[dict], args, mode
     model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
     model = get_peft_model(model, build_lora_config(cfg.lora))
     sft = cfg.sft
-    trainer = SFTTrainer(model=model, train_dataset=Dataset.from_list(examples), processing_class=tokenizer, args=SFTConfig(
-        output_dir=str(work / name), max_steps=sft.max_steps, learning_rate=sft.learning_rate,
-        per_device_train_batch_size=sft.per_device_batch_size, warmup_steps=math.ceil(sft.warmup_ratio * sft.max_steps),
-        lr_scheduler_type="cosine", logging_steps=max(1, sft.max_steps // 4), save_strategy="no", seed=args.seed,
-        data_seed=args.seed, max_length=sft.max_length, packing=False, bf16=device == "cuda",
-        use_cpu=device == "cpu", report_to="none", disable_tqdm=True, shuffle_dataset=False))
+    trainer = SFTTrainer(
+        model=model,
+        train_dataset=Dataset.from_list(examples),
+        processing_class=tokenizer,
+        args=SFTConfig(
+            output_dir=str(work / name),
+            max_steps=sft.max_steps,
+            learning_rate=sft.learning_rate,
+            per_device_train_batch_size=sft.per_device_batch_size,
+            warmup_steps=math.ceil(sft.warmup_ratio * sft.max_steps),
+            lr_scheduler_type="cosine",
+            logging_steps=max(1, sft.max_steps // 4),
+            save_strategy="no",
+            seed=args.seed,
+            data_seed=args.seed,
+            max_length=sft.max_length,
+            packing=False,
+            bf16=device == "cuda",
+            use_cpu=device == "cpu",
+            report_to="none",
+            disable_tqdm=True,
+            shuffle_dataset=False,
+        ),
+    )
     started = time.perf_counter()
     output = trainer.train()
-    print(f"{name}: {output.global_step} steps in {time.perf_counter() - started:.0f} s, "
-          f"train loss {output.metrics['train_loss']:.4f}", flush=True)
+    print(
+        f"{name}: {output.global_step} steps in {time.perf_counter() - started:.0f} s, "
+        f"train loss {output.metrics['train_loss']:.4f}",
+        flush=True,
+    )
 
     model.eval()
     prompts = [sft_example(r, None)["prompt"] for r in heldout]
     references = [r["messages"][-1]["content"] for r in heldout]
-    generations = generate(model, tokenizer, prompts, EvalConfig(batch_size=args.eval_batch, max_new_tokens=args.max_new_tokens), eot)
+    generations = generate(
+        model, tokenizer, prompts, EvalConfig(batch_size=args.eval_batch, max_new_tokens=args.max_new_tokens), eot
+    )
     scores = [score_example(g["text"], ref, eot) for g, ref in zip(generations, references)]
     del trainer, model
     return [{"field_accuracy": float(s["field_accuracy"]), "exact_match": float(s["exact_match"])} for s in scores]
 
 
-def paired_bootstrap(a: list[float], b: list[float], resamples: int, seed: int) -> dict[str, tuple[float, float, float]]:
+def paired_bootstrap(
+    a: list[float], b: list[float], resamples: int, seed: int
+) -> dict[str, tuple[float, float, float]]:
     """Mean and 95 % percentile interval of a, of b and of a - b, resampling example indices jointly."""
     rng = random.Random(seed)
     n = len(a)
@@ -194,16 +240,26 @@ def main() -> None:
         rows, heldout = demo_rows(work, args.steps * args.batch, args.heldout, args.data_seed)
         clean, noisy, kinds = arms(rows, args.noise, args.seed)
         print(f"model: {model_path}")
-        print(f"rows per arm: {len(rows)} ({args.steps} steps x batch {args.batch}, one pass); "
-              f"noisy arm: {len(kinds)} rows ({len(kinds) / len(rows):.0%}) with a defect")
+        print(
+            f"rows per arm: {len(rows)} ({args.steps} steps x batch {args.batch}, one pass); "
+            f"noisy arm: {len(kinds)} rows ({len(kinds) / len(rows):.0%}) with a defect"
+        )
         print(f"held-out prompts: {len(heldout)}")
-        print("injected rows the quality checks would drop: "
-              + ", ".join(f"{k} {v}" for k, v in caught_by_validation(noisy, kinds, load_tokenizer(model_path, ModelConfig())).items()))
-        per_arm = {name: train_and_score(name, data, heldout, args, model_path, work)
-                   for name, data in (("clean", clean), ("noisy", noisy))}
+        print(
+            "injected rows the quality checks would drop: "
+            + ", ".join(
+                f"{k} {v}"
+                for k, v in caught_by_validation(noisy, kinds, load_tokenizer(model_path, ModelConfig())).items()
+            )
+        )
+        per_arm = {
+            name: train_and_score(name, data, heldout, args, model_path, work)
+            for name, data in (("clean", clean), ("noisy", noisy))
+        }
     for metric in ("field_accuracy", "exact_match"):
-        result = paired_bootstrap([s[metric] for s in per_arm["clean"]], [s[metric] for s in per_arm["noisy"]],
-                                  args.resamples, args.seed)
+        result = paired_bootstrap(
+            [s[metric] for s in per_arm["clean"]], [s[metric] for s in per_arm["noisy"]], args.resamples, args.seed
+        )
         print(f"held-out {metric} (mean, 95% paired-bootstrap interval, {args.resamples} resamples):")
         for key in ("clean", "noisy", "difference"):
             mean, lo, hi = result[key]

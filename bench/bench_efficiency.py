@@ -25,6 +25,7 @@ at 130 tokens):
   decode = 2 (N + N_lora) T     T = prompt tokens + generated positions (finished rows still compute)
 T counts real tokens (padding excluded), so padding, recomputation and de-quantization all lower the MFU.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -51,12 +52,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
+# The slow machine class has AVX2 only. These three cap what torch's own kernels, oneDNN (bf16 and most fp32
+# GEMMs) and MKL may use, so a run here takes the code paths such a CPU takes; they are read once, at load.
+AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+if "--emulate-avx2" in sys.argv and any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
+    os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ENV})
+
 import torch  # noqa: E402
 
 MODES = ("4bit", "8bit", "none")
 
 
 # --- machine --------------------------------------------------------------------------------------
+
 
 def cpu_info() -> dict[str, Any]:
     model, flags = platform.processor() or "unknown", set()
@@ -84,6 +92,7 @@ def cpu_info() -> dict[str, Any]:
         "logical_cpus": os.cpu_count(),
         "torch": torch.__version__,
         "loadavg_start": list(os.getloadavg()),
+        "isa_caps": {k: os.environ[k] for k in AVX2_ENV if k in os.environ},
     }
 
 
@@ -112,16 +121,19 @@ def matmul_rate(dtype: torch.dtype, sizes: tuple[int, ...], reps: int, device: s
 
 # --- demo-shaped data -------------------------------------------------------------------------------
 
+
 def demo_data(n_sft: int, n_pairs: int, n_prompts: int, n_refs: int):
     """Clean demo rows (no injected defects), formatted exactly as the pipeline hands them to TRL."""
     from ftflow.tasks.data.demo import make_example, preference_pair, render_answer, sft_row
     from ftflow.tasks.data.formatting import preference_example, sft_example
 
     rng = random.Random("bench-efficiency")
-    examples = [make_example(rng, "en" if i % 2 == 0 else "ja") for i in range(n_sft + n_pairs + max(n_prompts, n_refs))]
+    examples = [
+        make_example(rng, "en" if i % 2 == 0 else "ja") for i in range(n_sft + n_pairs + max(n_prompts, n_refs))
+    ]
     sft = [sft_example(sft_row(ex), None) for ex in examples[:n_sft]]
-    pairs = [preference_example(preference_pair(ex, rng)[0], None) for ex in examples[n_sft:n_sft + n_pairs]]
-    held = examples[n_sft + n_pairs:]
+    pairs = [preference_example(preference_pair(ex, rng)[0], None) for ex in examples[n_sft : n_sft + n_pairs]]
+    held = examples[n_sft + n_pairs :]
     prompts = [sft_example(sft_row(ex), None)["prompt"] for ex in held[:n_prompts]]
     references = [render_answer(ex.answer) for ex in held[:n_refs]]
     return sft, pairs, prompts, references
@@ -129,14 +141,22 @@ def demo_data(n_sft: int, n_pairs: int, n_prompts: int, n_refs: int):
 
 # --- model -------------------------------------------------------------------------------------------
 
+
 def flop_params(config, lora_r: int, targets: list[str]) -> tuple[int, int]:
     """(N, N_lora) from the architecture, since 4/8-bit weights are packed and numel() would undercount them."""
     h, inter, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q_out = config.num_attention_heads * head_dim
     kv_out = config.num_key_value_heads * head_dim
-    shapes = {"q_proj": (h, q_out), "k_proj": (h, kv_out), "v_proj": (h, kv_out), "o_proj": (q_out, h),
-              "gate_proj": (h, inter), "up_proj": (h, inter), "down_proj": (inter, h)}
+    shapes = {
+        "q_proj": (h, q_out),
+        "k_proj": (h, kv_out),
+        "v_proj": (h, kv_out),
+        "o_proj": (q_out, h),
+        "gate_proj": (h, inter),
+        "up_proj": (h, inter),
+        "down_proj": (inter, h),
+    }
     n = layers * sum(i * o for i, o in shapes.values()) + vocab * h
     n_lora = layers * sum(lora_r * (i + o) for name, (i, o) in shapes.items() if name in targets)
     return n, n_lora
@@ -158,14 +178,25 @@ def load_peft(cfg, path: str):
 def common_args(section, out: Path, seed: int, device: str, steps: int) -> dict[str, Any]:
     """The pipeline's trainer arguments (tasks/train common_args), minus checkpoints: saves are not steps."""
     return dict(
-        output_dir=str(out), max_steps=steps, learning_rate=section.learning_rate,
+        output_dir=str(out),
+        max_steps=steps,
+        learning_rate=section.learning_rate,
         per_device_train_batch_size=section.per_device_batch_size,
         gradient_accumulation_steps=section.gradient_accumulation_steps,
-        warmup_steps=math.ceil(section.warmup_ratio * section.max_steps), lr_scheduler_type="cosine",
-        logging_steps=section.logging_steps, save_strategy="no", seed=seed, data_seed=seed,
-        max_length=section.max_length, activation_checkpointing=section.gradient_checkpointing,
-        report_to="none", disable_tqdm=True, bf16=device == "cuda", use_cpu=device == "cpu",
-        dataloader_num_workers=0, remove_unused_columns=True,
+        warmup_steps=math.ceil(section.warmup_ratio * section.max_steps),
+        lr_scheduler_type="cosine",
+        logging_steps=section.logging_steps,
+        save_strategy="no",
+        seed=seed,
+        data_seed=seed,
+        max_length=section.max_length,
+        activation_checkpointing=section.gradient_checkpointing,
+        report_to="none",
+        disable_tqdm=True,
+        bf16=device == "cuda",
+        use_cpu=device == "cpu",
+        dataloader_num_workers=0,
+        remove_unused_columns=True,
     )
 
 
@@ -206,6 +237,7 @@ class StepTimer:
                     return fn(*args, **kwargs)
                 finally:
                     events.append((tag + "_end", time.perf_counter()))
+
             return wrapper
 
         trainer.compute_loss = timed_call("loss", trainer.compute_loss)
@@ -231,10 +263,12 @@ class StepTimer:
         parts: dict[str, list[float]] = {}
         for s in self._steps()[skip:]:
             try:
-                row = {"compute_loss (forward, loss, metrics)": s["loss_end_last"] - s["loss_start"],
-                       "backward": s["bwd_end_last"] - s["bwd_start"],
-                       "clip grad norm": s["pre_opt"] - s["bwd_end_last"],
-                       "optimizer step": s["opt_done"] - s["pre_opt"]}
+                row = {
+                    "compute_loss (forward, loss, metrics)": s["loss_end_last"] - s["loss_start"],
+                    "backward": s["bwd_end_last"] - s["bwd_start"],
+                    "clip grad norm": s["pre_opt"] - s["bwd_end_last"],
+                    "optimizer step": s["opt_done"] - s["pre_opt"],
+                }
             except KeyError:
                 continue
             row["rest of loop (data, zero_grad, scheduler, callbacks, logging)"] = s["total"] - sum(row.values())
@@ -266,6 +300,7 @@ def real_tokens(batch: dict) -> int:
 
 # --- timing ------------------------------------------------------------------------------------------
 
+
 def timed(fn: Callable[[], Any], device: str) -> float:
     sync(device)
     t0 = time.perf_counter()
@@ -274,8 +309,9 @@ def timed(fn: Callable[[], Any], device: str) -> float:
     return time.perf_counter() - t0
 
 
-def side_by_side(arms: dict[str, tuple[Callable, Callable, Callable]], reps: int, device: str,
-                 warm: bool = False) -> dict[str, list[float]]:
+def side_by_side(
+    arms: dict[str, tuple[Callable, Callable, Callable]], reps: int, device: str, warm: bool = False
+) -> dict[str, list[float]]:
     """arms: name -> (enter, run, leave). ABBA order, so a drift in the load from other jobs falls on every arm."""
     names = list(arms)
     out: dict[str, list[float]] = {n: [] for n in names}
@@ -286,7 +322,7 @@ def side_by_side(arms: dict[str, tuple[Callable, Callable, Callable]], reps: int
             run()
             leave()
     for r in range(reps):
-        for n in (names if r % 2 == 0 else names[::-1]):
+        for n in names if r % 2 == 0 else names[::-1]:
             enter, run, leave = arms[n]
             enter()
             out[n].append(timed(run, device))
@@ -299,6 +335,7 @@ def med(xs: list[float]) -> float:
 
 
 # --- the rows ----------------------------------------------------------------------------------------
+
 
 @dataclasses.dataclass
 class Row:
@@ -328,8 +365,13 @@ class Row:
         return self.flop_s / self.peak_fp32
 
     def as_dict(self) -> dict[str, Any]:
-        return {**dataclasses.asdict(self), "median_s": self.s, "tokens_per_s": self.tok_s, "flop_per_s": self.flop_s,
-                "cpu_mfu": self.mfu}
+        return {
+            **dataclasses.asdict(self),
+            "median_s": self.s,
+            "tokens_per_s": self.tok_s,
+            "flop_per_s": self.flop_s,
+            "cpu_mfu": self.mfu,
+        }
 
 
 class Bench:
@@ -349,8 +391,11 @@ class Bench:
         self.tokenizer = load_tokenizer(self.path, self.cfg.model)
         self.eos = end_of_turn_token(self.tokenizer)
         self.sft_rows, self.pairs, self.prompts, self.references = demo_data(
-            self.cfg.sft.per_device_batch_size, self.cfg.dpo.per_device_batch_size, self.cfg.eval.batch_size,
-            self.cfg.eval.max_examples)
+            self.cfg.sft.per_device_batch_size,
+            self.cfg.dpo.per_device_batch_size,
+            self.cfg.eval.batch_size,
+            self.cfg.eval.max_examples,
+        )
         self.rows: list[Row] = []
         self.levers: list[dict[str, Any]] = []
         self.phases: dict[str, Any] = {}
@@ -375,12 +420,17 @@ class Bench:
         self.log(f"{mode:5s} {section:6s} {what}: {row.s:.2f} s, {row.tok_s:.0f} tok/s, MFU {row.mfu:.1%}")
         return row
 
-    def lever(self, name: str, mode: str, arms: dict[str, list[float]], tokens: dict[str, int],
-              baseline: str, note: str = "") -> None:
+    def lever(
+        self, name: str, mode: str, arms: dict[str, list[float]], tokens: dict[str, int], baseline: str, note: str = ""
+    ) -> None:
         entry = {"lever": name, "mode": mode, "baseline": baseline, "note": note, "arms": {}}
         for arm, secs in arms.items():
-            entry["arms"][arm] = {"seconds": secs, "median_s": med(secs), "tokens": tokens[arm],
-                                  "tokens_per_s": tokens[arm] / med(secs)}
+            entry["arms"][arm] = {
+                "seconds": secs,
+                "median_s": med(secs),
+                "tokens": tokens[arm],
+                "tokens_per_s": tokens[arm] / med(secs),
+            }
         base = entry["arms"][baseline]["tokens_per_s"]
         for arm in entry["arms"].values():
             arm["tok_s_ratio_vs_baseline"] = arm["tokens_per_s"] / base
@@ -409,10 +459,18 @@ class Bench:
 
         # ---- SFT: the real trainer loop on one fixed batch (dataset = one batch, so every step is the same work)
         timer = StepTimer()
-        sft_args = SFTConfig(**common_args(cfg.sft, self.work / f"sft-{mode}", cfg.seed, self.device, 1 + steps),
-                             completion_only_loss=cfg.sft.assistant_only_loss, packing=False)
-        trainer = SFTTrainer(model=model, args=sft_args, train_dataset=Dataset.from_list(self.sft_rows),
-                             processing_class=self.tokenizer, callbacks=[timer.callback])
+        sft_args = SFTConfig(
+            **common_args(cfg.sft, self.work / f"sft-{mode}", cfg.seed, self.device, 1 + steps),
+            completion_only_loss=cfg.sft.assistant_only_loss,
+            packing=False,
+        )
+        trainer = SFTTrainer(
+            model=model,
+            args=sft_args,
+            train_dataset=Dataset.from_list(self.sft_rows),
+            processing_class=self.tokenizer,
+            callbacks=[timer.callback],
+        )
         quiet(trainer)
         timer.attach(trainer)
         batch = fixed_batch(trainer, self.device)
@@ -421,15 +479,23 @@ class Bench:
         sft_flops = (4 * n + 6 * n_lora) * tokens
         model.train()
         if light:
+
             def bare_light():
                 out = model(**{k: v for k, v in batch.items() if k in ("input_ids", "attention_mask", "labels")})
                 out.loss.backward()
                 model.zero_grad(set_to_none=True)
+
             bare_light()  # the first step allocates and builds the int8 state
-            self.add("sft", mode, "bare fwd+bwd (HF loss)", side_by_side({"b": (noop, bare_light, noop)}, 1,
-                                                                         self.device)["b"], tokens, sft_flops,
-                     f"{batch['input_ids'].shape[0]} rows, {tokens} real / {padded} padded tokens; light mode: "
-                     "no trainer/DPO rows (--full-8bit adds them)")
+            self.add(
+                "sft",
+                mode,
+                "bare fwd+bwd (HF loss)",
+                side_by_side({"b": (noop, bare_light, noop)}, 1, self.device)["b"],
+                tokens,
+                sft_flops,
+                f"{batch['input_ids'].shape[0]} rows, {tokens} real / {padded} padded tokens; light mode: "
+                "no trainer/DPO rows (--full-8bit adds them)",
+            )
             self.gen_rows(mode, model, cfg, n, n_lora, with_levers=False, reps=1, light=True)
             return
         trainer.train()
@@ -444,8 +510,15 @@ class Bench:
             model.zero_grad(set_to_none=True)
 
         model.train()
-        self.add("sft", mode, "SFTTrainer step (train loop)", train_steps, tokens, sft_flops,
-                 pad_note + f", LoRA {dtype_name(lora_dtype)}")
+        self.add(
+            "sft",
+            mode,
+            "SFTTrainer step (train loop)",
+            train_steps,
+            tokens,
+            sft_flops,
+            pad_note + f", LoRA {dtype_name(lora_dtype)}",
+        )
         if with_levers:
             # The lever mode's bare step is timed alternating with the trainer path (sft_levers), not alone.
             self.sft_levers(mode, model, trainer, batch, tokens, sft_flops, reps, steps, lora_dtype)
@@ -455,18 +528,34 @@ class Bench:
 
         # ---- DPO: TRL's DPOTrainer on the same PeftModel (it adds a frozen "ref" copy of the adapter, as in the demo)
         timer = StepTimer()
-        dpo_args = DPOConfig(**common_args(cfg.dpo, self.work / f"dpo-{mode}", cfg.seed, self.device, 1 + steps),
-                             beta=cfg.dpo.beta, loss_type=[cfg.dpo.loss_type.value])
-        dpo = DPOTrainer(model=model, ref_model=None, args=dpo_args, train_dataset=Dataset.from_list(self.pairs),
-                         processing_class=self.tokenizer, callbacks=[timer.callback])
+        dpo_args = DPOConfig(
+            **common_args(cfg.dpo, self.work / f"dpo-{mode}", cfg.seed, self.device, 1 + steps),
+            beta=cfg.dpo.beta,
+            loss_type=[cfg.dpo.loss_type.value],
+        )
+        dpo = DPOTrainer(
+            model=model,
+            ref_model=None,
+            args=dpo_args,
+            train_dataset=Dataset.from_list(self.pairs),
+            processing_class=self.tokenizer,
+            callbacks=[timer.callback],
+        )
         quiet(dpo)
         timer.attach(dpo)
         dbatch = fixed_batch(dpo, self.device)
         dtokens = real_tokens(dbatch)
         dpo.train()
         self.loop[f"{mode} DPOTrainer"] = timer.breakdown()
-        self.add("dpo", mode, "DPOTrainer step (train loop)", timer.steps()[1:], dtokens, (6 * n + 8 * n_lora) * dtokens,
-                 f"{len(self.pairs)} pairs = {dbatch['input_ids'].shape[0]} sequences, {dtokens} real tokens")
+        self.add(
+            "dpo",
+            mode,
+            "DPOTrainer step (train loop)",
+            timer.steps()[1:],
+            dtokens,
+            (6 * n + 8 * n_lora) * dtokens,
+            f"{len(self.pairs)} pairs = {dbatch['input_ids'].shape[0]} sequences, {dtokens} real tokens",
+        )
 
         self.gen_rows(mode, model, cfg, n, n_lora, with_levers, reps)
 
@@ -484,28 +573,56 @@ class Bench:
         runs = [self.generate(model, limit) for _ in range(reps if with_levers else 1)]
         r = runs[0]
         per_flop = 2 * (n + n_lora)
-        self.add("gen", mode, f"prefill, {r['rows']} prompts", [x["prefill_s"] for x in runs], r["prompt_tokens"],
-                 per_flop * r["prompt_tokens"], f"{r['prompt_tokens']} real prompt tokens (left-padded to "
-                 f"{r['rows']} x {r['prompt_len']})")
+        self.add(
+            "gen",
+            mode,
+            f"prefill, {r['rows']} prompts",
+            [x["prefill_s"] for x in runs],
+            r["prompt_tokens"],
+            per_flop * r["prompt_tokens"],
+            f"{r['prompt_tokens']} real prompt tokens (left-padded to {r['rows']} x {r['prompt_len']})",
+        )
         decode = [statistics.median(x["step_s"]) for x in runs]
-        self.add("gen", mode, f"decode step, batch {r['rows']} (median of {len(r['step_s'])} steps)", decode, r["rows"],
-                 per_flop * r["rows"], f"{r['stopped']}/{r['rows']} rows emitted EOS within {limit} tokens; "
-                 "finished rows keep computing until the batch ends")
+        self.add(
+            "gen",
+            mode,
+            f"decode step, batch {r['rows']} (median of {len(r['step_s'])} steps)",
+            decode,
+            r["rows"],
+            per_flop * r["rows"],
+            f"{r['stopped']}/{r['rows']} rows emitted EOS within {limit} tokens; "
+            "finished rows keep computing until the batch ends",
+        )
         total = [x["marks"][-1] for x in runs]
-        self.add("gen", mode, f"generate {r['steps']} new tokens, end to end", total, r["rows"] * r["steps"],
-                 per_flop * (r["prompt_tokens"] + r["rows"] * r["steps"]), "prefill + decode + sampling bookkeeping")
+        self.add(
+            "gen",
+            mode,
+            f"generate {r['steps']} new tokens, end to end",
+            total,
+            r["rows"] * r["steps"],
+            per_flop * (r["prompt_tokens"] + r["rows"] * r["steps"]),
+            "prefill + decode + sampling bookkeeping",
+        )
         if with_levers:
+
             def upto(x, k):  # a batch whose rows all stopped earlier ends there, whatever the limit
                 return x["marks"][min(k, len(x["marks"])) - 1]
 
-            arms = {"fixed 64": [upto(x, 64) for x in runs],
-                    f"sized {sized} (longest reference + EOS)": [upto(x, sized) for x in runs],
-                    f"max_new_tokens={cfg.eval.max_new_tokens} (config)":
-                        [upto(x, cfg.eval.max_new_tokens) for x in runs]}
-            self.lever("eval max_new_tokens", mode, arms, {k: 1 for k in arms}, "fixed 64",
-                       note=f"time to the k-th token of the same runs; binds only while a row has not emitted EOS "
-                            f"(here {r['stopped']}/{r['rows']} did within 64): base and few-shot variants, "
-                            "and any row of a tuned model that rambles")
+            arms = {
+                "fixed 64": [upto(x, 64) for x in runs],
+                f"sized {sized} (longest reference + EOS)": [upto(x, sized) for x in runs],
+                f"max_new_tokens={cfg.eval.max_new_tokens} (config)": [upto(x, cfg.eval.max_new_tokens) for x in runs],
+            }
+            self.lever(
+                "eval max_new_tokens",
+                mode,
+                arms,
+                {k: 1 for k in arms},
+                "fixed 64",
+                note=f"time to the k-th token of the same runs; binds only while a row has not emitted EOS "
+                f"(here {r['stopped']}/{r['rows']} did within 64): base and few-shot variants, "
+                "and any row of a tuned model that rambles",
+            )
 
     def sized_new_tokens(self) -> int:
         # Exactly what a model reproducing the longest reference needs: its tokens and the end-of-turn token.
@@ -531,14 +648,26 @@ class Bench:
 
         sync(device)
         t0 = time.perf_counter()
-        out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                             eos_token_id=eos_id, pad_token_id=tok.pad_token_id,
-                             stopping_criteria=StoppingCriteriaList([Clock()]))
-        new = out[:, enc["input_ids"].shape[1]:].tolist()
+        out = model.generate(
+            **enc,
+            max_new_tokens=max_new_tokens,
+            do_sample=False,
+            eos_token_id=eos_id,
+            pad_token_id=tok.pad_token_id,
+            stopping_criteria=StoppingCriteriaList([Clock()]),
+        )
+        new = out[:, enc["input_ids"].shape[1] :].tolist()
         rel = [m - t0 for m in marks]
-        return {"rows": len(new), "steps": len(new[0]), "stopped": sum(eos_id in r for r in new),
-                "prompt_tokens": int(enc["attention_mask"].sum()), "prompt_len": int(enc["input_ids"].shape[1]),
-                "prefill_s": rel[0], "step_s": [b - a for a, b in zip(rel, rel[1:])], "marks": rel}
+        return {
+            "rows": len(new),
+            "steps": len(new[0]),
+            "stopped": sum(eos_id in r for r in new),
+            "prompt_tokens": int(enc["attention_mask"].sum()),
+            "prompt_len": int(enc["input_ids"].shape[1]),
+            "prefill_s": rel[0],
+            "step_s": [b - a for a, b in zip(rel, rel[1:])],
+            "marks": rel,
+        }
 
     # -- levers on the SFT step
     def sft_levers(self, mode, model, trainer, batch, tokens, sft_flops, reps, steps, lora_dtype) -> None:
@@ -552,6 +681,7 @@ class Bench:
                 out = model(**{k: v for k, v in b.items() if k in keys + ("position_ids",)})
                 out.loss.backward()
                 model.zero_grad(set_to_none=True)
+
             return run
 
         bare = bare_on(batch)
@@ -577,18 +707,27 @@ class Bench:
                 marks.append(time.perf_counter())
                 for name, a, b in (("forward+loss", 0, 1), ("backward", 1, 2), ("clip+optimizer+zero_grad", 2, 3)):
                     phase_s.setdefault(f"{tag}/{name}", []).append(marks[b] - marks[a])
+
             return run
 
-        step = side_by_side({"bare fwd+bwd (HF loss, full logits)": (noop, phased("bare", False), noop),
-                             "trainer path (TRL compute_loss + backward + clip + AdamW)": (noop, phased("trainer", True), noop)},
-                            max(reps, steps), self.device)
+        step = side_by_side(
+            {
+                "bare fwd+bwd (HF loss, full logits)": (noop, phased("bare", False), noop),
+                "trainer path (TRL compute_loss + backward + clip + AdamW)": (noop, phased("trainer", True), noop),
+            },
+            max(reps, steps),
+            self.device,
+        )
         for name, secs in step.items():
             self.add("sft", mode, name, secs, tokens, sft_flops, "phase-timed, same batch, ABBA")
         self.phases = {k: med(v) for k, v in phase_s.items()}
 
         # 2. torch.profiler: which ops take the time, bare vs trainer path
         if not self.args.quick or self.args.profile:
-            self.profile = {"bare": profile_ops(phased("bare-prof", False)), "trainer": profile_ops(phased("trainer-prof", True))}
+            self.profile = {
+                "bare": profile_ops(phased("bare-prof", False)),
+                "trainer": profile_ops(phased("trainer-prof", True)),
+            }
 
         # 3. LoRA dropout 0.05 vs 0 (the bernoulli masks)
         dropouts = [m for m in model.modules() if hasattr(m, "lora_dropout")]
@@ -605,44 +744,84 @@ class Bench:
                     m.lora_dropout[k] = v
 
         p = self.cfg.lora.dropout
-        arms = side_by_side({f"lora_dropout={p}": (noop, bare, noop), "lora_dropout=0": (no_dropout, bare, restore_dropout)},
-                            reps, self.device)
-        self.lever("lora dropout", mode, arms, {k: tokens for k in arms}, f"lora_dropout={p}",
-                   note="bare fwd+bwd on the trainer's model; dropout=0 replaces the mask with nn.Identity")
+        arms = side_by_side(
+            {f"lora_dropout={p}": (noop, bare, noop), "lora_dropout=0": (no_dropout, bare, restore_dropout)},
+            reps,
+            self.device,
+        )
+        self.lever(
+            "lora dropout",
+            mode,
+            arms,
+            {k: tokens for k in arms},
+            f"lora_dropout={p}",
+            note="bare fwd+bwd on the trainer's model; dropout=0 replaces the mask with nn.Identity",
+        )
 
         # 4. LoRA weights bf16 (TRL casts them under QLoRA) vs fp32
         trainable = [q for q in model.parameters() if q.requires_grad]
         if lora_dtype != torch.float32:
+
             def cast(dtype):
                 def go():
                     for q in trainable:
                         q.data = q.data.to(dtype)
+
                 return go
 
-            arms = side_by_side({f"LoRA {dtype_name(lora_dtype)} (TRL QLoRA cast)": (noop, bare, noop),
-                                 "LoRA fp32": (cast(torch.float32), bare, cast(lora_dtype))}, reps, self.device)
-            self.lever("lora weight dtype", mode, arms, {k: tokens for k in arms},
-                       f"LoRA {dtype_name(lora_dtype)} (TRL QLoRA cast)",
-                       note="SFTTrainer/DPOTrainer cast trainable params to bf16 when the base is 4/8-bit; "
-                            "bf16 GEMMs are native with avx512_bf16/AMX, converted on AVX2-only CPUs")
+            arms = side_by_side(
+                {
+                    f"LoRA {dtype_name(lora_dtype)} (TRL QLoRA cast)": (noop, bare, noop),
+                    "LoRA fp32": (cast(torch.float32), bare, cast(lora_dtype)),
+                },
+                reps,
+                self.device,
+            )
+            self.lever(
+                "lora weight dtype",
+                mode,
+                arms,
+                {k: tokens for k in arms},
+                f"LoRA {dtype_name(lora_dtype)} (TRL QLoRA cast)",
+                note="SFTTrainer/DPOTrainer cast trainable params to bf16 when the base is 4/8-bit; "
+                "bf16 GEMMs are native with avx512_bf16/AMX, converted on AVX2-only CPUs",
+            )
 
         # 5. torch threads = physical cores vs default
         default, physical = self.info["torch_threads"], self.info["physical_cores"]
         if physical and physical != default:
+
             def threads(k):
                 return lambda: torch.set_num_threads(k)
 
-            arms = side_by_side({f"threads={default} (default)": (noop, bare, noop),
-                                 f"threads={physical} (physical cores)": (threads(physical), bare, threads(default))},
-                                reps, self.device)
+            arms = side_by_side(
+                {
+                    f"threads={default} (default)": (noop, bare, noop),
+                    f"threads={physical} (physical cores)": (threads(physical), bare, threads(default)),
+                },
+                reps,
+                self.device,
+            )
             self.lever("torch threads", mode, arms, {k: tokens for k in arms}, f"threads={default} (default)")
         else:
-            self.levers.append({"lever": "torch threads", "mode": mode, "arms": {},
-                                "note": f"not measured: default threads ({default}) == physical cores ({physical})"})
+            self.levers.append(
+                {
+                    "lever": "torch threads",
+                    "mode": mode,
+                    "arms": {},
+                    "note": f"not measured: default threads ({default}) == physical cores ({physical})",
+                }
+            )
 
         # 6. padding-free (TRL's collator flattens the batch, position_ids restart per row) vs padded
-        examples = [{k: trainer.train_dataset[i][k] for k in ("input_ids", "labels", "seq_lengths")
-                     if k in trainer.train_dataset.column_names} for i in range(len(trainer.train_dataset))]
+        examples = [
+            {
+                k: trainer.train_dataset[i][k]
+                for k in ("input_ids", "labels", "seq_lengths")
+                if k in trainer.train_dataset.column_names
+            }
+            for i in range(len(trainer.train_dataset))
+        ]
         pf_batch = to_device(dataclasses.replace(trainer.data_collator, padding_free=True)(examples), self.device)
         pf_tokens = int(pf_batch["input_ids"].numel())
         self.checks["padding_free"] = self.padding_free_check(model, trainer, batch, pf_batch)
@@ -652,13 +831,23 @@ class Bench:
                 loss = trainer.compute_loss(model, dict(b))
                 loss.backward()
                 model.zero_grad(set_to_none=True)
+
             return run
 
-        arms = side_by_side({"padded": (noop, trainer_step(batch), noop),
-                             "padding-free": (noop, trainer_step(pf_batch), noop)}, reps, self.device)
-        self.lever("padding-free batch", mode, arms, {"padded": tokens, "padding-free": pf_tokens}, "padded",
-                   note=f"TRL compute_loss+backward; padded {tuple(batch['input_ids'].shape)} vs flat "
-                        f"{tuple(pf_batch['input_ids'].shape)} with a block-diagonal mask from position_ids (sdpa)")
+        arms = side_by_side(
+            {"padded": (noop, trainer_step(batch), noop), "padding-free": (noop, trainer_step(pf_batch), noop)},
+            reps,
+            self.device,
+        )
+        self.lever(
+            "padding-free batch",
+            mode,
+            arms,
+            {"padded": tokens, "padding-free": pf_tokens},
+            "padded",
+            note=f"TRL compute_loss+backward; padded {tuple(batch['input_ids'].shape)} vs flat "
+            f"{tuple(pf_batch['input_ids'].shape)} with a block-diagonal mask from position_ids (sdpa)",
+        )
         model.zero_grad(set_to_none=True)
 
     @torch.no_grad()
@@ -687,11 +876,21 @@ class Bench:
     def table(self) -> str:
         info, lines = self.info, []
         lines.append(f"CPU: {info['cpu']}")
-        lines.append(f"flags: {' '.join(info['flags']) or '(none of avx2/avx512*/amx*)'}; torch capability "
-                     f"{info['torch_cpu_capability']}; torch threads {info['torch_threads']}; physical cores "
-                     f"{info['physical_cores']} (logical {info['logical_cpus']}); torch {info['torch']}")
-        lines.append(f"load average at start {fmt_load(info['loadavg_start'])}, at end {fmt_load(info['loadavg_end'])} "
-                     f"(other jobs share these cores: compare rows of this run with each other)")
+        lines.append(
+            f"flags: {' '.join(info['flags']) or '(none of avx2/avx512*/amx*)'}; torch capability "
+            f"{info['torch_cpu_capability']}; torch threads {info['torch_threads']}; physical cores "
+            f"{info['physical_cores']} (logical {info['logical_cpus']}); torch {info['torch']}"
+        )
+        if info.get("isa_caps"):
+            lines.append(
+                "EMULATED AVX2-only: "
+                + " ".join(f"{k}={v}" for k, v in info["isa_caps"].items())
+                + " (the flags above are the host's; bitsandbytes' CPU kernels are not capped)"
+            )
+        lines.append(
+            f"load average at start {fmt_load(info['loadavg_start'])}, at end {fmt_load(info['loadavg_end'])} "
+            f"(other jobs share these cores: compare rows of this run with each other)"
+        )
         lines.append("")
         for key, label in (("fp32", "fp32"), ("bf16", "bf16")):
             m = self.matmul[key]
@@ -701,29 +900,37 @@ class Bench:
         if end:
             lines.append(f"matmul fp32 again at the end: {end['best'] / 1e9:.0f} GFLOP/s (drift in the shared load)")
         n, n_lora = self.n_params
-        lines.append(f"model: N = {n / 1e6:.1f}M matmul weights/token, N_lora = {n_lora / 1e6:.2f}M; "
-                     "SFT (4N+6N_lora)T, DPO (6N+8N_lora)T, decode 2(N+N_lora)T; MFU = model FLOP/s / fp32 matmul best")
+        lines.append(
+            f"model: N = {n / 1e6:.1f}M matmul weights/token, N_lora = {n_lora / 1e6:.2f}M; "
+            "SFT (4N+6N_lora)T, DPO (6N+8N_lora)T, decode 2(N+N_lora)T; MFU = model FLOP/s / fp32 matmul best"
+        )
         lines.append("load s: " + ", ".join(f"{m} {s:.1f}" for m, s in self.loads.items()))
         lines.append("")
         header = f"{'mode':5} {'stage':5} {'what':62} {'s (median)':>10} {'n':>2} {'tokens':>6} {'tok/s':>7} {'GFLOP/s':>8} {'MFU':>6}"
         lines.append(header)
         lines.append("-" * len(header))
         for r in self.rows:
-            lines.append(f"{r.mode:5} {r.section:5} {r.what[:62]:62} {r.s:10.2f} {len(r.seconds):2d} {r.tokens:6d} "
-                         f"{r.tok_s:7.1f} {r.flop_s / 1e9:8.1f} {r.mfu:6.1%}")
+            lines.append(
+                f"{r.mode:5} {r.section:5} {r.what[:62]:62} {r.s:10.2f} {len(r.seconds):2d} {r.tokens:6d} "
+                f"{r.tok_s:7.1f} {r.flop_s / 1e9:8.1f} {r.mfu:6.1%}"
+            )
         for r in self.rows:
             if r.note:
                 lines.append(f"  {r.mode} {r.section} {r.what}: {r.note}")
         if self.levers:
             lines.append("")
-            lines.append("levers (side by side, ABBA; ratio = tokens/s vs the baseline arm; time ratio = median s / baseline)")
+            lines.append(
+                "levers (side by side, ABBA; ratio = tokens/s vs the baseline arm; time ratio = median s / baseline)"
+            )
             for lv in self.levers:
                 if not lv["arms"]:
                     lines.append(f"  {lv['lever']:22} {lv['note']}")
                     continue
                 for arm, v in lv["arms"].items():
-                    lines.append(f"  {lv['lever']:22} {arm:42} {v['median_s']:8.2f} s  n={len(v['seconds'])}  "
-                                 f"tok/s x{v['tok_s_ratio_vs_baseline']:.3f}  time x{v['time_ratio_vs_baseline']:.3f}")
+                    lines.append(
+                        f"  {lv['lever']:22} {arm:42} {v['median_s']:8.2f} s  n={len(v['seconds'])}  "
+                        f"tok/s x{v['tok_s_ratio_vs_baseline']:.3f}  time x{v['time_ratio_vs_baseline']:.3f}"
+                    )
                 if lv.get("note"):
                     lines.append(f"  {'':22} ({lv['note']})")
         if self.checks:
@@ -742,8 +949,10 @@ class Bench:
                 lines.append(f"  {k:62} {v:8.2f}  {v / whole:6.1%}")
         for tag, prof in self.profile.items():
             lines.append("")
-            lines.append(f"torch.profiler, one {tag} step: {prof['total_s']:.2f} s wall; self CPU time by category "
-                         f"(% of summed self time)")
+            lines.append(
+                f"torch.profiler, one {tag} step: {prof['total_s']:.2f} s wall; self CPU time by category "
+                f"(% of summed self time)"
+            )
             for cat, s in prof["categories"].items():
                 lines.append(f"  {cat:40} {s:8.2f} s  {s / prof['self_total_s']:6.1%}")
             lines.append("  top ops by self CPU time:")
@@ -765,15 +974,30 @@ def fmt_load(load: list[float]) -> str:
 
 
 CATEGORIES = (  # (category, exact aten op names, substrings for everything else)
-    ("matmul (mm/addmm/bmm/linear)", {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul",
-                                      "aten::_addmm_activation"}, ("mkldnn", "onednn")),
+    (
+        "matmul (mm/addmm/bmm/linear)",
+        {"aten::mm", "aten::addmm", "aten::bmm", "aten::linear", "aten::matmul", "aten::_addmm_activation"},
+        ("mkldnn", "onednn"),
+    ),
     ("bitsandbytes (de-quantize / int8)", set(), ("bitsandbytes", "dequant", "int8", "gemv_4bit", "gemm_4bit")),
     ("dropout masks (bernoulli)", {"aten::bernoulli_", "aten::native_dropout", "aten::dropout"}, ("bernoulli",)),
     ("dtype casts / copies", {"aten::copy_", "aten::_to_copy", "aten::to", "aten::clone", "aten::contiguous"}, ()),
     ("attention (sdpa / softmax)", {"aten::_softmax", "aten::softmax"}, ("scaled_dot_product", "flash_attention")),
     ("optimizer (AdamW foreach)", set(), ("_foreach", "addcdiv", "addcmul", "aten::lerp")),
-    ("log-softmax / logprob tiles", {"aten::_log_softmax", "aten::log_softmax", "aten::logsumexp", "aten::exp",
-                                     "aten::amax", "aten::max", "aten::gather", "aten::_log_softmax_backward_data"}, ()),
+    (
+        "log-softmax / logprob tiles",
+        {
+            "aten::_log_softmax",
+            "aten::log_softmax",
+            "aten::logsumexp",
+            "aten::exp",
+            "aten::amax",
+            "aten::max",
+            "aten::gather",
+            "aten::_log_softmax_backward_data",
+        },
+        (),
+    ),
 )
 
 
@@ -802,8 +1026,15 @@ def profile_ops(run: Callable[[], None], top: int = 12) -> dict[str, Any]:
         "total_s": total,
         "self_total_s": self_total,
         "categories": dict(sorted(cats.items(), key=lambda kv: -kv[1])),
-        "top": [{"op": e.key, "self_s": e.self_cpu_time_total / 1e6, "share": e.self_cpu_time_total / 1e6 / self_total,
-                 "calls": e.count} for e in ranked],
+        "top": [
+            {
+                "op": e.key,
+                "self_s": e.self_cpu_time_total / 1e6,
+                "share": e.self_cpu_time_total / 1e6 / self_total,
+                "calls": e.count,
+            }
+            for e in ranked
+        ],
     }
 
 
@@ -817,6 +1048,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--no-levers", action="store_true")
     ap.add_argument("--profile", action="store_true", help="run the profiler even with --quick")
     ap.add_argument("--json", help="write every figure to this file")
+    ap.add_argument(
+        "--emulate-avx2",
+        action="store_true",
+        help="re-run with torch/oneDNN/MKL capped at AVX2 (bitsandbytes' own CPU kernels are not capped)",
+    )
     ap.add_argument("--model", help="another model directory (a tiny one makes a seconds-long check of this script)")
     args = ap.parse_args(argv)
     modes = [m.strip() for m in args.modes.split(",") if m.strip()]
@@ -849,9 +1085,19 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(text)
     print(f"\ntotal wall {info['wall_s']:.0f} s")
     if args.json:
-        payload = {"machine": info, "matmul": bench.matmul, "n_params": bench.n_params, "loads_s": bench.loads,
-                   "rows": [r.as_dict() for r in bench.rows], "levers": bench.levers, "phases_s": bench.phases,
-                   "profile": bench.profile, "checks": bench.checks, "trainer_loop_s": bench.loop, "argv": sys.argv[1:]}
+        payload = {
+            "machine": info,
+            "matmul": bench.matmul,
+            "n_params": bench.n_params,
+            "loads_s": bench.loads,
+            "rows": [r.as_dict() for r in bench.rows],
+            "levers": bench.levers,
+            "phases_s": bench.phases,
+            "profile": bench.profile,
+            "checks": bench.checks,
+            "trainer_loop_s": bench.loop,
+            "argv": sys.argv[1:],
+        }
         Path(args.json).write_text(json.dumps(payload, indent=2, default=str))
     return 0
 

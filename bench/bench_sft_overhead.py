@@ -24,6 +24,7 @@ wall time to other jobs on a shared CPU box), of the subprocess wall time and of
 loss (a check that both arms did the same work), then the ratios pipeline / bare of those medians and
 the median of the per-pair s/step ratios (each pair ran back to back under about the same load).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -44,6 +45,7 @@ ARMS = ("pipeline", "bare")
 
 
 # --- driver ------------------------------------------------------------------------------------
+
 
 def clean_examples(work: Path, n: int) -> list[dict]:
     """The first n defect-free demo SFT rows, formatted exactly as the pipeline hands them to TRL."""
@@ -66,12 +68,24 @@ def clean_examples(work: Path, n: int) -> list[dict]:
 def run_arm(arm: str, spec_path: Path, work: Path, index: int) -> dict:
     result_path = work / f"result-{index}-{arm}.json"
     log_path = work / f"log-{index}-{arm}.txt"
-    cmd = [sys.executable, str(Path(__file__).resolve()), "--worker", arm, "--spec", str(spec_path),
-           "--result", str(result_path), "--out", str(work / f"out-{index}-{arm}")]
+    cmd = [
+        sys.executable,
+        str(Path(__file__).resolve()),
+        "--worker",
+        arm,
+        "--spec",
+        str(spec_path),
+        "--result",
+        str(result_path),
+        "--out",
+        str(work / f"out-{index}-{arm}"),
+    ]
     t0 = time.perf_counter()
     with log_path.open("w") as log:
         # cwd = the scratch dir: MLflow puts its default artifact root under the working directory.
-        proc = subprocess.run(cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)})
+        proc = subprocess.run(
+            cmd, cwd=work, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, "PYTHONPATH": str(ROOT)}
+        )
     process_s = time.perf_counter() - t0
     if proc.returncode != 0:
         sys.stderr.write(log_path.read_text()[-4000:])
@@ -87,18 +101,24 @@ def hyperparameters(args: argparse.Namespace) -> dict:
     """The pipeline's config with the bench's overrides, as plain values both workers read."""
     from ftflow.configs.schema import PipelineConfig
 
-    cfg = PipelineConfig.model_validate({
-        "seed": args.seed,
-        "sft": {"max_steps": args.steps, "per_device_batch_size": args.batch, "max_length": args.max_length},
-    })
+    cfg = PipelineConfig.model_validate(
+        {
+            "seed": args.seed,
+            "sft": {"max_steps": args.steps, "per_device_batch_size": args.batch, "max_length": args.max_length},
+        }
+    )
     q = cfg.quantization
     if q.mode.value != "4bit" or q.quant_type != "nf4" or not q.double_quant or q.compute_dtype != "auto":
         raise SystemExit(f"the bare arm hard-codes 4-bit NF4 double-quant with auto compute dtype; config has {q}")
     return {
         "seed": cfg.seed,
         "sft": cfg.sft.model_dump(),
-        "lora": {"r": cfg.lora.r, "lora_alpha": cfg.lora.resolved_alpha, "lora_dropout": cfg.lora.dropout,
-                 "target_modules": list(cfg.lora.target_modules)},
+        "lora": {
+            "r": cfg.lora.r,
+            "lora_alpha": cfg.lora.resolved_alpha,
+            "lora_dropout": cfg.lora.dropout,
+            "target_modules": list(cfg.lora.target_modules),
+        },
     }
 
 
@@ -123,13 +143,16 @@ def drive(args: argparse.Namespace) -> None:
         runs = []
         for i in range(args.repeats):
             # ABBA...: alternating which arm goes first cancels a steady drift in machine load.
-            for arm in (ARMS if i % 2 == 0 else ARMS[::-1]):
+            for arm in ARMS if i % 2 == 0 else ARMS[::-1]:
                 r = run_arm(arm, spec_path, work, i)
                 runs.append(r)
-                print(f"run {i + 1} {arm}: span {r['span_s']:.2f} s, outside train() {r['outside_train_s']:.2f} s, "
-                      f"train_runtime {r['train_runtime']:.2f} s ({r['train_runtime'] / r['global_step']:.3f} s/step), "
-                      f"span cpu {r['cpu_s']:.2f} s, process {r['process_s']:.2f} s, loss {r['train_loss']:.4f}, device {r['device']}, "
-                      f"load avg {os.getloadavg()[0]:.1f}", flush=True)
+                print(
+                    f"run {i + 1} {arm}: span {r['span_s']:.2f} s, outside train() {r['outside_train_s']:.2f} s, "
+                    f"train_runtime {r['train_runtime']:.2f} s ({r['train_runtime'] / r['global_step']:.3f} s/step), "
+                    f"span cpu {r['cpu_s']:.2f} s, process {r['process_s']:.2f} s, loss {r['train_loss']:.4f}, device {r['device']}, "
+                    f"load avg {os.getloadavg()[0]:.1f}",
+                    flush=True,
+                )
         for arm in ARMS:
             steps = [r["global_step"] for r in runs if r["arm"] == arm]
             if set(steps) != {args.steps}:
@@ -163,30 +186,45 @@ def drive(args: argparse.Namespace) -> None:
 
 # --- workers (one per subprocess) ----------------------------------------------------------------
 
+
 def worker_pipeline(spec: dict, out_dir: Path) -> dict:
     from ftflow.configs.schema import PipelineConfig
     from ftflow.tasks.stages import StageContext, resolve_model
     from ftflow.tasks.tracking import RunLogger
     from ftflow.tasks.train.trainer import train
 
-    cfg = PipelineConfig.model_validate({
-        "seed": spec["seed"],
-        "model": {"name_or_path": spec["model_path"]},
-        "sft": spec["sft"],
-        "lora": {"r": spec["lora"]["r"], "alpha": spec["lora"]["lora_alpha"], "dropout": spec["lora"]["lora_dropout"],
-                 "target_modules": spec["lora"]["target_modules"]},
-        "tracking": {"tracking_uri": f"sqlite:///{(out_dir.parent / 'mlflow-bench.db').resolve()}",
-                     "experiment": "bench-sft-overhead"},
-    })
+    cfg = PipelineConfig.model_validate(
+        {
+            "seed": spec["seed"],
+            "model": {"name_or_path": spec["model_path"]},
+            "sft": spec["sft"],
+            "lora": {
+                "r": spec["lora"]["r"],
+                "alpha": spec["lora"]["lora_alpha"],
+                "dropout": spec["lora"]["lora_dropout"],
+                "target_modules": spec["lora"]["target_modules"],
+            },
+            "tracking": {
+                "tracking_uri": f"sqlite:///{(out_dir.parent / 'mlflow-bench.db').resolve()}",
+                "experiment": "bench-sft-overhead",
+            },
+        }
+    )
     # The flow opens its run and resolves the model before the SFT stage; neither is SFT cost.
     run = RunLogger.start(cfg, run_name=out_dir.name)
     ctx = StageContext(cfg, resolve_model(cfg), run, out_dir, lambda line: None)
     t0, c0 = time.perf_counter(), time.process_time()
     result = train(ctx, "sft", spec["examples"])
     span, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"span_s": span, "cpu_s": cpu, "outside_train_s": span - result.wall_s, "global_step": result.global_step,
-            "train_runtime": result.metrics["train_runtime"], "train_loss": result.metrics["train_loss"],
-            "device": "cuda" if _cuda() else "cpu"}
+    return {
+        "span_s": span,
+        "cpu_s": cpu,
+        "outside_train_s": span - result.wall_s,
+        "global_step": result.global_step,
+        "train_runtime": result.metrics["train_runtime"],
+        "train_loss": result.metrics["train_loss"],
+        "device": "cuda" if _cuda() else "cpu",
+    }
 
 
 def worker_bare(spec: dict, out_dir: Path) -> dict:
@@ -208,8 +246,9 @@ def worker_bare(spec: dict, out_dir: Path) -> dict:
     model = AutoModelForCausalLM.from_pretrained(
         path,
         dtype=dtype,
-        quantization_config=BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type="nf4",
-                                               bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype),
+        quantization_config=BitsAndBytesConfig(
+            load_in_4bit=True, bnb_4bit_quant_type="nf4", bnb_4bit_use_double_quant=True, bnb_4bit_compute_dtype=dtype
+        ),
         device_map={"": 0 if cuda else "cpu"},
     )
     model = get_peft_model(model, LoraConfig(**spec["lora"], bias="none", task_type="CAUSAL_LM"))
@@ -234,17 +273,24 @@ def worker_bare(spec: dict, out_dir: Path) -> dict:
         report_to="none",
         disable_tqdm=True,
     )
-    trainer = SFTTrainer(model=model, args=args, train_dataset=Dataset.from_list(spec["examples"]),
-                         processing_class=tokenizer)
+    trainer = SFTTrainer(
+        model=model, args=args, train_dataset=Dataset.from_list(spec["examples"]), processing_class=tokenizer
+    )
     t_train = time.perf_counter()
     output = trainer.train()
     train_wall = time.perf_counter() - t_train
     trainer.save_model(str(out_dir / "adapter"))
     tokenizer.save_pretrained(str(out_dir / "adapter"))
     span, cpu = time.perf_counter() - t0, time.process_time() - c0
-    return {"span_s": span, "cpu_s": cpu, "outside_train_s": span - train_wall, "global_step": output.global_step,
-            "train_runtime": output.metrics["train_runtime"], "train_loss": output.metrics["train_loss"],
-            "device": "cuda" if cuda else "cpu"}
+    return {
+        "span_s": span,
+        "cpu_s": cpu,
+        "outside_train_s": span - train_wall,
+        "global_step": output.global_step,
+        "train_runtime": output.metrics["train_runtime"],
+        "train_loss": output.metrics["train_loss"],
+        "device": "cuda" if cuda else "cpu",
+    }
 
 
 def _cuda() -> bool:

@@ -9,6 +9,7 @@ come from the real SmolLM2 tokenizer through its chat template. Prints one figur
 overall, seconds per check (so the slowest is visible), and ratios against baselines measured in the
 same run: plain json.loads of the same rows, and exact-dedup only. Goal: >= 10,000 rows/s on 2 cores.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,13 +42,20 @@ EN_ADJS = (
     "crowded empty golden silent distant fresh broken"
 ).split()
 EN_QUESTIONS = (
-    "How does the {a} {n} work?", "Can you explain why the {n} {v} the {n2}?", "What is the best way to describe a {a} {n}?",
-    "Write a short note about the {n} near the {n2}.", "Why would a {n} need a {a} {n2}?", "Summarize the story of the {a} {n}.",
+    "How does the {a} {n} work?",
+    "Can you explain why the {n} {v} the {n2}?",
+    "What is the best way to describe a {a} {n}?",
+    "Write a short note about the {n} near the {n2}.",
+    "Why would a {n} need a {a} {n2}?",
+    "Summarize the story of the {a} {n}.",
 )
 EN_SENTENCES = (
-    "The {a} {n} {v} the {n2} every morning.", "A {n} usually {v} a {a} {n2} near the {n3}.",
-    "In the end, the {n} {v} the {a} {n2}.", "Nobody expected the {a} {n} to be so {a2}.",
-    "Each {n} {v} its own {n2} before the {n3} opens.", "The {n2} is {a} because the {n} {v} it.",
+    "The {a} {n} {v} the {n2} every morning.",
+    "A {n} usually {v} a {a} {n2} near the {n3}.",
+    "In the end, the {n} {v} the {a} {n2}.",
+    "Nobody expected the {a} {n} to be so {a2}.",
+    "Each {n} {v} its own {n2} before the {n3} opens.",
+    "The {n2} is {a} because the {n} {v} it.",
 )
 JA_NOUNS = (
     "東京 大阪 先生 学生 会社 電車 図書館 天気 料理 友達 家族 公園 病院 会議 資料 予算 地図 音楽 映画 "
@@ -58,31 +66,53 @@ JA_VERBS = (
     "書きました 読みました 使っています 選びました 話しました 届けます 直しました"
 ).split()
 JA_QUESTIONS = (
-    "{n}について教えてください。", "{n}と{n2}の違いは何ですか？", "{n}の{n2}を簡単に説明してください。",
-    "どうして{n}は{n2}が必要なのですか？", "{n}で{n2}を使う方法を教えてください。",
+    "{n}について教えてください。",
+    "{n}と{n2}の違いは何ですか？",
+    "{n}の{n2}を簡単に説明してください。",
+    "どうして{n}は{n2}が必要なのですか？",
+    "{n}で{n2}を使う方法を教えてください。",
 )
 JA_SENTENCES = (
-    "{n}は{n2}で{v}。", "昨日、{n}の{n2}を{v}。", "{n}のために{n2}を{v}。", "まず{n}を見て、それから{n2}を{v}。",
-    "{n}と{n2}はとても大切です。", "今日は{n}が{n2}より静かでした。",
+    "{n}は{n2}で{v}。",
+    "昨日、{n}の{n2}を{v}。",
+    "{n}のために{n2}を{v}。",
+    "まず{n}を見て、それから{n2}を{v}。",
+    "{n}と{n2}はとても大切です。",
+    "今日は{n}が{n2}より静かでした。",
 )
 OTHER_LANGUAGE_ROWS = (
-    ("Pouvez-vous m'expliquer comment fonctionne la bibliothèque municipale ?",
-     "Bien sûr. La bibliothèque ouvre à neuf heures et les livres sont prêtés pour trois semaines."),
-    ("Wie komme ich am schnellsten zum Bahnhof, wenn es regnet?",
-     "Am besten nehmen Sie die Straßenbahn, sie fährt alle zehn Minuten direkt bis zum Hauptbahnhof."),
-    ("¿Cuál es la mejor manera de preparar una tortilla de patatas?",
-     "Primero se fríen las patatas con cebolla, después se mezclan con los huevos y se cuaja a fuego lento."),
+    (
+        "Pouvez-vous m'expliquer comment fonctionne la bibliothèque municipale ?",
+        "Bien sûr. La bibliothèque ouvre à neuf heures et les livres sont prêtés pour trois semaines.",
+    ),
+    (
+        "Wie komme ich am schnellsten zum Bahnhof, wenn es regnet?",
+        "Am besten nehmen Sie die Straßenbahn, sie fährt alle zehn Minuten direkt bis zum Hauptbahnhof.",
+    ),
+    (
+        "¿Cuál es la mejor manera de preparar una tortilla de patatas?",
+        "Primero se fríen las patatas con cebolla, después se mezclan con los huevos y se cuaja a fuego lento.",
+    ),
 )
 SYSTEM_PROMPTS = ("You are a concise assistant.", "あなたは丁寧なアシスタントです。", "Answer in the user's language.")
-PII_SNIPPETS = ("contact me at taro.yamada@example.co.jp", "電話は090-1234-5678までお願いします", "card 4111 1111 1111 1111", "call +1 415 555 0100")
+PII_SNIPPETS = (
+    "contact me at taro.yamada@example.co.jp",
+    "電話は090-1234-5678までお願いします",
+    "card 4111 1111 1111 1111",
+    "call +1 415 555 0100",
+)
 
 
 def _fill(template: str, rng: random.Random, japanese: bool) -> str:
     if japanese:
         return template.format(n=rng.choice(JA_NOUNS), n2=rng.choice(JA_NOUNS), v=rng.choice(JA_VERBS))
     return template.format(
-        n=rng.choice(EN_NOUNS), n2=rng.choice(EN_NOUNS), n3=rng.choice(EN_NOUNS),
-        v=rng.choice(EN_VERBS), a=rng.choice(EN_ADJS), a2=rng.choice(EN_ADJS),
+        n=rng.choice(EN_NOUNS),
+        n2=rng.choice(EN_NOUNS),
+        n3=rng.choice(EN_NOUNS),
+        v=rng.choice(EN_VERBS),
+        a=rng.choice(EN_ADJS),
+        a2=rng.choice(EN_ADJS),
     )
 
 
@@ -94,7 +124,9 @@ def _clean_row(rng: random.Random) -> dict:
         messages.append({"role": "system", "content": rng.choice(SYSTEM_PROMPTS)})
     for _ in range(2 if rng.random() < 0.1 else 1):
         messages.append({"role": "user", "content": _fill(rng.choice(questions), rng, japanese)})
-        answer = ("" if japanese else " ").join(_fill(rng.choice(sentences), rng, japanese) for _ in range(rng.randint(2, 7)))
+        answer = ("" if japanese else " ").join(
+            _fill(rng.choice(sentences), rng, japanese) for _ in range(rng.randint(2, 7))
+        )
         messages.append({"role": "assistant", "content": answer})
     return {"messages": messages}
 
@@ -123,7 +155,12 @@ def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
             row["messages"][-1]["content"] = " ".join([row["messages"][-1]["content"]] * 40)
         elif roll < 0.075:
             question, answer = rng.choice(OTHER_LANGUAGE_ROWS)
-            row = {"messages": [{"role": "user", "content": f"{question} ({rng.randint(1, 10**9)})"}, {"role": "assistant", "content": answer}]}
+            row = {
+                "messages": [
+                    {"role": "user", "content": f"{question} ({rng.randint(1, 10**9)})"},
+                    {"role": "assistant", "content": answer},
+                ]
+            }
         elif roll < 0.085:
             row = _clean_row(rng)
             row["messages"][-1]["content"] += " " + rng.choice(PII_SNIPPETS)

@@ -7,6 +7,7 @@ eval/heldout_exact), overall and per language, one figure per line.
 
     .venv/bin/python bench/demo_task_baseline.py [--n 40] [--shots 3] [--batch 16]
 """
+
 from __future__ import annotations
 
 import argparse
@@ -19,6 +20,7 @@ from pathlib import Path
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
 import torch  # noqa: E402
+
 from ftflow.configs.schema import DemoDataConfig, ModelConfig, Quantization, QuantizationConfig  # noqa: E402
 from ftflow.tasks.data.demo import generate_demo  # noqa: E402
 from ftflow.tasks.evaluate.metrics.json_match import score_example  # noqa: E402
@@ -48,10 +50,13 @@ def generate(model, tok, conversations: list[list[dict]], batch: int, max_new_to
     tok.padding_side = "left"
     out: list[str] = []
     for start in range(0, len(conversations), batch):
-        texts = [tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True) for c in conversations[start:start + batch]]
+        texts = [
+            tok.apply_chat_template(c, tokenize=False, add_generation_prompt=True)
+            for c in conversations[start : start + batch]
+        ]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(model.device)
         gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
-        out += tok.batch_decode(gen[:, enc["input_ids"].shape[1]:], skip_special_tokens=True)
+        out += tok.batch_decode(gen[:, enc["input_ids"].shape[1] :], skip_special_tokens=True)
     return out
 
 
@@ -95,7 +100,9 @@ def main() -> None:
             if not picked:
                 continue
             for metric in ("exact_match", "field_accuracy"):
-                print(f"base/{mode}/{group}/{metric}: {sum(s[metric] for s in picked) / len(picked):.3f} (n={len(picked)})")
+                print(
+                    f"base/{mode}/{group}/{metric}: {sum(s[metric] for s in picked) / len(picked):.3f} (n={len(picked)})"
+                )
         print(f"base/{mode}/generate_seconds: {elapsed:.1f}")
         wrong = [(p, r) for p, r, s in zip(predictions, references, scores) if not s["exact_match"]]
         for p, r in wrong[: args.show]:

@@ -20,6 +20,7 @@ quantizing, is excluded), memory held by the weights, tokens/s over the timed st
 over the bf16 matmul rate measured here. Model FLOPs per token: 6 N full, 4 N + 6 N_lora with a frozen base
 (no weight gradients); recomputation under gradient checkpointing is not counted (it is what MFU excludes).
 """
+
 from __future__ import annotations
 
 import argparse
@@ -40,12 +41,28 @@ TARGETS = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down
 ROWS = ("qlora", "lora", "full")
 SEED_CHART_GB = {"qlora": 8, "lora": 20, "full": 60}
 
-LLAMA_8B = dict(hidden_size=4096, intermediate_size=14336, num_hidden_layers=32, num_attention_heads=32,
-                num_key_value_heads=8, vocab_size=128256, max_position_embeddings=8192, rope_theta=500000.0,
-                rms_norm_eps=1e-5, tie_word_embeddings=False)
+LLAMA_8B = dict(
+    hidden_size=4096,
+    intermediate_size=14336,
+    num_hidden_layers=32,
+    num_attention_heads=32,
+    num_key_value_heads=8,
+    vocab_size=128256,
+    max_position_embeddings=8192,
+    rope_theta=500000.0,
+    rms_norm_eps=1e-5,
+    tie_word_embeddings=False,
+)
 # The dry run keeps the 8B vocabulary (the LM head is a large share of a small model's work) and shrinks the rest.
-TINY = dict(LLAMA_8B, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=4,
-            num_key_value_heads=2, max_position_embeddings=1024)
+TINY = dict(
+    LLAMA_8B,
+    hidden_size=64,
+    intermediate_size=128,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=1024,
+)
 
 
 def sync(device: str) -> None:
@@ -108,11 +125,18 @@ def quantize_blocks_nf4(model, device: str) -> None:
             for name, child in list(parent.named_children()):
                 if not isinstance(child, torch.nn.Linear):
                     continue
-                q = bnb.nn.Linear4bit(child.in_features, child.out_features, bias=child.bias is not None,
-                                      compute_dtype=torch.bfloat16, compress_statistics=True, quant_type="nf4",
-                                      device="meta")
-                weight = bnb.nn.Params4bit(child.weight.data, requires_grad=False, compress_statistics=True,
-                                           quant_type="nf4", module=q)
+                q = bnb.nn.Linear4bit(
+                    child.in_features,
+                    child.out_features,
+                    bias=child.bias is not None,
+                    compute_dtype=torch.bfloat16,
+                    compress_statistics=True,
+                    quant_type="nf4",
+                    device="meta",
+                )
+                weight = bnb.nn.Params4bit(
+                    child.weight.data, requires_grad=False, compress_statistics=True, quant_type="nf4", module=q
+                )
                 q.weight = weight._quantize(device)
                 setattr(parent, name, q)
                 del child
@@ -131,12 +155,15 @@ def with_lora(model, kind: str):
         return model
     if kind == "qlora":
         # As the pipeline does: norms and LM head in fp32, input grads on, gradient checkpointing on.
-        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=True,
-                                                gradient_checkpointing_kwargs={"use_reentrant": False})
+        model = prepare_model_for_kbit_training(
+            model, use_gradient_checkpointing=True, gradient_checkpointing_kwargs={"use_reentrant": False}
+        )
     else:
         model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
         model.enable_input_require_grads()
-    lora = LoraConfig(r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, bias="none", task_type="CAUSAL_LM")
+    lora = LoraConfig(
+        r=16, lora_alpha=32, lora_dropout=0.05, target_modules=TARGETS, bias="none", task_type="CAUSAL_LM"
+    )
     return get_peft_model(model, lora)
 
 
@@ -149,14 +176,18 @@ def optimizer_for(kind: str, params, device: str) -> tuple[Any, str]:
         except Exception as err:  # paging needs CUDA unified memory; the CPU dry run falls back and says so
             if device == "cuda":
                 raise
-            return bnb.optim.AdamW8bit(params, lr=2e-4), f"AdamW 8-bit (paged unavailable on {device}: {type(err).__name__})"
+            return bnb.optim.AdamW8bit(
+                params, lr=2e-4
+            ), f"AdamW 8-bit (paged unavailable on {device}: {type(err).__name__})"
     fused = device == "cuda"
-    return torch.optim.AdamW(params, lr=2e-4 if kind == "lora" else 1e-5, fused=fused), \
-        "AdamW (bf16 states)" if kind == "full" else "AdamW (fp32 adapter)"
+    return torch.optim.AdamW(
+        params, lr=2e-4 if kind == "lora" else 1e-5, fused=fused
+    ), "AdamW (bf16 states)" if kind == "full" else "AdamW (fp32 adapter)"
 
 
-def run_row(kind: str, sizes: dict, device: str, seq: int, batch: int, steps: int, warmup: int,
-            peak_flops: float) -> dict[str, Any]:
+def run_row(
+    kind: str, sizes: dict, device: str, seq: int, batch: int, steps: int, warmup: int, peak_flops: float
+) -> dict[str, Any]:
     row: dict[str, Any] = {"row": kind, "seq": seq, "batch": batch, "steps": steps}
     model = opt = None
     try:
@@ -191,8 +222,7 @@ def run_row(kind: str, sizes: dict, device: str, seq: int, batch: int, steps: in
                 times.append(time.perf_counter() - t)
             row["loss"] = float(loss.detach())
         step_s = statistics.median(times)
-        row.update(step_s=step_s, tokens_per_s=batch * seq / step_s,
-                   flop_per_s=flops_per_token * batch * seq / step_s)
+        row.update(step_s=step_s, tokens_per_s=batch * seq / step_s, flop_per_s=flops_per_token * batch * seq / step_s)
         row["mfu"] = row["flop_per_s"] / peak_flops
         if device == "cuda":
             row["peak_alloc_gb"] = torch.cuda.max_memory_allocated() / 1e9
@@ -214,8 +244,10 @@ def run_row(kind: str, sizes: dict, device: str, seq: int, batch: int, steps: in
 
 
 def table(rows: list[dict], device_name: str, peak: float, dry: bool) -> str:
-    lines = [f"device: {device_name}; bf16 matmul {peak / 1e12:.1f} TFLOP/s (median); torch {torch.__version__}"
-             + ("; DRY RUN (CPU, tiny model: numbers test the code path only)" if dry else "")]
+    lines = [
+        f"device: {device_name}; bf16 matmul {peak / 1e12:.1f} TFLOP/s (median); torch {torch.__version__}"
+        + ("; DRY RUN (CPU, tiny model: numbers test the code path only)" if dry else "")
+    ]
     mem = "peak RSS GB" if dry else "peak GB (alloc/reserved)"
     head = f"{'row':6} {'weights GB':>10} {mem:>24} {'seed chart':>10} {'s/step':>8} {'tok/s':>9} {'MFU':>7}  optimizer"
     lines += [head, "-" * len(head)]
@@ -226,8 +258,10 @@ def table(rows: list[dict], device_name: str, peak: float, dry: bool) -> str:
             continue
         peak_mem = f"{r['peak_rss_gb']:.2f}" if dry else f"{r['peak_alloc_gb']:.1f} / {r['peak_reserved_gb']:.1f}"
         weights = f"{r['weights_gb']:.1f}" if "weights_gb" in r else "-"
-        lines.append(f"{r['row']:6} {weights:>10} {peak_mem:>24} {'~' + str(SEED_CHART_GB[r['row']]) + ' GB':>10} "
-                     f"{r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['mfu']:7.1%}  {r['optimizer']}")
+        lines.append(
+            f"{r['row']:6} {weights:>10} {peak_mem:>24} {'~' + str(SEED_CHART_GB[r['row']]) + ' GB':>10} "
+            f"{r['step_s']:8.3f} {r['tokens_per_s']:9.0f} {r['mfu']:7.1%}  {r['optimizer']}"
+        )
     return "\n".join(lines)
 
 
@@ -261,7 +295,9 @@ def main(argv: Optional[list[str]] = None) -> int:
     print(table(rows, device_name, peak, args.dry_run))
     if args.json:
         with open(args.json, "w") as fh:
-            json.dump({"device": device_name, "bf16_matmul_flop_s": peak, "rows": rows, "dry_run": args.dry_run}, fh, indent=2)
+            json.dump(
+                {"device": device_name, "bf16_matmul_flop_s": peak, "rows": rows, "dry_run": args.dry_run}, fh, indent=2
+            )
     return 0
 
 

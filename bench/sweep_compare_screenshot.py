@@ -4,6 +4,7 @@
         --out docs/sweep-compare.png
 Needs Debian's chromium (apt-get install chromium). Starts `mlflow ui` on a free loopback port and stops it.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -41,13 +42,28 @@ def main() -> int:
     children = client.search_runs([exp.experiment_id], f"tags.mlflow.parentRunId = '{parent.info.run_id}'")
     ids = [c.info.run_id for c in children]
     for c in sorted(children, key=lambda c: int(c.data.params["lora.r"])):
-        print(f"arm r={c.data.params['lora.r']} alpha={c.data.params['lora.alpha']} "
-              f"heldout_exact={c.data.metrics.get('eval/heldout_exact')} wall_s={c.data.metrics.get('arm/wall_s')}")
+        print(
+            f"arm r={c.data.params['lora.r']} alpha={c.data.params['lora.alpha']} "
+            f"heldout_exact={c.data.metrics.get('eval/heldout_exact')} wall_s={c.data.metrics.get('arm/wall_s')}"
+        )
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-m", "mlflow", "ui", "--backend-store-uri", args.tracking_uri,
-                               "--host", "127.0.0.1", "--port", str(port)],
-                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            args.tracking_uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         for _ in range(120):
@@ -64,11 +80,28 @@ def main() -> int:
         if chromium is None:
             raise SystemExit("chromium not found: apt-get install chromium")
         profile = Path("/tmp") / f"chromium-profile-{port}"
-        subprocess.run([chromium, "--headless", "--no-sandbox", "--disable-gpu", "--disable-quic", "--no-first-run",
-                        "--disable-background-networking", "--disable-component-update", "--disable-sync",
-                        f"--user-data-dir={profile}", "--hide-scrollbars", "--window-size=1600,1400",
-                        "--virtual-time-budget=20000", f"--screenshot={out}", url],
-                       check=True, capture_output=True, timeout=180)
+        subprocess.run(
+            [
+                chromium,
+                "--headless",
+                "--no-sandbox",
+                "--disable-gpu",
+                "--disable-quic",
+                "--no-first-run",
+                "--disable-background-networking",
+                "--disable-component-update",
+                "--disable-sync",
+                f"--user-data-dir={profile}",
+                "--hide-scrollbars",
+                "--window-size=1600,1400",
+                "--virtual-time-budget=20000",
+                f"--screenshot={out}",
+                url,
+            ],
+            check=True,
+            capture_output=True,
+            timeout=180,
+        )
         print(f"screenshot: {out} ({out.stat().st_size} bytes) of {url}")
     finally:
         server.terminate()

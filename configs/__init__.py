@@ -1,4 +1,4 @@
-from ftflow.configs.loader import ConfigError, load_config, apply_overrides
+from ftflow.configs.loader import ConfigError, apply_overrides, load_config
 from ftflow.configs.schema import PipelineConfig
 
 __all__ = ["ConfigError", "PipelineConfig", "apply_overrides", "load_config"]

@@ -1,13 +1,15 @@
 """YAML recipe + `key.sub=value` overrides → a validated PipelineConfig, with errors naming key and file."""
+
 from __future__ import annotations
 
 from pathlib import Path
 from typing import Any, Iterable, Optional
 
 import yaml
+from pydantic import ValidationError
+
 from ftflow.configs.schema import PipelineConfig
 from ftflow.tasks.secrets import REDACTED, is_secret_key, redact_args, redact_text
-from pydantic import ValidationError
 
 RECIPES_DIR = Path(__file__).resolve().parent
 

@@ -3,6 +3,7 @@
 The same `PipelineConfig` is loaded from a YAML recipe, overridden from the CLI (`key.sub=value`)
 and used as the Prefect flow parameter, so the dashboard form shows these descriptions and enums.
 """
+
 from __future__ import annotations
 
 from enum import Enum
@@ -71,21 +72,33 @@ class ModelConfig(Strict):
             "for a GGUF file shipped inside an installed Python package (converted once to a safetensors cache)."
         ),
     )
-    revision: Optional[str] = Field(None, description="Hub revision (commit, tag or branch) when name_or_path is a hub id.")
+    revision: Optional[str] = Field(
+        None, description="Hub revision (commit, tag or branch) when name_or_path is a hub id."
+    )
     hf_token_block: Optional[str] = Field(
-        None, description="Name of a Prefect Secret block holding the Hugging Face token; empty uses the HF_TOKEN env var.")
-    trust_remote_code: bool = Field(False, description="Allow custom modelling code from the model repo. Off unless you trust it.")
+        None,
+        description="Name of a Prefect Secret block holding the Hugging Face token; empty uses the HF_TOKEN env var.",
+    )
+    trust_remote_code: bool = Field(
+        False, description="Allow custom modelling code from the model repo. Off unless you trust it."
+    )
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
         "auto", description="Weights dtype for non-quantized layers; auto = bfloat16 on CUDA, float32 on CPU."
     )
     cache_dir: Optional[str] = Field(
-        None, description=("Where converted GGUF checkpoints are cached, keyed by file hash; empty uses $FTFLOW_CACHE_DIR, "
-                           "else $XDG_CACHE_HOME/ftflow/models (~/.cache/ftflow/models), shared by every project folder."))
+        None,
+        description=(
+            "Where converted GGUF checkpoints are cached, keyed by file hash; empty uses $FTFLOW_CACHE_DIR, "
+            "else $XDG_CACHE_HOME/ftflow/models (~/.cache/ftflow/models), shared by every project folder."
+        ),
+    )
     device: Literal["auto", "cpu", "cuda"] = Field("auto", description="Device to train and evaluate on.")
 
 
 class QuantizationConfig(Strict):
-    mode: Quantization = Field(Quantization.four_bit, description="Base weights: 4bit (QLoRA, NF4), 8bit (LLM.int8) or none.")
+    mode: Quantization = Field(
+        Quantization.four_bit, description="Base weights: 4bit (QLoRA, NF4), 8bit (LLM.int8) or none."
+    )
     quant_type: Literal["nf4", "fp4"] = Field("nf4", description="4-bit data type; NF4 is the QLoRA default.")
     double_quant: bool = Field(True, description="Quantize the quantization constants too (QLoRA double quantization).")
     compute_dtype: Literal["auto", "float32", "bfloat16", "float16"] = Field(
@@ -111,8 +124,11 @@ class DemoDataConfig(Strict):
     enabled: bool = Field(True, description="Generate the seeded demo task instead of reading files.")
     task: DemoTask = Field(
         DemoTask.extraction,
-        description=("Which demo task: extraction (order sentence -> fixed-schema JSON) or free_text (multi-turn "
-                     "polite rewriting and one-sentence summaries, scored by chrF)."))
+        description=(
+            "Which demo task: extraction (order sentence -> fixed-schema JSON) or free_text (multi-turn "
+            "polite rewriting and one-sentence summaries, scored by chrF)."
+        ),
+    )
     seed: int = Field(0, description="Seed of the demo generator; same seed, same rows.")
     n_sft: int = Field(600, ge=1, description="SFT conversations to generate (before injected defects).")
     n_preference: int = Field(300, ge=1, description="Preference pairs to generate (before injected defects).")
@@ -126,8 +142,12 @@ class DataMapping(Strict):
     Paths are dotted keys with list indexes: `meta.system`, `turns[0].text`, `dialog.messages`."""
 
     system: Optional[str] = Field(None, description="Path to the system prompt (optional).")
-    prompt: Optional[str] = Field(None, description="Path to the user prompt or instruction (a string, or a list of messages).")
-    input: Optional[str] = Field(None, description="Path to extra input appended to the prompt after a blank line (optional).")
+    prompt: Optional[str] = Field(
+        None, description="Path to the user prompt or instruction (a string, or a list of messages)."
+    )
+    input: Optional[str] = Field(
+        None, description="Path to extra input appended to the prompt after a blank line (optional)."
+    )
     response: Optional[str] = Field(None, description="Path to the assistant answer (SFT).")
     chosen: Optional[str] = Field(None, description="Path to the preferred answer (preference pairs).")
     rejected: Optional[str] = Field(None, description="Path to the dispreferred answer (preference pairs).")
@@ -137,22 +157,31 @@ class DataMapping(Strict):
     roles: dict[str, str] = Field(
         default_factory=dict,
         description="Source role name -> system/user/assistant, e.g. {human: user, gpt: assistant}; "
-                    "the common names are known without it.")
+        "the common names are known without it.",
+    )
     explode: Optional[str] = Field(
-        None, description=("Path to a list of instance objects: each becomes one row, its keys laid over the row's "
-                           "(so `input`/`response` name instance keys directly) and the shared fields repeated."))
+        None,
+        description=(
+            "Path to a list of instance objects: each becomes one row, its keys laid over the row's "
+            "(so `input`/`response` name instance keys directly) and the shared fields repeated."
+        ),
+    )
 
     @model_validator(mode="after")
     def _complete(self) -> "DataMapping":
         if not (self.messages or self.prompt):
-            raise ValueError("data.mapping needs `messages`, or `prompt` with `response` (SFT) or `chosen` and `rejected`")
+            raise ValueError(
+                "data.mapping needs `messages`, or `prompt` with `response` (SFT) or `chosen` and `rejected`"
+            )
         if self.prompt and not self.messages and not (self.response or (self.chosen and self.rejected)):
             raise ValueError("data.mapping.prompt needs `response`, or both `chosen` and `rejected`")
         if bool(self.chosen) != bool(self.rejected):
             raise ValueError("data.mapping needs both `chosen` and `rejected`, or neither")
         bad = {k: v for k, v in self.roles.items() if v not in ("system", "user", "assistant")}
         if bad:
-            raise ValueError(f"data.mapping.roles maps to {sorted(set(bad.values()))}; targets must be system, user or assistant")
+            raise ValueError(
+                f"data.mapping.roles maps to {sorted(set(bad.values()))}; targets must be system, user or assistant"
+            )
         return self
 
 
@@ -160,15 +189,25 @@ class DataConfig(Strict):
     sft_path: Optional[str] = Field(None, description="SFT rows (jsonl, json, parquet, csv or a saved HF dataset dir).")
     preference_path: Optional[str] = Field(None, description="Preference pairs for DPO (same formats).")
     heldout_path: Optional[str] = Field(None, description="Held-out SFT rows for evaluation (never trained on).")
-    heldout_preference_path: Optional[str] = Field(None, description="Held-out preference pairs for preference accuracy.")
+    heldout_preference_path: Optional[str] = Field(
+        None, description="Held-out preference pairs for preference accuracy."
+    )
     validation_path: Optional[str] = Field(
-        None, description=("Validation SFT rows: choose the candidate (SFT vs DPO) and the sweep's best arm on them, "
-                           "never on held-out. Empty carves validation_fraction of the SFT rows off, seeded."))
+        None,
+        description=(
+            "Validation SFT rows: choose the candidate (SFT vs DPO) and the sweep's best arm on them, "
+            "never on held-out. Empty carves validation_fraction of the SFT rows off, seeded."
+        ),
+    )
     validation_fraction: float = Field(
-        0.1, gt=0.0, lt=0.5, description="Share of the SFT rows carved off as validation when validation_path is empty.")
-    format: DataFormat = Field(DataFormat.auto, description="Input format; auto detects it from the keys of the first rows.")
+        0.1, gt=0.0, lt=0.5, description="Share of the SFT rows carved off as validation when validation_path is empty."
+    )
+    format: DataFormat = Field(
+        DataFormat.auto, description="Input format; auto detects it from the keys of the first rows."
+    )
     mapping: Optional[DataMapping] = Field(
-        None, description="Field paths for a row shape no built-in format reads; when set, it replaces `format`.")
+        None, description="Field paths for a row shape no built-in format reads; when set, it replaces `format`."
+    )
     system_prompt: Optional[str] = Field(None, description="System prompt prepended to every conversation lacking one.")
     demo: DemoDataConfig = Field(default_factory=DemoDataConfig, description="Seeded demo task (used when enabled).")
 
@@ -176,29 +215,58 @@ class DataConfig(Strict):
 class QualityConfig(Strict):
     min_tokens: int = Field(8, ge=1, description="Rows shorter than this after the chat template are dropped.")
     max_tokens: int = Field(
-        256, ge=8, description=("Rows longer than this after the chat template are dropped. At most sft.max_length "
-                                "(and dpo.max_length) unless that section's truncation is truncate_left."))
-    near_duplicate_threshold: float = Field(0.9, gt=0.0, le=1.0, description="MinHash Jaccard threshold for near-duplicates.")
-    languages: list[str] = Field(default_factory=lambda: ["en", "ja"], description="Allowed languages (ISO 639-1); empty allows all.")
-    pii: Literal["off", "flag", "drop"] = Field("flag", description="What to do with rows holding emails, phones or card numbers.")
+        256,
+        ge=8,
+        description=(
+            "Rows longer than this after the chat template are dropped. At most sft.max_length "
+            "(and dpo.max_length) unless that section's truncation is truncate_left."
+        ),
+    )
+    near_duplicate_threshold: float = Field(
+        0.9, gt=0.0, le=1.0, description="MinHash Jaccard threshold for near-duplicates."
+    )
+    languages: list[str] = Field(
+        default_factory=lambda: ["en", "ja"], description="Allowed languages (ISO 639-1); empty allows all."
+    )
+    pii: Literal["off", "flag", "drop"] = Field(
+        "flag", description="What to do with rows holding emails, phones or card numbers."
+    )
     task_type: Literal["classification", "style", "knowledge", "reasoning", "extraction"] = Field(
         "extraction", description="Task type, for the minimum data size advised by the seed's FAQ."
     )
     min_kept_rows: int = Field(50, ge=1, description="Contract: fewer kept rows than this fails the run.")
-    max_dropped_fraction: float = Field(0.5, ge=0.0, le=1.0, description="Contract: a larger dropped share fails the run.")
-    size_policy: Literal["warn", "fail"] = Field("warn", description="Below the FAQ's minimum size for the task type: warn or fail.")
+    max_dropped_fraction: float = Field(
+        0.5, ge=0.0, le=1.0, description="Contract: a larger dropped share fails the run."
+    )
+    size_policy: Literal["warn", "fail"] = Field(
+        "warn", description="Below the FAQ's minimum size for the task type: warn or fail."
+    )
     contract_mostly: float = Field(
-        0.9, gt=0.0, le=1.0,
-        description=("Contract: share of input rows (before filtering) each row check must hold for; a file with more "
-                     "broken rows fails even though filtering would drop them."))
+        0.9,
+        gt=0.0,
+        le=1.0,
+        description=(
+            "Contract: share of input rows (before filtering) each row check must hold for; a file with more "
+            "broken rows fails even though filtering would drop them."
+        ),
+    )
     max_dup_line_frac: float = Field(
-        0.3, ge=0.0, le=1.0,
-        description="Repetition: answers whose share of lines repeating an earlier line exceeds this are dropped (1 = off).")
+        0.3,
+        ge=0.0,
+        le=1.0,
+        description="Repetition: answers whose share of lines repeating an earlier line exceeds this are dropped (1 = off).",
+    )
     max_dup_ngram_char_frac: float = Field(
-        0.3, ge=0.0, le=1.0,
-        description="Repetition: answers whose share of characters inside repeated 5-grams exceeds this are dropped (1 = off).")
+        0.3,
+        ge=0.0,
+        le=1.0,
+        description="Repetition: answers whose share of characters inside repeated 5-grams exceeds this are dropped (1 = off).",
+    )
     max_repeat_run: int = Field(
-        8, ge=2, description="Repetition: answers repeating one unit (1-8 words) more than this many times in a row are dropped.")
+        8,
+        ge=2,
+        description="Repetition: answers repeating one unit (1-8 words) more than this many times in a row are dropped.",
+    )
 
 
 class TrainCommon(Strict):
@@ -206,24 +274,33 @@ class TrainCommon(Strict):
     max_steps: int = Field(60, ge=1, description="Optimizer steps.")
     per_device_batch_size: int = Field(8, ge=1, description="Rows per device per step.")
     gradient_accumulation_steps: int = Field(1, ge=1, description="Micro-batches per optimizer step.")
-    max_length: int = Field(256, ge=16, description="Tokens per row after the chat template; longer rows are truncated.")
+    max_length: int = Field(
+        256, ge=16, description="Tokens per row after the chat template; longer rows are truncated."
+    )
     warmup_ratio: float = Field(0.05, ge=0.0, lt=1.0, description="Share of steps spent warming the learning rate up.")
     logging_steps: int = Field(5, ge=1, description="Log metrics every N steps.")
     save_steps: int = Field(20, ge=1, description="Checkpoint every N steps, so a retried run resumes.")
     gradient_checkpointing: bool = Field(False, description="Trade compute for memory (useful on GPU for 8B models).")
     truncation: Truncation = Field(
         Truncation.drop,
-        description=("A row longer than max_length: drop it to the quarantine (reason truncated_answer), or "
-                     "truncate_left (drop its earliest turns, keeping the system prompt). The answer is never cut."))
-    extra: dict[str, Any] = Field(default_factory=dict, description="Any other TRL config argument, passed through as is.")
+        description=(
+            "A row longer than max_length: drop it to the quarantine (reason truncated_answer), or "
+            "truncate_left (drop its earliest turns, keeping the system prompt). The answer is never cut."
+        ),
+    )
+    extra: dict[str, Any] = Field(
+        default_factory=dict, description="Any other TRL config argument, passed through as is."
+    )
 
 
 class SFTConfig(TrainCommon):
     assistant_only_loss: bool = Field(
-        True, description="Loss on assistant tokens only (which turns: loss_on); false trains on the whole text.")
+        True, description="Loss on assistant tokens only (which turns: loss_on); false trains on the whole text."
+    )
     loss_on: LossOn = Field(
         LossOn.all_assistant_turns,
-        description="Which assistant turns carry the loss: every one (content + end-of-turn token) or the last only.")
+        description="Which assistant turns carry the loss: every one (content + end-of-turn token) or the last only.",
+    )
 
 
 class DPOFields(Strict):
@@ -247,12 +324,16 @@ class JudgeConfig(Strict):
     base_url: Optional[str] = Field(None, description="OpenAI-compatible endpoint, e.g. http://127.0.0.1:8000/v1.")
     model: Optional[str] = Field(None, description="Model name the endpoint serves as the judge.")
     key_env: Optional[str] = Field(
-        "OPENAI_API_KEY", description="Environment variable holding the endpoint's API key (empty: none needed).")
+        "OPENAI_API_KEY", description="Environment variable holding the endpoint's API key (empty: none needed)."
+    )
     key_block: Optional[str] = Field(None, description="Prefect Secret block holding the API key; wins over key_env.")
     mode: JudgeMode = Field(
         JudgeMode.pairwise,
-        description=("pairwise: the variant's answer vs the base model's, asked in both orders (position-swap "
-                     "debiasing); graded: a 1-10 grade against the reference answer."))
+        description=(
+            "pairwise: the variant's answer vs the base model's, asked in both orders (position-swap "
+            "debiasing); graded: a 1-10 grade against the reference answer."
+        ),
+    )
     max_examples: int = Field(16, ge=1, description="Held-out examples judged per variant (each costs 1-2 calls).")
     timeout_s: float = Field(30.0, gt=0, description="Seconds per judge request.")
 
@@ -266,21 +347,35 @@ class JudgeConfig(Strict):
 class EvalConfig(Strict):
     task: EvalTask = Field(
         EvalTask.extraction,
-        description=("Task preset: picks the primary metric and guards when left empty, and which metrics apply. "
-                     "extraction/classification rank on heldout_exact, free_text on heldout_chrf. With the demo "
-                     "data and no explicit value, it follows data.demo.task."))
+        description=(
+            "Task preset: picks the primary metric and guards when left empty, and which metrics apply. "
+            "extraction/classification rank on heldout_exact, free_text on heldout_chrf. With the demo "
+            "data and no explicit value, it follows data.demo.task."
+        ),
+    )
     max_examples: int = Field(60, ge=1, description="Cap on held-out (test) examples scored per model.")
     batch_size: int = Field(16, ge=1, description="Generation batch size (left padded).")
     max_new_tokens: int = Field(64, ge=1, description="Generation budget per example.")
     few_shot_k: int = Field(3, ge=0, description="Examples from train in the base model's few-shot prompt.")
     primary_metric: Optional[str] = Field(
-        None, description=("Metric selection and the gate rank on (its direction comes from the metric registry); "
-                           "empty uses the task preset's. Must be a per-example metric that applies to the task."))
+        None,
+        description=(
+            "Metric selection and the gate rank on (its direction comes from the metric registry); "
+            "empty uses the task preset's. Must be a per-example metric that applies to the task."
+        ),
+    )
     guards: Optional[list[str]] = Field(
-        None, description=("Metrics the candidate must not significantly regress on (beyond registry.guard_tolerance); "
-                           "empty uses the task preset's (eos_stop_rate, preference_accuracy)."))
+        None,
+        description=(
+            "Metrics the candidate must not significantly regress on (beyond registry.guard_tolerance); "
+            "empty uses the task preset's (eos_stop_rate, preference_accuracy)."
+        ),
+    )
     validation_max_examples: int = Field(
-        16, ge=1, description="Validation examples scored per trained adapter to choose the candidate (SFT vs DPO, sweep arms).")
+        16,
+        ge=1,
+        description="Validation examples scored per trained adapter to choose the candidate (SFT vs DPO, sweep arms).",
+    )
     judge: JudgeConfig = Field(default_factory=JudgeConfig, description="Optional LLM judge (off by default).")
 
     # The registry is the one list of metrics; a name it does not know, or one that means nothing for the task
@@ -320,7 +415,8 @@ class EvalConfig(Strict):
 
 class TrackingConfig(Strict):
     tracking_uri: Optional[str] = Field(
-        None, description="MLflow tracking URI; empty uses MLFLOW_TRACKING_URI or a local SQLite store (sqlite:///mlflow.db)."
+        None,
+        description="MLflow tracking URI; empty uses MLFLOW_TRACKING_URI or a local SQLite store (sqlite:///mlflow.db).",
     )
     experiment: str = Field("ftflow-demo", description="MLflow experiment name.")
     run_name: Optional[str] = Field(None, description="MLflow run name; empty generates one.")
@@ -331,7 +427,9 @@ class RegistryConfig(Strict):
     model_name: str = Field("ftflow-demo-adapter", description="Registered model name in the MLflow Model Registry.")
     registry_uri: Optional[str] = Field(None, description="Model registry URI; empty uses the tracking URI.")
     min_improvement: float = Field(0.0, ge=0.0, description="Margin by which the candidate must beat the champion.")
-    guard_tolerance: float = Field(0.05, ge=0.0, description="Allowed regression on guard metrics (EOS-stop rate, preference accuracy).")
+    guard_tolerance: float = Field(
+        0.05, ge=0.0, description="Allowed regression on guard metrics (EOS-stop rate, preference accuracy)."
+    )
 
 
 class SweepConfig(Strict):
@@ -342,9 +440,15 @@ class SweepConfig(Strict):
 
 
 class DistributedConfig(Strict):
-    num_processes: int = Field(1, ge=1, description="Training processes; more than 1 launches SFT/DPO through `accelerate launch`.")
-    strategy: Literal["ddp", "fsdp"] = Field("ddp", description="Data parallel (DDP) or fully sharded (FSDP) when num_processes > 1.")
-    main_process_port: int = Field(29500, ge=1024, le=65535, description="Rendezvous port for the processes (loopback).")
+    num_processes: int = Field(
+        1, ge=1, description="Training processes; more than 1 launches SFT/DPO through `accelerate launch`."
+    )
+    strategy: Literal["ddp", "fsdp"] = Field(
+        "ddp", description="Data parallel (DDP) or fully sharded (FSDP) when num_processes > 1."
+    )
+    main_process_port: int = Field(
+        29500, ge=1024, le=65535, description="Rendezvous port for the processes (loopback)."
+    )
 
 
 class PipelineConfig(Strict):
@@ -353,7 +457,9 @@ class PipelineConfig(Strict):
     seed: int = Field(42, description="Seed for training and data shuffling.")
     output_dir: str = Field("runs", description="Where adapters, checkpoints and reports are written.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
-    quantization: QuantizationConfig = Field(default_factory=QuantizationConfig, description="Base weight quantization.")
+    quantization: QuantizationConfig = Field(
+        default_factory=QuantizationConfig, description="Base weight quantization."
+    )
     lora: LoraConfig = Field(default_factory=LoraConfig, description="LoRA adapter.")
     data: DataConfig = Field(default_factory=DataConfig, description="Training and held-out data.")
     quality: QualityConfig = Field(default_factory=QualityConfig, description="Data quality filters and contracts.")
@@ -361,7 +467,9 @@ class PipelineConfig(Strict):
     dpo: DPOConfig = Field(default_factory=DPOConfig, description="Preference alignment (TRL DPOTrainer).")
     eval: EvalConfig = Field(default_factory=EvalConfig, description="Held-out evaluation.")
     tracking: TrackingConfig = Field(default_factory=TrackingConfig, description="MLflow tracking.")
-    registry: RegistryConfig = Field(default_factory=RegistryConfig, description="MLflow Model Registry and promotion gate.")
+    registry: RegistryConfig = Field(
+        default_factory=RegistryConfig, description="MLflow Model Registry and promotion gate."
+    )
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="LoRA rank sweep.")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Multi-process training.")
 
@@ -374,7 +482,8 @@ class PipelineConfig(Strict):
                 raise ValueError(
                     f"quality.max_tokens ({self.quality.max_tokens}) > {name}.max_length ({section.max_length}): "
                     f"rows in between would be cut through their answer; lower quality.max_tokens, raise "
-                    f"{name}.max_length, or set {name}.truncation=truncate_left")
+                    f"{name}.max_length, or set {name}.truncation=truncate_left"
+                )
         return self
 
     @model_validator(mode="before")
@@ -386,8 +495,13 @@ class PipelineConfig(Strict):
             return data
         demo = (data.get("data") or {}).get("demo") if isinstance(data.get("data"), dict) else None
         evaluation = data.get("eval", {})
-        if (isinstance(demo, dict) and demo.get("enabled", True) and demo.get("task")
-                and isinstance(evaluation, dict) and evaluation.get("task") is None):
+        if (
+            isinstance(demo, dict)
+            and demo.get("enabled", True)
+            and demo.get("task")
+            and isinstance(evaluation, dict)
+            and evaluation.get("task") is None
+        ):
             task = demo["task"].value if isinstance(demo["task"], Enum) else demo["task"]
             if task in EvalTask._value2member_map_:
                 data = {**data, "eval": {**evaluation, "task": task}}

@@ -7,6 +7,7 @@ log and in the MLflow run's failure/traceback.txt.
 Exit status: 0 success; 1 a validated file failed its contract, or an unexpected internal error;
 2 bad usage, a config error, or an input / environment error (PipelineError); 130 interrupted.
 """
+
 from __future__ import annotations
 
 import argparse
@@ -79,13 +80,18 @@ class _CurrentStdout:
 def _console_handlers() -> list[logging.StreamHandler]:
     terminals = {id(sys.__stderr__), id(sys.__stdout__), id(sys.stderr), id(sys.stdout)}
     found = []
-    loggers = [logging.getLogger()] + [lg for lg in list(logging.Logger.manager.loggerDict.values())
-                                       if isinstance(lg, logging.Logger)]
+    loggers = [logging.getLogger()] + [
+        lg for lg in list(logging.Logger.manager.loggerDict.values()) if isinstance(lg, logging.Logger)
+    ]
     for lg in loggers:
         for h in lg.handlers:
             # logging's last-resort handler looks sys.stderr up itself (and has no settable stream).
-            if (not isinstance(h, logging.StreamHandler) or isinstance(h, logging.FileHandler)
-                    or type(h).__name__ == "_StderrHandler" or h in found):
+            if (
+                not isinstance(h, logging.StreamHandler)
+                or isinstance(h, logging.FileHandler)
+                or type(h).__name__ == "_StderrHandler"
+                or h in found
+            ):
                 continue
             # MLflow's handler writes through a proxy that looks sys.stderr up on every write.
             if id(h.stream) in terminals or type(h.stream).__name__ in ("MlflowLoggingStream", "_CurrentStdout"):
@@ -125,24 +131,33 @@ def _route_logs(verbosity: str) -> None:
 
 def _add_verbosity(parser: argparse.ArgumentParser, default) -> None:
     group = parser.add_mutually_exclusive_group()
-    group.add_argument("-q", "--quiet", action="store_true", default=default,
-                       help="Warnings and the final result only.")
-    group.add_argument("-v", "--verbose", action="store_true", default=default,
-                       help="Debug logs, and the full traceback of an error.")
+    group.add_argument(
+        "-q", "--quiet", action="store_true", default=default, help="Warnings and the final result only."
+    )
+    group.add_argument(
+        "-v", "--verbose", action="store_true", default=default, help="Debug logs, and the full traceback of an error."
+    )
 
 
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="ftflow", description="Orchestrated LLM fine-tuning: validate → SFT → DPO → evaluate → gate.",
-                                epilog="exit status: 0 ok, 1 contract failed or internal error, 2 usage, config or "
-                                       "input error, 130 interrupted")
+    p = argparse.ArgumentParser(
+        prog="ftflow",
+        description="Orchestrated LLM fine-tuning: validate → SFT → DPO → evaluate → gate.",
+        epilog="exit status: 0 ok, 1 contract failed or internal error, 2 usage, config or "
+        "input error, 130 interrupted",
+    )
     _add_verbosity(p, False)
     sub = p.add_subparsers(dest="command", required=True)
 
     run = sub.add_parser("run", help="One pipeline run from a YAML recipe, with key.sub=value overrides.")
     run.add_argument("recipe", nargs="?", default="demo", help="Recipe file or shipped recipe name (default: demo).")
     run.add_argument("overrides", nargs="*", help="key.sub=value overrides, e.g. lora.r=8 sft.max_steps=10")
-    run.add_argument("--resume", metavar="RUN_ID", default=None,
-                     help="Continue an interrupted run: same MLflow run, training resumes from its last checkpoint.")
+    run.add_argument(
+        "--resume",
+        metavar="RUN_ID",
+        default=None,
+        help="Continue an interrupted run: same MLflow run, training resumes from its last checkpoint.",
+    )
 
     sweep = sub.add_parser("sweep", help="LoRA rank sweep (sweep.ranks), one MLflow child run per arm.")
     sweep.add_argument("recipe", nargs="?", default="sweep")
@@ -151,7 +166,9 @@ def _parser() -> argparse.ArgumentParser:
     val = sub.add_parser("validate", help="Validate a data file without training; non-zero exit when a contract fails.")
     val.add_argument("file")
     val.add_argument("--kind", choices=["sft", "preference"], default="sft")
-    val.add_argument("--format", default="auto", help="auto, openai, alpaca, sharegpt, prompt_completion, preference, hh")
+    val.add_argument(
+        "--format", default="auto", help="auto, openai, alpaca, sharegpt, prompt_completion, preference, hh"
+    )
     val.add_argument("--recipe", default="demo", help="Recipe whose quality thresholds and tokenizer apply.")
     val.add_argument("--out", default=None, help="Folder for the report and quarantine file.")
     val.add_argument("overrides", nargs="*")
@@ -159,15 +176,22 @@ def _parser() -> argparse.ArgumentParser:
     sub.add_parser("recipes", help="List the shipped recipes.")
 
     # Registry commands read the tracking store from a recipe (default demo) and key.sub=value overrides.
-    exp = sub.add_parser("export", help="Merge a registered adapter into plain Hugging Face weights, checked against the evaluated model.")
+    exp = sub.add_parser(
+        "export",
+        help="Merge a registered adapter into plain Hugging Face weights, checked against the evaluated model.",
+    )
     exp.add_argument("model", help="models:/<name>@<alias>, models:/<name>/<version> or an MLflow run id")
     exp.add_argument("--to", required=True, help="Export directory (must be empty or absent).")
     exp.add_argument("--format", default="merged", help="merged (safetensors); GGUF is not offered, see README")
-    exp.add_argument("--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16")
+    exp.add_argument(
+        "--dtype", default="auto", help="auto (float32 on CPU, bfloat16 on CUDA), float32, bfloat16, float16"
+    )
     exp.add_argument("--recipe", default="demo", help="Recipe naming the tracking store (tracking.tracking_uri).")
     exp.add_argument("overrides", nargs="*")
 
-    srv = sub.add_parser("serve", help="Serve an exported model (or models:/<name>@<alias>) as an OpenAI-compatible API.")
+    srv = sub.add_parser(
+        "serve", help="Serve an exported model (or models:/<name>@<alias>) as an OpenAI-compatible API."
+    )
     srv.add_argument("model", help="An `ftflow export` directory, models:/<name>@<alias> or an MLflow run id")
     srv.add_argument("--port", type=int, default=8000)
     srv.add_argument("--host", default="127.0.0.1", help="Listen address (default loopback).")
@@ -177,7 +201,9 @@ def _parser() -> argparse.ArgumentParser:
     pro = sub.add_parser("promote", help="Move @champion to a version by hand; the reason is recorded on the version.")
     pro.add_argument("name", help="Registered model name")
     pro.add_argument("version", help="Version number")
-    pro.add_argument("--reason", default=None, help="Why (required; stored as the version tag ftflow.manual_promotion).")
+    pro.add_argument(
+        "--reason", default=None, help="Why (required; stored as the version tag ftflow.manual_promotion)."
+    )
     pro.add_argument("--recipe", default="demo", help="Recipe naming the registry and the current base model.")
     pro.add_argument("overrides", nargs="*")
     for command in sub.choices.values():
@@ -211,7 +237,9 @@ def parse_args(argv: Optional[Sequence[str]] = None) -> argparse.Namespace:
         parser.error(f"unrecognized arguments: {' '.join(stray)}")
     if getattr(args, "quiet", False) and getattr(args, "verbose", False):
         parser.error("argument -v/--verbose: not allowed with argument -q/--quiet")
-    args.verbosity = "quiet" if getattr(args, "quiet", False) else "verbose" if getattr(args, "verbose", False) else "normal"
+    args.verbosity = (
+        "quiet" if getattr(args, "quiet", False) else "verbose" if getattr(args, "verbose", False) else "normal"
+    )
     if hasattr(args, "overrides"):
         args.overrides = [*args.overrides, *extra]
     recipe = getattr(args, "recipe", None)

@@ -4,6 +4,7 @@ The StageContext's `progress(label, total) -> update(step, metrics)` hook is bui
 Prefect progress artifact around it). `configure(verbosity)` is called once by the CLI; a Prefect worker that never
 calls it gets the defaults: no live bar, a line at most every `LINE_EVERY_S` seconds.
 """
+
 from __future__ import annotations
 
 import logging
@@ -114,8 +115,13 @@ def progress_line(label: str, rate: Rate, metrics: dict[str, float]) -> str:
     return f"{base(label, rate.step, rate.total, metrics)} {rate.describe()}".rstrip()
 
 
-def periodic(label: str, total: int, log: Callable[[str], None], every_s: float = LINE_EVERY_S,
-             clock: Callable[[], float] = time.monotonic) -> Update:
+def periodic(
+    label: str,
+    total: int,
+    log: Callable[[str], None],
+    every_s: float = LINE_EVERY_S,
+    clock: Callable[[], float] = time.monotonic,
+) -> Update:
     """Log lines for a non-terminal (a Prefect worker, CI): the first, then at most one per `every_s`, and the last."""
     rate = Rate(total, started=clock())
     last: list[Optional[float]] = [None]
@@ -127,6 +133,7 @@ def periodic(label: str, total: int, log: Callable[[str], None], every_s: float 
         if last[0] is None or final or now - last[0] >= every_s:
             last[0] = now
             log(progress_line(label, rate, metrics))
+
     return update
 
 
@@ -140,8 +147,16 @@ def _terminal_bar(label: str, total: int) -> Update:
     if _live is None:
         # redirect_stdout: Prefect's console handler writes through sys.stdout (cli._route_logs), so its lines
         # print above the bar instead of through it.
-        _live = Progress(TextColumn("{task.description}"), BarColumn(), MofNCompleteColumn(), TimeElapsedColumn(),
-                         TextColumn("{task.fields[info]}"), redirect_stdout=True, redirect_stderr=True, transient=True)
+        _live = Progress(
+            TextColumn("{task.description}"),
+            BarColumn(),
+            MofNCompleteColumn(),
+            TimeElapsedColumn(),
+            TextColumn("{task.fields[info]}"),
+            redirect_stdout=True,
+            redirect_stderr=True,
+            transient=True,
+        )
         _live.start()
     task = _live.add_task(label, total=total or None, info="")
     rate = Rate(total)
@@ -161,6 +176,7 @@ def _terminal_bar(label: str, total: int) -> Update:
             if not _live.tasks:
                 _live.stop()
                 _live = None
+
     return update
 
 
@@ -181,4 +197,6 @@ class DropCompleted(logging.Filter):
         # QUIET_LOGGERS again at the handler: Prefect's logging setup resets some of those loggers' levels.
         if record.levelno < QUIET_LOGGERS.get(record.name, 0):
             return False
-        return not (record.name.startswith("prefect.") and record.getMessage().endswith("Finished in state Completed()"))
+        return not (
+            record.name.startswith("prefect.") and record.getMessage().endswith("Finished in state Completed()")
+        )

@@ -16,6 +16,7 @@ API server"). This module starts the same server app itself, for the lifetime of
 
 With PREFECT_API_URL set (a real server) or ephemeral mode off, nothing is started.
 """
+
 from __future__ import annotations
 
 import contextlib
@@ -37,6 +38,7 @@ PORT_IN_USE_EXIT = 3  # uvicorn's exit status when it cannot bind
 
 def _die_with(parent_pid: int):
     """preexec_fn: ask the kernel for SIGTERM when the parent dies; exit at once if it already has."""
+
     def hook() -> None:
         if sys.platform.startswith("linux"):
             import ctypes
@@ -44,6 +46,7 @@ def _die_with(parent_pid: int):
             ctypes.CDLL(None, use_errno=True).prctl(PR_SET_PDEATHSIG, signal.SIGTERM, 0, 0, 0)
         if os.getppid() != parent_pid:
             os._exit(0)
+
     return hook
 
 
@@ -92,19 +95,43 @@ def _spawn(port: int, log_path: Path) -> subprocess.Popen:
     import prefect
     from prefect.settings import get_current_settings
 
-    env = {**os.environ, **get_current_settings().to_environment_variables(exclude_unset=True),
-           # what Prefect's own ephemeral server sets: no UI, ephemeral-mode services
-           "PREFECT_UI_ENABLED": "0", "PREFECT__SERVER_EPHEMERAL": "1", "PREFECT__SERVER_FINAL": "1"}
+    env = {
+        **os.environ,
+        **get_current_settings().to_environment_variables(exclude_unset=True),
+        # what Prefect's own ephemeral server sets: no UI, ephemeral-mode services
+        "PREFECT_UI_ENABLED": "0",
+        "PREFECT__SERVER_EPHEMERAL": "1",
+        "PREFECT__SERVER_FINAL": "1",
+    }
     env.pop("PREFECT_API_URL", None)
     with log_path.open("ab") as log:
         return subprocess.Popen(
-            [sys.executable, "-m", "uvicorn", "--app-dir", str(prefect.__module_path__.parent), "--factory",
-             "prefect.server.api.server:create_app", "--host", "127.0.0.1", "--port", str(port),
-             "--log-level", "error", "--lifespan", "on"],
-            env=env, stdin=subprocess.DEVNULL, stdout=log, stderr=subprocess.STDOUT,
+            [
+                sys.executable,
+                "-m",
+                "uvicorn",
+                "--app-dir",
+                str(prefect.__module_path__.parent),
+                "--factory",
+                "prefect.server.api.server:create_app",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--log-level",
+                "error",
+                "--lifespan",
+                "on",
+            ],
+            env=env,
+            stdin=subprocess.DEVNULL,
+            stdout=log,
+            stderr=subprocess.STDOUT,
             # Its own session: a Ctrl-C in the terminal reaches ftflow, which then stops the server itself
             # after the flow has recorded its end (not the server first, under the flow's feet).
-            start_new_session=True, preexec_fn=_die_with(os.getpid()))
+            start_new_session=True,
+            preexec_fn=_die_with(os.getpid()),
+        )
 
 
 def start(timeout: Optional[float] = None) -> LocalServer:
@@ -135,9 +162,11 @@ def start(timeout: Optional[float] = None) -> LocalServer:
                 server.stop()
                 tail = log_path.read_text(errors="replace").strip().splitlines()[-3:] if log_path.exists() else []
                 why = f"exited with status {code}" if code is not None else f"did not answer within {timeout:g} s"
-                raise PipelineError(f"the local Prefect server (PREFECT_HOME={home}) {why}"
-                                    + (f": {' / '.join(tail)}" if tail else "")
-                                    + "; set PREFECT_API_URL to use a running server instead")
+                raise PipelineError(
+                    f"the local Prefect server (PREFECT_HOME={home}) {why}"
+                    + (f": {' / '.join(tail)}" if tail else "")
+                    + "; set PREFECT_API_URL to use a running server instead"
+                )
             time.sleep(0.5)
     return server
 

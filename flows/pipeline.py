@@ -3,6 +3,7 @@
 Wiring only, in the order of the recipe; every step is a stage function in tasks/ run as a Prefect task
 (see steps.py), and the tasks share one StageContext.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,7 +34,9 @@ def pipeline_flow(
         resume_run_id: Continue an interrupted run: same MLflow run, training from its last checkpoint.
     """
     cfg = stages.resolve_config(config, recipe, list(overrides))
-    run = RunLogger.resume(cfg, resume_run_id) if resume_run_id else RunLogger.start(cfg, tags={"pipeline": "fine-tune"})
+    run = (
+        RunLogger.resume(cfg, resume_run_id) if resume_run_id else RunLogger.start(cfg, tags={"pipeline": "fine-tune"})
+    )
     explains_failure: list[Path] = []
     try:
         run.log_config(cfg)
@@ -43,24 +46,35 @@ def pipeline_flow(
         champion = steps.find_champion(ctx)
 
         sft = steps.train(ctx, "sft", train_set.sft)
-        dpo = steps.train(ctx, "dpo", train_set.preference, sft.adapter_dir) if stages.runs_dpo(ctx, train_set) else None
+        dpo = (
+            steps.train(ctx, "dpo", train_set.preference, sft.adapter_dir) if stages.runs_dpo(ctx, train_set) else None
+        )
         # SFT or DPO, chosen on the validation split; the held-out split only reports and gates.
         trained = steps.select_candidate(ctx, sets, stages.Trained.of(sft, dpo))
 
         results = steps.evaluate(ctx, sets, trained.scored(champion), trained.candidate)
         stages.log_losses(ctx, trained)
 
-        gate = (steps.promotion_gate(ctx, results, trained, champion, sets.heldout_accounting, sets)
-                if cfg.registry.enabled else None)
+        gate = (
+            steps.promotion_gate(ctx, results, trained, champion, sets.heldout_accounting, sets)
+            if cfg.registry.enabled
+            else None
+        )
 
         summary = stages.summarize(ctx, results, gate)
-        create_table_artifact(summary.rows, key="heldout-comparison",
-                              description="Held-out comparison: base vs few-shot vs SFT vs DPO")
+        create_table_artifact(
+            summary.rows, key="heldout-comparison", description="Held-out comparison: base vs few-shot vs SFT vs DPO"
+        )
         create_markdown_artifact(summary.markdown, key="fine-tune-summary", description="Pipeline summary")
         stages.finish(ctx, summary)
-        return {"run_id": run.run_id, "metrics": {v: r.metrics for v, r in results.items()},
-                "work_dir": str(ctx.work_dir), "candidate": trained.candidate, "selection": trained.selection,
-                "gate": gate}
+        return {
+            "run_id": run.run_id,
+            "metrics": {v: r.metrics for v, r in results.items()},
+            "work_dir": str(ctx.work_dir),
+            "candidate": trained.candidate,
+            "selection": trained.selection,
+            "gate": gate,
+        }
     except BaseException as err:
         steps.fail(run, err, explains_failure)
         raise

@@ -4,6 +4,7 @@ Each task is the stage function itself, `task(...)(stages.x)`: no wrapper in bet
 flow is exactly what a test or a launched training process runs. Prefect reaches a stage only through
 the StageContext built here (the run logger as `log`, progress artifacts as `progress`).
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -54,8 +55,18 @@ def _validated_key(context, parameters: dict[str, Any]) -> str:
 def _formatted_key(context, parameters: dict[str, Any]) -> str:
     # The training window decides which rows survive formatting and where the loss falls.
     cfg = parameters["ctx"].cfg
-    window = "|".join(str(v) for v in (cfg.sft.max_length, cfg.sft.truncation, cfg.sft.loss_on, cfg.sft.assistant_only_loss,
-                                        cfg.dpo.max_length, cfg.dpo.truncation, cfg.data.system_prompt))
+    window = "|".join(
+        str(v)
+        for v in (
+            cfg.sft.max_length,
+            cfg.sft.truncation,
+            cfg.sft.loss_on,
+            cfg.sft.assistant_only_loss,
+            cfg.dpo.max_length,
+            cfg.dpo.truncation,
+            cfg.data.system_prompt,
+        )
+    )
     digest = hashlib.sha256(window.encode()).hexdigest()[:8]
     return f"{_folder_key(context.task.name, parameters['data'].out_dir)}-{digest}"
 
@@ -73,9 +84,13 @@ def progress(label: str, total: int) -> stages.Update:
         shown(step, metrics)
         if not total:
             return
-        description = (f"{label} done: {step} steps" if step >= total else
-                       f"{label}: step {step}/{total}, loss {metrics.get('loss', float('nan')):.4f}")
+        description = (
+            f"{label} done: {step} steps"
+            if step >= total
+            else f"{label}: step {step}/{total}, loss {metrics.get('loss', float('nan')):.4f}"
+        )
         update_progress_artifact(artifact, progress=min(100.0, 100.0 * step / total), description=description)
+
     return update
 
 
@@ -123,8 +138,11 @@ def prepare(ctx: stages.StageContext, explains_failure: list[Path]) -> tuple[For
     train_set, heldout_set, validation_set = format_chat(ctx, data)
     stages.add_window_drops(data, {"train": train_set, "heldout": heldout_set, "validation": validation_set})
     stages.check_trainable(ctx, train_set, data)
-    create_markdown_artifact(log_data(ctx, data, train_set), key="data-validation",
-                             description="Rows in and out per reason, contracts, quarantine counts")
+    create_markdown_artifact(
+        log_data(ctx, data, train_set),
+        key="data-validation",
+        description="Rows in and out per reason, contracts, quarantine counts",
+    )
     return train_set, stages.eval_sets(data, train_set, heldout_set, validation_set)
 
 
@@ -137,19 +155,37 @@ def fail(run: RunLogger, err: BaseException, keep: list[Path], label: str = "Fin
 
 # No retries: a judge endpoint that is down fails the run at once, before anything is trained.
 check_judge = task(name="check-judge", cache_policy=NO_CACHE)(judge.check_endpoint)
-resolve_model = task(name="resolve-model", retries=2, retry_delay_seconds=[5, 20], retry_condition_fn=transient_only,
-                     cache_policy=NO_CACHE)(stages.resolve_model)
+resolve_model = task(
+    name="resolve-model",
+    retries=2,
+    retry_delay_seconds=[5, 20],
+    retry_condition_fn=transient_only,
+    cache_policy=NO_CACHE,
+)(stages.resolve_model)
 collect_data = task(name="collect-data", cache_policy=NO_CACHE)(stages.data_paths)
-validate = task(name="validate-data", cache_key_fn=_validated_key, persist_result=True,
-                cache_expiration=timedelta(days=7))(stages.validate_data)
-format_chat = task(name="format-chat", cache_key_fn=_formatted_key, persist_result=True,
-                   cache_expiration=timedelta(days=7))(stages.format_chat)
+validate = task(
+    name="validate-data", cache_key_fn=_validated_key, persist_result=True, cache_expiration=timedelta(days=7)
+)(stages.validate_data)
+format_chat = task(
+    name="format-chat", cache_key_fn=_formatted_key, persist_result=True, cache_expiration=timedelta(days=7)
+)(stages.format_chat)
 log_data = task(name="log-data", cache_policy=NO_CACHE)(stages.log_data)
-find_champion = task(name="find-champion", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient_only,
-                     cache_policy=NO_CACHE)(stages.find_champion)
-train = task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only,
-             cache_policy=NO_CACHE)(trainer.train)
+find_champion = task(
+    name="find-champion",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=transient_only,
+    cache_policy=NO_CACHE,
+)(stages.find_champion)
+train = task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only, cache_policy=NO_CACHE)(
+    trainer.train
+)
 select_candidate = task(name="select-candidate", cache_policy=NO_CACHE)(stages.select_candidate)
 evaluate = task(name="evaluate", cache_policy=NO_CACHE)(stages.evaluate)
-promotion_gate = task(name="promotion-gate", retries=2, retry_delay_seconds=[2, 10], retry_condition_fn=transient_only,
-                      cache_policy=NO_CACHE)(stages.gate)
+promotion_gate = task(
+    name="promotion-gate",
+    retries=2,
+    retry_delay_seconds=[2, 10],
+    retry_condition_fn=transient_only,
+    cache_policy=NO_CACHE,
+)(stages.gate)

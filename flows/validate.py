@@ -1,4 +1,5 @@
 """Standalone data validation: the same checks and contracts as the pipeline, without training."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -13,11 +14,13 @@ from ftflow.tasks import stages
 from ftflow.tasks.errors import ContractError
 
 
-def validate_file(cfg: PipelineConfig, path: str, kind: Literal["sft", "preference"], out: Optional[str] = None) -> bool:
+def validate_file(
+    cfg: PipelineConfig, path: str, kind: Literal["sft", "preference"], out: Optional[str] = None
+) -> bool:
     """Print the report; True when the contract passed. Fatal input problems raise DataError."""
-    from ftflow.tasks.train.model import load_tokenizer
     from ftflow.tasks.data.quality import chat_token_lengths
     from ftflow.tasks.data.report import print_report
+    from ftflow.tasks.train.model import load_tokenizer
 
     model = stages.resolve_model(cfg)
     token_length = chat_token_lengths(load_tokenizer(model.path, cfg.model))
@@ -41,8 +44,9 @@ validate_task = task(name="validate-file", cache_policy=NO_CACHE)(validate_file)
 
 
 @flow(name="validate-data")
-def validate_flow(path: str, kind: Literal["sft", "preference"] = "sft",
-                  config: PipelineConfig = PipelineConfig()) -> bool:
+def validate_flow(
+    path: str, kind: Literal["sft", "preference"] = "sft", config: PipelineConfig = PipelineConfig()
+) -> bool:
     """Validate one data file against the quality checks and the GX contracts in data_contracts/.
 
     Args:

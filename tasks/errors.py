@@ -1,4 +1,5 @@
 """Errors that carry where the problem is (file, line, key) so the CLI prints one clear line."""
+
 from __future__ import annotations
 
 from typing import Optional

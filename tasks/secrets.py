@@ -3,6 +3,7 @@
 The redaction helpers live here, beneath everything else, because errors.py and configs/loader.py need
 them before any message is built: an error that carries a password has already leaked it.
 """
+
 from __future__ import annotations
 
 import logging
@@ -16,12 +17,20 @@ if TYPE_CHECKING:
 
 REDACTED = "***"
 # Whole name parts only: `max_tokens` is a count, `hf_token` is a secret.
-SECRET_KEY = re.compile(r"(?:^|[_\-.])(token|secret|password|passwd|credentials?|api[_-]?key)(?:$|[_\-.])", re.IGNORECASE)
+SECRET_KEY = re.compile(
+    r"(?:^|[_\-.])(token|secret|password|passwd|credentials?|api[_-]?key)(?:$|[_\-.])", re.IGNORECASE
+)
 URL_PASSWORD = re.compile(r"(?P<scheme>[a-z][a-z0-9+.\-]*://)(?P<user>[^:/@\s]*):(?P<pw>[^@/\s]+)@", re.IGNORECASE)
 SECRET_VALUE = re.compile(r"\b(hf_[A-Za-z0-9]{20,}|sk-[A-Za-z0-9_\-]{20,})\b")
 # `key=value` as echoed overrides and query strings show them; the key decides (see is_secret_key).
 KEY_VALUE = re.compile(r"(?P<key>[A-Za-z_][\w.\-]*)(?P<sep>=)(?P<value>[^\s,;&'\"\])]+)")
-ENV_SECRETS = ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN", "OPENAI_API_KEY", "MLFLOW_TRACKING_PASSWORD", "MLFLOW_TRACKING_TOKEN")
+ENV_SECRETS = (
+    "HF_TOKEN",
+    "HUGGING_FACE_HUB_TOKEN",
+    "OPENAI_API_KEY",
+    "MLFLOW_TRACKING_PASSWORD",
+    "MLFLOW_TRACKING_TOKEN",
+)
 
 
 def is_secret_key(key: str) -> bool:
@@ -93,6 +102,7 @@ def hf_token(cfg: "ModelConfig") -> Optional[str]:
 
             return Secret.load(cfg.hf_token_block).get()
         except Exception as err:
-            raise PipelineError(f"model.hf_token_block: cannot load Prefect Secret block {cfg.hf_token_block!r} "
-                                f"({type(err).__name__})") from None
+            raise PipelineError(
+                f"model.hf_token_block: cannot load Prefect Secret block {cfg.hf_token_block!r} ({type(err).__name__})"
+            ) from None
     return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")

@@ -3,6 +3,7 @@
 flows/ turns each stage into a Prefect task as it is (`task(...)(stages.validate_data)`); nothing here
 knows about Prefect, so the same stages run in a flow, a sweep arm, a test and the CLI.
 """
+
 from __future__ import annotations
 
 import json
@@ -71,7 +72,9 @@ def logged_progress(log: Log) -> Progress:
     def start(label: str, total: int) -> Update:
         def update(step: int, metrics: dict[str, float]) -> None:
             log(progress_line(label, step, total, metrics))
+
         return update
+
     return start
 
 
@@ -94,7 +97,11 @@ def resolve_config(config: Optional[PipelineConfig], recipe: Optional[str], over
     if recipe:
         return load_config(recipe, overrides)
     base = config or PipelineConfig()
-    return config_from_dict(apply_overrides(base.model_dump(mode="json"), overrides), "flow parameters") if overrides else base
+    return (
+        config_from_dict(apply_overrides(base.model_dump(mode="json"), overrides), "flow parameters")
+        if overrides
+        else base
+    )
 
 
 def writable_dir(path: Path, what: str) -> Path:
@@ -136,8 +143,10 @@ def data_paths(ctx: StageContext) -> dict[str, Optional[str]]:
         from ftflow.tasks.data.demo import generate_demo
 
         made = generate_demo(cfg.data.demo, ctx.work_dir / "demo_data")
-        return {**{k: str(made[k]) for k in ("sft", "preference", "heldout", "heldout_preference")},
-                "validation": cfg.data.validation_path}
+        return {
+            **{k: str(made[k]) for k in ("sft", "preference", "heldout", "heldout_preference")},
+            "validation": cfg.data.validation_path,
+        }
     return {
         "sft": cfg.data.sft_path,
         "preference": cfg.data.preference_path if cfg.dpo.enabled else None,
@@ -166,8 +175,9 @@ def _split(records: list[Record], share: float, seed: int, minimum: int = 1) -> 
     return [r for i, r in enumerate(records) if i not in held], [r for i, r in enumerate(records) if i in held]
 
 
-def validate_split(path: str, kind: Kind, cfg: PipelineConfig, token_length, out_dir: Path,
-                   enforce_contract: bool = True) -> tuple[list[Record], dict[str, Any], dict[str, Path]]:
+def validate_split(
+    path: str, kind: Kind, cfg: PipelineConfig, token_length, out_dir: Path, enforce_contract: bool = True
+) -> tuple[list[Record], dict[str, Any], dict[str, Path]]:
     """Load → quality checks → GX contract → report files (quarantine included). Raises on a failed contract."""
     from ftflow.tasks.data.contracts import enforce, run_contracts
     from ftflow.tasks.data.formats import load_rows
@@ -182,8 +192,11 @@ def validate_split(path: str, kind: Kind, cfg: PipelineConfig, token_length, out
         result.reasons[d.reason] = result.reasons.get(d.reason, 0) + 1
     if not result.kept:
         files = write_report_files(build_report(result, None), result, out_dir)
-        raise DataError(f"no {kind} rows left after validation ({result.counts_in} in; reasons: {result.reasons}); "
-                        f"see {files['quarantine']}", path)
+        raise DataError(
+            f"no {kind} rows left after validation ({result.counts_in} in; reasons: {result.reasons}); "
+            f"see {files['quarantine']}",
+            path,
+        )
     contract = run_contracts(result, cfg.quality, token_length=token_length)
     report = build_report(result, contract)
     files = write_report_files(report, result, out_dir)
@@ -235,18 +248,25 @@ def validate_data(ctx: StageContext, paths: dict[str, Optional[str]], out_dir: P
     out: dict[str, list[Record]] = {}
     reports: dict[str, dict[str, Any]] = {}
     files: dict[str, dict[str, str]] = {}
-    for split, kind in (("sft", "sft"), ("preference", "preference"), ("heldout", "sft"),
-                        ("heldout_preference", "preference"), ("validation", "sft")):
+    for split, kind in (
+        ("sft", "sft"),
+        ("preference", "preference"),
+        ("heldout", "sft"),
+        ("heldout_preference", "preference"),
+        ("validation", "sft"),
+    ):
         if not paths.get(split):
             out[split] = []
             continue
         # Held-out sets are small by design; the training-size contracts apply to train splits only.
-        kept, report, written = validate_split(paths[split], kind, cfg, token_length, out_dir / split,
-                                               enforce_contract=split in ("sft", "preference"))
+        kept, report, written = validate_split(
+            paths[split], kind, cfg, token_length, out_dir / split, enforce_contract=split in ("sft", "preference")
+        )
         out[split], reports[split] = kept, report
         files[split] = {k: str(v) for k, v in written.items()}
-        ctx.log(f"validated {split}: {report['counts_in']} rows in, {len(kept)} kept, "
-                f"dropped by reason {report['reasons']}")
+        ctx.log(
+            f"validated {split}: {report['counts_in']} rows in, {len(kept)} kept, dropped by reason {report['reasons']}"
+        )
     if not out["heldout"]:
         out["sft"], out["heldout"] = _split(out["sft"], 0.1, cfg.seed)
         ctx.log(f"no held-out file: held out {len(out['heldout'])} SFT rows (seeded split)")
@@ -255,8 +275,9 @@ def validate_data(ctx: StageContext, paths: dict[str, Optional[str]], out_dir: P
         leak_pairs.append(("sft", "validation"))
     else:
         # Carved after dedup within the SFT rows, so it cannot near-duplicate what stays in train.
-        out["sft"], out["validation"] = _split(out["sft"], cfg.data.validation_fraction, cfg.seed + 1,
-                                               MIN_VALIDATION_ROWS)
+        out["sft"], out["validation"] = _split(
+            out["sft"], cfg.data.validation_fraction, cfg.seed + 1, MIN_VALIDATION_ROWS
+        )
         ctx.log(f"no validation file: {len(out['validation'])} SFT rows set aside for selection (seeded split)")
     for train_split, held_split in leak_pairs:
         hits = check_leakage(out[train_split], out[held_split], cfg.quality.near_duplicate_threshold)
@@ -267,9 +288,19 @@ def validate_data(ctx: StageContext, paths: dict[str, Optional[str]], out_dir: P
             raise ContractError(
                 f"train/held-out leakage: {len(hits)} {held_split} row(s) duplicate {train_split} rows "
                 f"(first: {first.get('heldout_source')}:{first.get('heldout_line')} ~ "
-                f"{first.get('train_source')}:{first.get('train_line')}, {first.get('kind')}); see {leak_file}")
-    return CleanData(out["sft"], out["preference"], out["heldout"], out["heldout_preference"], reports,
-                     {k: v for k, v in paths.items() if v}, files, str(out_dir), validation=out["validation"])
+                f"{first.get('train_source')}:{first.get('train_line')}, {first.get('kind')}); see {leak_file}"
+            )
+    return CleanData(
+        out["sft"],
+        out["preference"],
+        out["heldout"],
+        out["heldout_preference"],
+        reports,
+        {k: v for k, v in paths.items() if v},
+        files,
+        str(out_dir),
+        validation=out["validation"],
+    )
 
 
 def format_chat(ctx: StageContext, data: CleanData) -> tuple[FormattedData, FormattedData, FormattedData]:
@@ -280,9 +311,11 @@ def format_chat(ctx: StageContext, data: CleanData) -> tuple[FormattedData, Form
     tokenizer = load_tokenizer(ctx.model.path, ctx.cfg.model)
     system, sft, dpo = ctx.cfg.data.system_prompt, ctx.cfg.sft, ctx.cfg.dpo
     # Every split sees the training window, so held-out and validation rows are scored as training saw them.
-    return (format_data(tokenizer, data.sft, data.preference, system, sft, dpo),
-            format_data(tokenizer, data.heldout, data.heldout_preference, system, sft, dpo),
-            format_data(tokenizer, data.validation, [], system, sft, dpo))
+    return (
+        format_data(tokenizer, data.sft, data.preference, system, sft, dpo),
+        format_data(tokenizer, data.heldout, data.heldout_preference, system, sft, dpo),
+        format_data(tokenizer, data.validation, [], system, sft, dpo),
+    )
 
 
 def add_window_drops(data: CleanData, formatted: dict[str, FormattedData]) -> None:
@@ -290,10 +323,13 @@ def add_window_drops(data: CleanData, formatted: dict[str, FormattedData]) -> No
     truncated_answer), so nothing is dropped without a word. Runs on every run, cached formatting or not."""
     from ftflow.tasks.data.report import add_window_drops as merge
 
-    for split, (fmt, kind) in {"sft": (formatted["train"], "sft"), "preference": (formatted["train"], "preference"),
-                               "heldout": (formatted["heldout"], "sft"),
-                               "heldout_preference": (formatted["heldout"], "preference"),
-                               "validation": (formatted["validation"], "sft")}.items():
+    for split, (fmt, kind) in {
+        "sft": (formatted["train"], "sft"),
+        "preference": (formatted["train"], "preference"),
+        "heldout": (formatted["heldout"], "sft"),
+        "heldout_preference": (formatted["heldout"], "preference"),
+        "validation": (formatted["validation"], "sft"),
+    }.items():
         if split not in data.reports or kind not in fmt.window:
             continue
         quarantine = data.files.get(split, {}).get("quarantine")
@@ -309,17 +345,21 @@ def check_trainable(ctx: StageContext, train_set: FormattedData, data: CleanData
         tally = train_set.window.get(kind) or {}
         if (section == "dpo" and not ctx.cfg.dpo.enabled) or not tally.get("in") or tally.get("kept"):
             continue
-        counts = [int(m.group(1)) for d in train_set.dropped.get(kind, [])
-                  if (m := re.search(r"(\d+) tokens", d.detail))]
+        counts = [
+            int(m.group(1)) for d in train_set.dropped.get(kind, []) if (m := re.search(r"(\d+) tokens", d.detail))
+        ]
         shortest = f"; the shortest has {min(counts)}" if counts else ""
         quarantine = data.files.get(kind, {}).get("quarantine")
-        raise DataError(f"{section}: all {tally['in']} rows are longer than {section}.max_length ({tally.get('max_length')} "
-                        f"tokens{shortest}): raise {section}.max_length, or shorten the rows"
-                        + (f"; see {quarantine} (reason truncated_answer)" if quarantine else ""))
+        raise DataError(
+            f"{section}: all {tally['in']} rows are longer than {section}.max_length ({tally.get('max_length')} "
+            f"tokens{shortest}): raise {section}.max_length, or shorten the rows"
+            + (f"; see {quarantine} (reason truncated_answer)" if quarantine else "")
+        )
 
 
-def eval_sets(data: CleanData, train_set: FormattedData, heldout_set: FormattedData,
-              validation_set: FormattedData) -> EvalSets:
+def eval_sets(
+    data: CleanData, train_set: FormattedData, heldout_set: FormattedData, validation_set: FormattedData
+) -> EvalSets:
     """What evaluation reads, with the held-out rows' accounting (in, scored, dropped by reason) for the gate."""
     from ftflow.tasks.data.report import heldout_accounting
     from ftflow.tasks.evaluate.evaluation import EvalSets
@@ -344,11 +384,20 @@ def log_data(ctx: StageContext, data: CleanData, train_set: FormattedData) -> st
         rows = getattr(data, split)
         if rows:
             context = "heldout" if split.startswith("heldout") else "validation" if split == "validation" else "train"
-            run.log_dataset([r.row for r in rows], name=split, context=context,
-                            source=data.paths.get(split, f"{split} split of sft"))
+            run.log_dataset(
+                [r.row for r in rows],
+                name=split,
+                context=context,
+                source=data.paths.get(split, f"{split} split of sft"),
+            )
     run.log_metrics({f"format/{k}": v for k, v in train_set.token_stats.items()})
-    run.log_params({"chat_template.fingerprint": train_set.template_fingerprint, "chat_template.eos": ctx.model.eos_token,
-                    "model.source_sha256": ctx.model.source_sha256 or "n/a"})
+    run.log_params(
+        {
+            "chat_template.fingerprint": train_set.template_fingerprint,
+            "chat_template.eos": ctx.model.eos_token,
+            "model.source_sha256": ctx.model.source_sha256 or "n/a",
+        }
+    )
     sections = [f"## {split}\n\n{report_markdown(report)}" for split, report in data.reports.items()]
     return "# Data validation\n\n" + "\n\n".join(sections)
 
@@ -439,18 +488,32 @@ def select_candidate(ctx: StageContext, sets: EvalSets, trained: Trained) -> Tra
     scored = validation_scores(ctx, model, tokenizer, kinds, sets)
     chosen = choose(scored, metric.name)
     scores = {kind: scored[kind].metrics[metric.name] for kind in kinds}
-    selection = {"chosen": chosen, "split": "validation", "metric": metric.name, "direction": metric.direction,
-                 "n": len(scored[chosen].per_example[metric.name]), "scores": scores}
-    ctx.log(f"candidate on validation: {chosen} (" + ", ".join(f"{k} {metric.name}={v:.3f}" for k, v in scores.items())
-            + f", n={selection['n']}, {metric.direction} is better)")
+    selection = {
+        "chosen": chosen,
+        "split": "validation",
+        "metric": metric.name,
+        "direction": metric.direction,
+        "n": len(scored[chosen].per_example[metric.name]),
+        "scores": scores,
+    }
+    ctx.log(
+        f"candidate on validation: {chosen} ("
+        + ", ".join(f"{k} {metric.name}={v:.3f}" for k, v in scores.items())
+        + f", n={selection['n']}, {metric.direction} is better)"
+    )
     if ctx.run is not None:
         ctx.run.log_metrics({f"validation/{kind}/{metric.name}": v for kind, v in scores.items()})
         ctx.run.set_tags({"candidate": chosen})
     return replace(trained, chosen=chosen, selection=selection)
 
 
-def evaluate(ctx: StageContext, sets: EvalSets, adapters: dict[str, str], candidate: Optional[str] = None,
-             baselines: Optional[Results] = None) -> Results:
+def evaluate(
+    ctx: StageContext,
+    sets: EvalSets,
+    adapters: dict[str, str],
+    candidate: Optional[str] = None,
+    baselines: Optional[Results] = None,
+) -> Results:
     """Score base, few-shot and every adapter on the held-out (test) split; `candidate` (default: the last adapter)
     gets the headline eval/ keys.
 
@@ -504,6 +567,7 @@ def comparison_table(rows: list[dict[str, Any]]) -> str:
 
     def fmt(v):
         return "-" if v is None else (f"{v:.3f}" if isinstance(v, float) else str(v))
+
     lines = ["| " + " | ".join(headers) + " |", "|" + "|".join("---" for _ in headers) + "|"]
     lines += ["| " + " | ".join(fmt(r[h]) for h in headers) + " |" for r in rows]
     return "\n".join(lines)
@@ -551,14 +615,23 @@ def find_champion(ctx: StageContext) -> Optional[Champion]:
     if adapter is not None:
         meta_path = Path(adapter, "ftflow_meta.json")
         meta = json.loads(meta_path.read_text()) if meta_path.exists() else {}
-        if meta.get("template_fingerprint") != ctx.model.template_fingerprint or meta.get("base_sha256") != ctx.model.source_sha256:
+        if (
+            meta.get("template_fingerprint") != ctx.model.template_fingerprint
+            or meta.get("base_sha256") != ctx.model.source_sha256
+        ):
             ctx.log(f"champion v{version.version} was trained on another base or template; using its recorded metrics")
             adapter = None
     return Champion(version.version, version.run_id, adapter, registry.champion_recorded_metrics(client, version))
 
 
-def gate(ctx: StageContext, results: Results, trained: Trained, champion: Optional[Champion],
-         heldout_accounting: Optional[dict[str, Any]] = None, sets: Optional[EvalSets] = None) -> dict[str, Any]:
+def gate(
+    ctx: StageContext,
+    results: Results,
+    trained: Trained,
+    champion: Optional[Champion],
+    heldout_accounting: Optional[dict[str, Any]] = None,
+    sets: Optional[EvalSets] = None,
+) -> dict[str, Any]:
     """Register the candidate (idempotently) and move `champion` only through the gate; else `challenger`.
 
     Reading the champion, deciding and moving the alias happen under `ctx.exclusive("registry:<model>")`,
@@ -582,23 +655,45 @@ def gate(ctx: StageContext, results: Results, trained: Trained, champion: Option
         results, recorded = _champion_now(ctx, client, results, champion, sets)
         decision = registry.decide(candidate, results, cfg, recorded, heldout_accounting, trained.selection)
         ctx.log(f"gate: {decision.summary()}")
-        version = registry.register_candidate(client, cfg.registry.model_name, run.run_id, logged.model_uri,
-                                              logged.model_id)
+        version = registry.register_candidate(
+            client, cfg.registry.model_name, run.run_id, logged.model_uri, logged.model_id
+        )
         alias = registry.apply_decision(client, cfg.registry.model_name, version, decision, run.run_id)
-    run.log_metrics({"gate/promoted": float(decision.promote), "gate/n": float(decision.n),
-                     **{f"gate/{c.against}/{k}": getattr(c, k) for c in decision.comparisons
-                        for k in ("improvement", "low", "high")}})
-    run.set_tags({"gate.decision": decision.summary()[:5000], "gate.alias": alias, "gate.version": version,
-                  "gate.candidate": decision.candidate})
+    run.log_metrics(
+        {
+            "gate/promoted": float(decision.promote),
+            "gate/n": float(decision.n),
+            **{
+                f"gate/{c.against}/{k}": getattr(c, k)
+                for c in decision.comparisons
+                for k in ("improvement", "low", "high")
+            },
+        }
+    )
+    run.set_tags(
+        {
+            "gate.decision": decision.summary()[:5000],
+            "gate.alias": alias,
+            "gate.version": version,
+            "gate.candidate": decision.candidate,
+        }
+    )
     run.log_dict({**decision.as_dict(), "version": version, "alias": alias}, "gate/decision.json")
     # After the decision is on the run: the description and the card quote it.
     document_version(client, cfg.registry.model_name, version, run.run_id, run.url(), stage=candidate)
-    return {"promoted": decision.promote, "alias": alias, "version": version, "candidate": decision.candidate,
-            "summary": decision.summary(), "reasons": decision.reasons}
+    return {
+        "promoted": decision.promote,
+        "alias": alias,
+        "version": version,
+        "candidate": decision.candidate,
+        "summary": decision.summary(),
+        "reasons": decision.reasons,
+    }
 
 
-def _champion_now(ctx: StageContext, client, results: Results, champion: Optional[Champion],
-                  sets: Optional[EvalSets]) -> tuple[Results, Optional[VariantResult]]:
+def _champion_now(
+    ctx: StageContext, client, results: Results, champion: Optional[Champion], sets: Optional[EvalSets]
+) -> tuple[Results, Optional[VariantResult]]:
     """(results, recorded champion) against the champion of this moment (called under the registry lock)."""
     from dataclasses import replace
 
@@ -610,8 +705,10 @@ def _champion_now(ctx: StageContext, client, results: Results, champion: Optiona
         if champion is not None and "champion" not in results:  # not re-scorable: its logged numbers
             return results, registry.recorded("champion", champion.recorded_metrics)
         return results, None
-    ctx.log(f"gate: the champion moved while this run trained (v{seen or '-'} -> v{current or '-'}); "
-            f"comparing with v{current or '-'}")
+    ctx.log(
+        f"gate: the champion moved while this run trained (v{seen or '-'} -> v{current or '-'}); "
+        f"comparing with v{current or '-'}"
+    )
     results = {k: v for k, v in results.items() if k != "champion"}
     fresh = find_champion(ctx)
     if fresh is None:
@@ -635,10 +732,14 @@ def summarize(ctx: StageContext, results: Results, gate_outcome: Optional[dict[s
     rows = comparison_rows(ctx.cfg, results)
     table = comparison_table(rows)
     if gate_outcome is not None:
-        table += (f"\n\nRegistry: {ctx.cfg.registry.model_name} v{gate_outcome['version']} -> @{gate_outcome['alias']}"
-                  f"\nGate: {gate_outcome['summary']}")
-    markdown = (f"# Fine-tune run `{run.run_id}`\n\nMLflow run: [{run.run_id}]({run.url()})\n\n{table}\n\n"
-                f"Open the MLflow UI: `{ui_command(ctx.cfg)}`\n")
+        table += (
+            f"\n\nRegistry: {ctx.cfg.registry.model_name} v{gate_outcome['version']} -> @{gate_outcome['alias']}"
+            f"\nGate: {gate_outcome['summary']}"
+        )
+    markdown = (
+        f"# Fine-tune run `{run.run_id}`\n\nMLflow run: [{run.run_id}]({run.url()})\n\n{table}\n\n"
+        f"Open the MLflow UI: `{ui_command(ctx.cfg)}`\n"
+    )
     return Summary(rows, table, markdown)
 
 

@@ -1,4 +1,5 @@
 """The one text normalizer, shared by data checks and metric scoring (stdlib only, so metrics can load it)."""
+
 from __future__ import annotations
 
 import unicodedata

@@ -3,6 +3,7 @@
 Prefect runs tasks in worker threads and MLflow's active run is per thread, so nothing here relies on
 `mlflow.start_run()` context: every call names its run.
 """
+
 from __future__ import annotations
 
 import json
@@ -31,8 +32,19 @@ from ftflow.tasks.secrets import (  # noqa: F401
 
 DEFAULT_DB = "mlflow.db"
 DEFAULT_ARTIFACTS = "mlartifacts"
-TRACKED_LIBRARIES = ("torch", "transformers", "peft", "trl", "bitsandbytes", "datasets", "evaluate", "mlflow",
-                     "prefect", "great_expectations", "accelerate")
+TRACKED_LIBRARIES = (
+    "torch",
+    "transformers",
+    "peft",
+    "trl",
+    "bitsandbytes",
+    "datasets",
+    "evaluate",
+    "mlflow",
+    "prefect",
+    "great_expectations",
+    "accelerate",
+)
 
 
 def redact(params: dict[str, Any]) -> dict[str, Any]:
@@ -55,8 +67,11 @@ def tracking_uri(cfg: PipelineConfig) -> str:
 
 # MLflow's own default retries a dead server for about 4 minutes (7 retries, backoff 2, 120 s timeouts).
 # The store is checked up front (check_tracking_store), so these only bound a server lost mid-run: about 30 s.
-MLFLOW_HTTP_DEFAULTS = {"MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
-                        "MLFLOW_HTTP_REQUEST_TIMEOUT": "60"}
+MLFLOW_HTTP_DEFAULTS = {
+    "MLFLOW_HTTP_REQUEST_MAX_RETRIES": "4",
+    "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR": "2",
+    "MLFLOW_HTTP_REQUEST_TIMEOUT": "60",
+}
 CHECK_TIMEOUT_S = 5.0
 
 
@@ -78,7 +93,7 @@ def _local_store_folder(uri: str) -> Optional[Path]:
     from urllib.parse import unquote, urlparse
 
     if uri.startswith("sqlite:"):
-        rest = uri[len("sqlite://"):].split("?", 1)[0]
+        rest = uri[len("sqlite://") :].split("?", 1)[0]
         if rest in ("", "/", "/:memory:"):
             return None
         return Path(unquote(rest[1:] if rest.startswith("/") else rest)).expanduser().resolve().parent
@@ -95,10 +110,16 @@ def _why_unreachable(err: BaseException, timeout: float) -> str:
     text = str(err)
     if isinstance(err, requests.Timeout):
         return f"no answer within {timeout:g} s"
-    for needle, reason in (("Connection refused", "connection refused"), ("Name or service not known", "unknown host"),
-                           ("nodename nor servname", "unknown host"), ("Temporary failure in name resolution", "unknown host"),
-                           ("No route to host", "no route to host"), ("Network is unreachable", "network unreachable"),
-                           ("SSLError", "TLS handshake failed"), ("CERTIFICATE_VERIFY_FAILED", "TLS certificate not trusted")):
+    for needle, reason in (
+        ("Connection refused", "connection refused"),
+        ("Name or service not known", "unknown host"),
+        ("nodename nor servname", "unknown host"),
+        ("Temporary failure in name resolution", "unknown host"),
+        ("No route to host", "no route to host"),
+        ("Network is unreachable", "network unreachable"),
+        ("SSLError", "TLS handshake failed"),
+        ("CERTIFICATE_VERIFY_FAILED", "TLS certificate not trusted"),
+    ):
         if needle in text:
             return reason
     return type(err).__name__
@@ -123,9 +144,11 @@ def check_tracking_store(uri: str, timeout: float = CHECK_TIMEOUT_S) -> None:
         try:
             requests.get(f"{uri.rstrip('/')}/health", timeout=(timeout, timeout))
         except requests.RequestException as err:
-            raise PipelineError(f"MLflow tracking server {shown} is not reachable ({_why_unreachable(err, timeout)}): "
-                                f"start it, or fix tracking.tracking_uri / MLFLOW_TRACKING_URI (leave both empty "
-                                f"for a local SQLite store)") from None
+            raise PipelineError(
+                f"MLflow tracking server {shown} is not reachable ({_why_unreachable(err, timeout)}): "
+                f"start it, or fix tracking.tracking_uri / MLFLOW_TRACKING_URI (leave both empty "
+                f"for a local SQLite store)"
+            ) from None
         return
     folder = _local_store_folder(uri)
     if folder is None:
@@ -135,8 +158,9 @@ def check_tracking_store(uri: str, timeout: float = CHECK_TIMEOUT_S) -> None:
         with tempfile.TemporaryFile(dir=folder):
             pass
     except OSError as err:
-        raise PipelineError(f"MLflow store {shown}: folder {folder} is not writable "
-                            f"({err.strerror or type(err).__name__})") from None
+        raise PipelineError(
+            f"MLflow store {shown}: folder {folder} is not writable ({err.strerror or type(err).__name__})"
+        ) from None
 
 
 def ensure_experiment(c, name: str, uri: str) -> str:
@@ -144,14 +168,22 @@ def ensure_experiment(c, name: str, uri: str) -> str:
     if exp is not None:
         return exp.experiment_id
     # A local store keeps artifacts beside the database; a server decides where they go itself.
-    location = Path(DEFAULT_ARTIFACTS).resolve().as_uri() if uri.startswith(("sqlite:", "file:")) or "://" not in uri else None
+    location = (
+        Path(DEFAULT_ARTIFACTS).resolve().as_uri() if uri.startswith(("sqlite:", "file:")) or "://" not in uri else None
+    )
     return c.create_experiment(name, artifact_location=location)
 
 
 def git_commit() -> str:
     try:
-        return subprocess.run(["git", "rev-parse", "HEAD"], capture_output=True, text=True, check=True,
-                              cwd=Path(__file__).resolve().parent, timeout=5).stdout.strip()
+        return subprocess.run(
+            ["git", "rev-parse", "HEAD"],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=Path(__file__).resolve().parent,
+            timeout=5,
+        ).stdout.strip()
     except (OSError, subprocess.SubprocessError):
         return "unknown"
 
@@ -170,8 +202,9 @@ def library_versions() -> dict[str, str]:
 def _store_errors(uri: str):
     """A store that answered the check but refuses the run (permissions, schema, a bad experiment) is a
     configuration problem: one redacted PipelineError line, nothing chained that repeats the URI."""
-    from ftflow.tasks.errors import PipelineError
     from mlflow.exceptions import MlflowException
+
+    from ftflow.tasks.errors import PipelineError
 
     try:
         yield
@@ -296,19 +329,25 @@ def check_resumable(c, run, cfg: PipelineConfig) -> None:
 
     run_id, status = run.info.run_id, run.info.status
     if status == "FINISHED":
-        raise PipelineError(f"--resume {run_id}: the run FINISHED; only an interrupted run (FAILED, KILLED, or "
-                            f"RUNNING with its process gone) can be resumed; start a new run instead")
+        raise PipelineError(
+            f"--resume {run_id}: the run FINISHED; only an interrupted run (FAILED, KILLED, or "
+            f"RUNNING with its process gone) can be resumed; start a new run instead"
+        )
     if status == "RUNNING" and owner_alive(run.data.tags):
-        raise PipelineError(f"--resume {run_id}: the run is still RUNNING in process {run.data.tags.get(PID_TAG)} "
-                            f"on {run.data.tags.get(HOST_TAG)}")
+        raise PipelineError(
+            f"--resume {run_id}: the run is still RUNNING in process {run.data.tags.get(PID_TAG)} "
+            f"on {run.data.tags.get(HOST_TAG)}"
+        )
     logged, from_params = logged_config(c, run)
     if logged is None:
         return  # killed before its config was logged: nothing trained, nothing to disagree with
     diff = config_differences(logged, cfg, from_params=from_params)
     if diff:
         shown = "; ".join(diff[:8]) + (f"; and {len(diff) - 8} more" if len(diff) > 8 else "")
-        raise PipelineError(f"--resume {run_id}: the config differs from the run's in {len(diff)} key(s): {shown}; "
-                            f"resume with the run's own recipe and overrides (its {RESOLVED_CONFIG} artifact)")
+        raise PipelineError(
+            f"--resume {run_id}: the config differs from the run's in {len(diff)} key(s): {shown}; "
+            f"resume with the run's own recipe and overrides (its {RESOLVED_CONFIG} artifact)"
+        )
 
 
 class RunLogger:
@@ -322,8 +361,13 @@ class RunLogger:
         self.resumed = False
 
     @classmethod
-    def start(cls, cfg: PipelineConfig, run_name: Optional[str] = None, parent_run_id: Optional[str] = None,
-              tags: Optional[dict[str, str]] = None) -> "RunLogger":
+    def start(
+        cls,
+        cfg: PipelineConfig,
+        run_name: Optional[str] = None,
+        parent_run_id: Optional[str] = None,
+        tags: Optional[dict[str, str]] = None,
+    ) -> "RunLogger":
         uri = tracking_uri(cfg)
         install_log_redaction()
         check_tracking_store(uri)
@@ -340,8 +384,9 @@ class RunLogger:
     def resume(cls, cfg: PipelineConfig, run_id: str, tags: Optional[dict[str, str]] = None) -> "RunLogger":
         """Continue an interrupted run. Everything is checked first (the run exists, did not finish, is not
         running elsewhere, and `cfg` equals its logged config); only then is the run touched."""
-        from ftflow.tasks.errors import PipelineError
         from mlflow.exceptions import MlflowException
+
+        from ftflow.tasks.errors import PipelineError
 
         uri = tracking_uri(cfg)
         install_log_redaction()
@@ -355,8 +400,12 @@ class RunLogger:
         with _store_errors(uri):
             logger.client.update_run(run_id, status="RUNNING")
             count = int(run.data.tags.get("ftflow.resume_count", "0")) + 1
-            for key, value in {"resumed": "true", "ftflow.resume_count": str(count), **process_tags(),
-                               **(tags or {})}.items():
+            for key, value in {
+                "resumed": "true",
+                "ftflow.resume_count": str(count),
+                **process_tags(),
+                **(tags or {}),
+            }.items():
                 logger.client.set_tag(run_id, key, value)
         logger.resumed = True
         return logger
@@ -380,10 +429,14 @@ class RunLogger:
         from ftflow.tasks.errors import PipelineError
 
         logged = self.client.get_run(self.run_id).data.params
-        changed = [f"{k} (run: {logged[k][:60]}, now: {v[:60]})" for k, v in values.items() if k in logged and logged[k] != v]
+        changed = [
+            f"{k} (run: {logged[k][:60]}, now: {v[:60]})" for k, v in values.items() if k in logged and logged[k] != v
+        ]
         if changed:
-            raise PipelineError(f"--resume {self.run_id}: this attempt differs from the run in {'; '.join(changed)}; "
-                                f"an MLflow param cannot change, start a new run instead")
+            raise PipelineError(
+                f"--resume {self.run_id}: this attempt differs from the run in {'; '.join(changed)}; "
+                f"an MLflow param cannot change, start a new run instead"
+            )
         return {k: v for k, v in values.items() if k not in logged}
 
     def log_config(self, cfg: PipelineConfig) -> None:
@@ -396,8 +449,11 @@ class RunLogger:
         self.log_dict(redact_config_dict(cfg.model_dump(mode="json")), "config/resolved_config.yaml")
 
     def _record_resumed_versions(self) -> None:
-        logged = {k[len("version."):]: v for k, v in self.client.get_run(self.run_id).data.params.items()
-                  if k.startswith("version.")}
+        logged = {
+            k[len("version.") :]: v
+            for k, v in self.client.get_run(self.run_id).data.params.items()
+            if k.startswith("version.")
+        }
         now = library_versions()
         changes = [f"{lib} {logged.get(lib, '?')} -> {v}" for lib, v in now.items() if logged.get(lib) != v]
         n = self.client.get_run(self.run_id).data.tags.get("ftflow.resume_count", "1")

@@ -1,4 +1,5 @@
 """Shared fixtures: a tiny random Llama with the real SmolLM2 tokenizer, isolated MLflow stores, Prefect harness."""
+
 from __future__ import annotations
 
 import os
@@ -10,6 +11,7 @@ import urllib.request
 from pathlib import Path
 
 import pytest
+
 from ftflow.cli import quiet_env
 
 # Offline is the tests' choice, not the product's: no test may wait on a model hub. Set before anything
@@ -55,10 +57,17 @@ def tiny_model_dir(tmp_path_factory, smollm_path) -> str:
 
     tokenizer = AutoTokenizer.from_pretrained(smollm_path)
     config = LlamaConfig(
-        vocab_size=len(tokenizer), hidden_size=64, intermediate_size=128, num_hidden_layers=2,
-        num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id, eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id, tie_word_embeddings=True,
+        vocab_size=len(tokenizer),
+        hidden_size=64,
+        intermediate_size=128,
+        num_hidden_layers=2,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=1024,
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
     )
     torch.manual_seed(0)
     model = LlamaForCausalLM(config)
@@ -75,11 +84,14 @@ def tiny_cfg(tmp_path, tiny_model_dir, monkeypatch):
 
     monkeypatch.chdir(tmp_path)
     monkeypatch.delenv("MLFLOW_TRACKING_URI", raising=False)
-    return load_config("tiny", [
-        f"model.name_or_path={tiny_model_dir}",
-        f"output_dir={tmp_path / 'runs'}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
-    ])
+    return load_config(
+        "tiny",
+        [
+            f"model.name_or_path={tiny_model_dir}",
+            f"output_dir={tmp_path / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        ],
+    )
 
 
 @pytest.fixture(scope="session")
@@ -102,10 +114,25 @@ def mlflow_server_port(tmp_path):
     port = _free_port()
     log = (tmp_path / "mlflow-server.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "mlflow", "server", "--host", "127.0.0.1", "--port", str(port),
-         "--backend-store-uri", f"sqlite:///{tmp_path / 'server.db'}",
-         "--artifacts-destination", str(tmp_path / "server-artifacts"), "--workers", "1"],
-        stdout=log, stderr=subprocess.STDOUT)
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+            "--backend-store-uri",
+            f"sqlite:///{tmp_path / 'server.db'}",
+            "--artifacts-destination",
+            str(tmp_path / "server-artifacts"),
+            "--workers",
+            "1",
+        ],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+    )
     deadline = time.time() + 120
     while True:
         try:

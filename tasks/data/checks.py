@@ -3,6 +3,7 @@
 Each structural check returns None for a good row, or a one-line detail saying what is wrong, and
 sees only rows that passed the checks before it (so `role_order` may assume well-formed messages).
 """
+
 from __future__ import annotations
 
 import re
@@ -119,7 +120,11 @@ def _chosen_equals_rejected(row: dict[str, Any], kind: Kind) -> Optional[str]:
 
 def structural_checks(kind: Kind) -> list[tuple[str, Check]]:
     """(reason, check) in the order they run; the cheap shape checks first, so later ones can trust the shape."""
-    checks: list[tuple[str, Check]] = [("malformed", _malformed), ("empty_content", _empty_content), ("role_order", _role_order)]
+    checks: list[tuple[str, Check]] = [
+        ("malformed", _malformed),
+        ("empty_content", _empty_content),
+        ("role_order", _role_order),
+    ]
     if kind == "preference":
         checks.append(("chosen_equals_rejected", _chosen_equals_rejected))
     return checks

@@ -17,6 +17,7 @@ from `QualityConfig` at validation time, so the JSON never duplicates a number t
 Severity is GX's own field: "critical" fails the contract, "warning" is reported only. An
 expectation whose meta says `"severity_from": "size_policy"` takes its severity from the config.
 """
+
 from __future__ import annotations
 
 import json
@@ -44,19 +45,26 @@ THRESHOLDS_FILE = "thresholds.json"
 @dataclass
 class ContractReport:
     passed: bool
-    failures: list[str] = field(default_factory=list)     # one line per failed critical expectation
-    warnings: list[str] = field(default_factory=list)     # one line per failed warning expectation
+    failures: list[str] = field(default_factory=list)  # one line per failed critical expectation
+    warnings: list[str] = field(default_factory=list)  # one line per failed warning expectation
     details: list[dict[str, Any]] = field(default_factory=list)  # every expectation, JSON-safe
     kind: str = "sft"
     parameters: dict[str, Any] = field(default_factory=dict)  # the suite parameter values used
     # Each detail has "scope": "input" (every row read, before filtering, with `mostly`) or "kept".
 
     def as_dict(self) -> dict[str, Any]:
-        return {"passed": self.passed, "kind": self.kind, "failures": list(self.failures),
-                "warnings": list(self.warnings), "parameters": dict(self.parameters), "details": list(self.details)}
+        return {
+            "passed": self.passed,
+            "kind": self.kind,
+            "failures": list(self.failures),
+            "warnings": list(self.warnings),
+            "parameters": dict(self.parameters),
+            "details": list(self.details),
+        }
 
 
 # --- frames -------------------------------------------------------------------------------------
+
 
 def _language(text: str) -> str | None:
     import py3langid
@@ -93,9 +101,27 @@ def _preference_columns(row: dict[str, Any]) -> dict[str, Any]:
 
 
 _FRAME_COLUMNS = {
-    "sft": ["source", "line", "n_messages", "last_role", "first_nonsystem_role", "token_length", "text_chars", "language"],
-    "preference": ["source", "line", "prompt_turns", "prompt_last_role", "chosen_chars", "rejected_chars",
-                   "chosen_equals_rejected", "token_length", "language"],
+    "sft": [
+        "source",
+        "line",
+        "n_messages",
+        "last_role",
+        "first_nonsystem_role",
+        "token_length",
+        "text_chars",
+        "language",
+    ],
+    "preference": [
+        "source",
+        "line",
+        "prompt_turns",
+        "prompt_last_role",
+        "chosen_chars",
+        "rejected_chars",
+        "chosen_equals_rejected",
+        "token_length",
+        "language",
+    ],
 }
 
 
@@ -128,8 +154,9 @@ def _well_formed(row: Any, kind: str) -> bool:
     if not isinstance(row, dict):
         return False
     msgs = row.get("messages" if kind == "sft" else "prompt")
-    if not isinstance(msgs, list) or not all(isinstance(m, dict) and isinstance(m.get("role"), str)
-                                             and isinstance(m.get("content"), str) for m in msgs):
+    if not isinstance(msgs, list) or not all(
+        isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str) for m in msgs
+    ):
         return False
     return kind == "sft" or all(isinstance(row.get(k), str) for k in ("chosen", "rejected"))
 
@@ -166,10 +193,14 @@ def input_frame(result: QualityResult, token_length: Any = None) -> "pd.DataFram
     for d in result.dropped:
         if id(d) in lengths:
             n = lengths[id(d)]
-            rows.append({"source": d.source, "line": d.line, **derive(d.row), "token_length": None if n is None else int(n)})
+            rows.append(
+                {"source": d.source, "line": d.line, **derive(d.row), "token_length": None if n is None else int(n)}
+            )
         else:
             rows.append({"source": d.source, "line": d.line})
-    frame = pd.concat([kept, pd.DataFrame(rows, columns=_FRAME_COLUMNS[result.kind])], ignore_index=True) if rows else kept
+    frame = (
+        pd.concat([kept, pd.DataFrame(rows, columns=_FRAME_COLUMNS[result.kind])], ignore_index=True) if rows else kept
+    )
     frame["line"] = pd.to_numeric(frame["line"], errors="coerce").fillna(0).astype("int64")
     frame["token_length"] = pd.to_numeric(frame["token_length"], errors="coerce").astype("Float64")
     return frame.sort_values(["source", "line"], kind="stable").reset_index(drop=True)
@@ -180,11 +211,20 @@ def summary_frame(result: QualityResult) -> "pd.DataFrame":
 
     dropped = result.counts_in - len(result.kept)
     fraction = dropped / result.counts_in if result.counts_in else 1.0
-    return pd.DataFrame([{"rows_in": result.counts_in, "rows_kept": len(result.kept),
-                          "rows_dropped": dropped, "dropped_fraction": fraction}])
+    return pd.DataFrame(
+        [
+            {
+                "rows_in": result.counts_in,
+                "rows_kept": len(result.kept),
+                "rows_dropped": dropped,
+                "dropped_fraction": fraction,
+            }
+        ]
+    )
 
 
 # --- suites -------------------------------------------------------------------------------------
+
 
 def _gx():
     # GX 1.x sends no usage statistics when this is false; set before the (slow, ~2 s) import.
@@ -242,7 +282,9 @@ def load_thresholds(contracts_dir: Path = DEFAULT_CONTRACTS_DIR) -> dict[str, in
     return {str(k): int(v) for k, v in table.items()}
 
 
-def suite_parameters(cfg: QualityConfig, observed_languages: list[str], contracts_dir: Path = DEFAULT_CONTRACTS_DIR) -> dict[str, Any]:
+def suite_parameters(
+    cfg: QualityConfig, observed_languages: list[str], contracts_dir: Path = DEFAULT_CONTRACTS_DIR
+) -> dict[str, Any]:
     faq = load_thresholds(contracts_dir)
     if cfg.task_type not in faq:
         raise ContractError(f"{Path(contracts_dir) / THRESHOLDS_FILE}: no minimum for task_type {cfg.task_type!r}")
@@ -262,8 +304,11 @@ ROW_CHECK_PREFIX = "expect_column_values_"
 
 def _input_checks(data: dict[str, Any], mostly: float) -> dict[str, Any]:
     """The suite's row checks only, each holding for `mostly` of the rows unless the suite sets its own."""
-    expectations = [{**e, "kwargs": {"mostly": mostly, **e.get("kwargs", {})}}
-                    for e in data["expectations"] if str(e.get("type", "")).startswith(ROW_CHECK_PREFIX)]
+    expectations = [
+        {**e, "kwargs": {"mostly": mostly, **e.get("kwargs", {})}}
+        for e in data["expectations"]
+        if str(e.get("type", "")).startswith(ROW_CHECK_PREFIX)
+    ]
     return {**data, "expectations": expectations}
 
 
@@ -278,6 +323,7 @@ def _resolve_severity(data: dict[str, Any], cfg: QualityConfig) -> dict[str, Any
 
 
 # --- validation ---------------------------------------------------------------------------------
+
 
 def json_safe(value: Any) -> Any:
     """Plain JSON types only (numpy scalars unwrapped, NaN/inf as null, anything else as str)."""
@@ -334,15 +380,20 @@ def _observed(result: dict[str, Any], frame: "pd.DataFrame", expectation: str, c
     return None, "failed"
 
 
-def _validate(suite: "ExpectationSuite", frame: "pd.DataFrame", params: dict[str, Any], context: Any,
-              scope: str = "kept") -> list[dict[str, Any]]:
+def _validate(
+    suite: "ExpectationSuite", frame: "pd.DataFrame", params: dict[str, Any], context: Any, scope: str = "kept"
+) -> list[dict[str, Any]]:
     asset = context.data_sources.add_pandas(f"ftflow-{suite.name}-{scope}").add_dataframe_asset("rows")
     batch = asset.add_batch_definition_whole_dataframe("all").get_batch(batch_parameters={"dataframe": frame})
     run = batch.validate(
         suite,
         expectation_parameters={k: v for k, v in params.items() if k in set(suite.suite_parameter_options)},
-        result_format={"result_format": "SUMMARY", "partial_unexpected_count": 3, "include_unexpected_rows": False,
-                       "return_unexpected_index_query": False},
+        result_format={
+            "result_format": "SUMMARY",
+            "partial_unexpected_count": 3,
+            "include_unexpected_rows": False,
+            "return_unexpected_index_query": False,
+        },
     )
     details = []
     for r in run.results:
@@ -350,20 +401,26 @@ def _validate(suite: "ExpectationSuite", frame: "pd.DataFrame", params: dict[str
         meta = cfg.meta or {}
         kwargs = {k: v for k, v in cfg.kwargs.items() if k != "batch_id"}
         observed, observed_text = _observed(r.result or {}, frame, cfg.type, kwargs.get("column"))
-        error = (r.exception_info or {}).get("exception_message") if (r.exception_info or {}).get("raised_exception") else None
-        details.append({
-            "suite": suite.name,
-            "scope": scope,
-            "contract": meta.get("contract", cfg.type),
-            "expectation": cfg.type,
-            "column": kwargs.get("column"),
-            "severity": getattr(cfg.severity, "value", str(cfg.severity)),
-            "success": bool(r.success),
-            "observed": json_safe(observed),
-            "observed_text": observed_text if error is None else f"error: {error}",
-            "expected": _expected_text(cfg.type, kwargs),
-            "kwargs": json_safe(kwargs),
-        })
+        error = (
+            (r.exception_info or {}).get("exception_message")
+            if (r.exception_info or {}).get("raised_exception")
+            else None
+        )
+        details.append(
+            {
+                "suite": suite.name,
+                "scope": scope,
+                "contract": meta.get("contract", cfg.type),
+                "expectation": cfg.type,
+                "column": kwargs.get("column"),
+                "severity": getattr(cfg.severity, "value", str(cfg.severity)),
+                "success": bool(r.success),
+                "observed": json_safe(observed),
+                "observed_text": observed_text if error is None else f"error: {error}",
+                "expected": _expected_text(cfg.type, kwargs),
+                "kwargs": json_safe(kwargs),
+            }
+        )
     # GX returns results grouped by domain; the suite file's order reads better in a report.
     names = [(e.configuration.meta or {}).get("contract") for e in suite.expectations]
     details.sort(key=lambda d: names.index(d["contract"]) if d["contract"] in names else len(names))
@@ -377,8 +434,9 @@ def _line(d: dict[str, Any]) -> str:
     return f"{d['suite']}.{d['contract']} ({d['expectation']}{on}): observed {d['observed_text']}; expected {d['expected']}"
 
 
-def run_contracts(result: QualityResult, cfg: QualityConfig, contracts_dir: Path = DEFAULT_CONTRACTS_DIR,
-                  token_length: Any = None) -> ContractReport:
+def run_contracts(
+    result: QualityResult, cfg: QualityConfig, contracts_dir: Path = DEFAULT_CONTRACTS_DIR, token_length: Any = None
+) -> ContractReport:
     """Validate the input (row checks, `mostly`), the kept rows (every check) and the dataset summary.
 
     `token_length` (a batched `chat_token_lengths`) measures the rows the filters dropped; without it
@@ -395,8 +453,11 @@ def run_contracts(result: QualityResult, cfg: QualityConfig, contracts_dir: Path
 
     suites = []
     row_suite = SUITE_FOR_KIND[result.kind]
-    for name, frame, scope in ((row_suite, rows, "kept"), (row_suite, inputs, "input"),
-                               (SUMMARY_SUITE, summary_frame(result), "kept")):
+    for name, frame, scope in (
+        (row_suite, rows, "kept"),
+        (row_suite, inputs, "input"),
+        (SUMMARY_SUITE, summary_frame(result), "kept"),
+    ):
         path = _suite_path(name, contracts_dir)
         data = _resolve_severity(_read_suite_dict(name, contracts_dir), cfg)
         if scope == "input":
@@ -416,8 +477,14 @@ def run_contracts(result: QualityResult, cfg: QualityConfig, contracts_dir: Path
 
     failures = [_line(d) for d in details if not d["success"] and d["severity"] == "critical"]
     warnings = [_line(d) for d in details if not d["success"] and d["severity"] != "critical"]
-    return ContractReport(passed=not failures, failures=failures, warnings=warnings, details=details,
-                          kind=result.kind, parameters=json_safe(params))
+    return ContractReport(
+        passed=not failures,
+        failures=failures,
+        warnings=warnings,
+        details=details,
+        kind=result.kind,
+        parameters=json_safe(params),
+    )
 
 
 def enforce(report: ContractReport) -> None:

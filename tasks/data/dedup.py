@@ -5,19 +5,21 @@ shingles (Japanese has no spaces), hashed with numpy over a whole chunk of rows 
 banding with the band/row split datasketch picks for the threshold. Only rows that share a band with
 another row are compared, by the exact Jaccard of their shingle sets.
 """
+
 from __future__ import annotations
 
 import functools
 from typing import Any, Optional
 
 import numpy as np
+
 from ftflow.tasks.data.rows import conversation
 from ftflow.tasks.text import normalize_text
 
-NUM_PERM = 64                 # one-permutation MinHash bins; a power of two
-SHINGLE_CHARS = 4             # short enough that one edited character changes few shingles
+NUM_PERM = 64  # one-permutation MinHash bins; a power of two
+SHINGLE_CHARS = 4  # short enough that one edited character changes few shingles
 MINHASH_SEED = 1
-SIGNATURE_CHUNK_ROWS = 4096   # bounds the uint64 temporaries to a few tens of MB
+SIGNATURE_CHUNK_ROWS = 4096  # bounds the uint64 temporaries to a few tens of MB
 
 _MASK64 = (1 << 64) - 1
 _EMPTY_BIN = np.uint64(_MASK64)
@@ -72,7 +74,7 @@ def _padded(text: str) -> str:
 def shingles(text: str) -> set[str]:
     """Character SHINGLE_CHARS-grams, the sets whose Jaccard similarity near-duplicates are judged by."""
     text = _padded(text)
-    return {text[i:i + SHINGLE_CHARS] for i in range(len(text) - SHINGLE_CHARS + 1)}
+    return {text[i : i + SHINGLE_CHARS] for i in range(len(text) - SHINGLE_CHARS + 1)}
 
 
 def jaccard(a: str, b: str) -> float:
@@ -93,7 +95,7 @@ def _shingle_hashes(texts: list[str]) -> tuple[np.ndarray, np.ndarray]:
     span = len(codes) - n + 1
     h = codes[:span] * multipliers[0]
     for j in range(1, n):
-        h += codes[j:j + span] * multipliers[j]
+        h += codes[j : j + span] * multipliers[j]
     _mix64(h)
     # Keep the shingles that start and end inside one text.
     counts = lengths - n + 1
@@ -111,12 +113,12 @@ def minhash_signatures(texts: list[str]) -> np.ndarray:
     The fraction of equal bins estimates Jaccard similarity like a NUM_PERM-permutation MinHash."""
     out = np.empty((len(texts), NUM_PERM), dtype=np.uint64)
     for start in range(0, len(texts), SIGNATURE_CHUNK_ROWS):
-        chunk = texts[start:start + SIGNATURE_CHUNK_ROWS]
+        chunk = texts[start : start + SIGNATURE_CHUNK_ROWS]
         h, owner = _shingle_hashes(chunk)
         bins = (h >> np.uint64(64 - _BIN_BITS)).astype(np.int64)
         sig = np.full(len(chunk) * NUM_PERM, _EMPTY_BIN, dtype=np.uint64)
         np.minimum.at(sig, owner * NUM_PERM + bins, h & _VALUE_MASK)
-        out[start:start + len(chunk)] = _densify(sig.reshape(len(chunk), NUM_PERM))
+        out[start : start + len(chunk)] = _densify(sig.reshape(len(chunk), NUM_PERM))
     return out
 
 
@@ -159,7 +161,9 @@ def lsh_bands(threshold: float) -> tuple[int, int]:
 def _band_keys(sig: np.ndarray, threshold: float) -> np.ndarray:
     """(rows, bands) uint64: one hash per LSH band; rows sharing a band key are candidates."""
     bands, per_band = lsh_bands(threshold)
-    multipliers = np.random.default_rng(MINHASH_SEED + 1).integers(1, 1 << 63, size=NUM_PERM, dtype=np.uint64) | np.uint64(1)
+    multipliers = np.random.default_rng(MINHASH_SEED + 1).integers(
+        1, 1 << 63, size=NUM_PERM, dtype=np.uint64
+    ) | np.uint64(1)
     keys = np.empty((len(sig), bands), dtype=np.uint64)
     for b in range(bands):
         cols = slice(b * per_band, (b + 1) * per_band)
@@ -204,7 +208,7 @@ def near_pairs(left: list[str], right: list[str], threshold: float) -> list[tupl
     if not left or not right:
         return []
     keys = _band_keys(minhash_signatures(left + right), threshold)
-    left_keys, right_keys = keys[: len(left)], keys[len(left):]
+    left_keys, right_keys = keys[: len(left)], keys[len(left) :]
     candidates: set[tuple[int, int]] = set()
     for b in range(keys.shape[1]):
         buckets: dict[int, list[int]] = {}

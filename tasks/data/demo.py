@@ -12,6 +12,7 @@ mistake, a held-out split disjoint from training by construction, and defects in
 at `defect_rate` per kind, with their 1-based line numbers in a manifest so a test can check that
 validation catches exactly them.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,12 +30,63 @@ INSTRUCTION = {"en": "Extract the order as JSON:\n", "ja": "注文をJSONで抽�
 SFT_DEFECTS = ("duplicate", "near_duplicate", "empty_answer", "overlong", "broken_role_order")
 PREFERENCE_DEFECTS = ("chosen_equals_rejected", "empty_chosen")
 
-EN_FIRST = ("Alice", "Brian", "Chloe", "Daniel", "Emma", "Felix", "Grace", "Henry", "Isla", "Jack",
-            "Katie", "Liam", "Maya", "Noah", "Olivia", "Peter", "Quinn", "Rosa", "Samuel", "Tara")
-EN_LAST = ("Brown", "Carter", "Diaz", "Evans", "Fischer", "Garcia", "Hughes", "Kim", "Lopez", "Miller",
-           "Novak", "Okafor", "Patel", "Reed", "Walsh")
-JA_FAMILY = ("佐藤", "鈴木", "高橋", "田中", "伊藤", "渡辺", "山本", "中村", "小林", "加藤",
-             "吉田", "山田", "佐々木", "松本", "井上", "木村")
+EN_FIRST = (
+    "Alice",
+    "Brian",
+    "Chloe",
+    "Daniel",
+    "Emma",
+    "Felix",
+    "Grace",
+    "Henry",
+    "Isla",
+    "Jack",
+    "Katie",
+    "Liam",
+    "Maya",
+    "Noah",
+    "Olivia",
+    "Peter",
+    "Quinn",
+    "Rosa",
+    "Samuel",
+    "Tara",
+)
+EN_LAST = (
+    "Brown",
+    "Carter",
+    "Diaz",
+    "Evans",
+    "Fischer",
+    "Garcia",
+    "Hughes",
+    "Kim",
+    "Lopez",
+    "Miller",
+    "Novak",
+    "Okafor",
+    "Patel",
+    "Reed",
+    "Walsh",
+)
+JA_FAMILY = (
+    "佐藤",
+    "鈴木",
+    "高橋",
+    "田中",
+    "伊藤",
+    "渡辺",
+    "山本",
+    "中村",
+    "小林",
+    "加藤",
+    "吉田",
+    "山田",
+    "佐々木",
+    "松本",
+    "井上",
+    "木村",
+)
 JA_GIVEN = ("健", "花子", "翔太", "美咲", "大輔", "陽菜", "蓮", "結衣", "拓也", "愛", "直樹", "由美")
 JA_HONORIFIC = ("さん", "様")
 
@@ -61,14 +113,41 @@ ITEMS = (
 )
 # (romanized name, Japanese name)
 CITIES = (
-    ("Tokyo", "東京"), ("Osaka", "大阪"), ("Kyoto", "京都"), ("Nagoya", "名古屋"), ("Sapporo", "札幌"),
-    ("Fukuoka", "福岡"), ("Sendai", "仙台"), ("Kobe", "神戸"), ("Yokohama", "横浜"), ("Hiroshima", "広島"),
-    ("Nara", "奈良"), ("Naha", "那覇"), ("Boston", "ボストン"), ("Seattle", "シアトル"),
-    ("Chicago", "シカゴ"), ("Toronto", "トロント"), ("London", "ロンドン"), ("Sydney", "シドニー"),
-    ("Paris", "パリ"), ("Berlin", "ベルリン"),
+    ("Tokyo", "東京"),
+    ("Osaka", "大阪"),
+    ("Kyoto", "京都"),
+    ("Nagoya", "名古屋"),
+    ("Sapporo", "札幌"),
+    ("Fukuoka", "福岡"),
+    ("Sendai", "仙台"),
+    ("Kobe", "神戸"),
+    ("Yokohama", "横浜"),
+    ("Hiroshima", "広島"),
+    ("Nara", "奈良"),
+    ("Naha", "那覇"),
+    ("Boston", "ボストン"),
+    ("Seattle", "シアトル"),
+    ("Chicago", "シカゴ"),
+    ("Toronto", "トロント"),
+    ("London", "ロンドン"),
+    ("Sydney", "シドニー"),
+    ("Paris", "パリ"),
+    ("Berlin", "ベルリン"),
 )
-EN_MONTHS = ("January", "February", "March", "April", "May", "June", "July", "August",
-             "September", "October", "November", "December")
+EN_MONTHS = (
+    "January",
+    "February",
+    "March",
+    "April",
+    "May",
+    "June",
+    "July",
+    "August",
+    "September",
+    "October",
+    "November",
+    "December",
+)
 
 # Several templates carry a decoy number (date, price, order number) so "the only number" is not the qty.
 EN_TEMPLATES = (
@@ -153,7 +232,11 @@ def make_example(rng: random.Random, lang: str) -> Example:
     if lang == "en":
         name = f"{rng.choice(EN_FIRST)} {rng.choice(EN_LAST)}"
         sentence = EN_TEMPLATES[template].format(
-            name=name, qty=qty, item=item, items=item if qty == 1 else plural, city=city,
+            name=name,
+            qty=qty,
+            item=item,
+            items=item if qty == 1 else plural,
+            city=city,
             **{**decoys, "month": EN_MONTHS[month - 1]},
         )
     else:
@@ -161,19 +244,30 @@ def make_example(rng: random.Random, lang: str) -> Example:
         # Japanese text mixes half- and full-width digits; the answer is always an int.
         qty_text = _full_width(str(qty)) if rng.random() < 0.5 else str(qty)
         sentence = JA_TEMPLATES[template].format(
-            name=name, hon=rng.choice(JA_HONORIFIC), qty=qty_text, counter=counter, item=item_ja, city=city_ja, **decoys,
+            name=name,
+            hon=rng.choice(JA_HONORIFIC),
+            qty=qty_text,
+            counter=counter,
+            item=item_ja,
+            city=city_ja,
+            **decoys,
         )
     return Example(lang, name, item, qty, city, template, sentence)
 
 
 def sft_row(ex: Example) -> dict[str, Any]:
-    return {"messages": [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": render_answer(ex.answer)}]}
+    return {
+        "messages": [{"role": "user", "content": ex.prompt}, {"role": "assistant", "content": render_answer(ex.answer)}]
+    }
 
 
 # --- rejected answers: the mistakes a half-trained model really makes ---------------------------
 
+
 def _wrong_qty(ex: Example, rng: random.Random) -> str:
-    decoys = [int(n) for n in re.findall(r"\d+", ex.sentence.translate(str.maketrans("０１２３４５６７８９", "0123456789")))]
+    decoys = [
+        int(n) for n in re.findall(r"\d+", ex.sentence.translate(str.maketrans("０１２３４５６７８９", "0123456789")))
+    ]
     decoys = [n for n in decoys if n != ex.qty]
     qty = rng.choice(decoys) if decoys and rng.random() < 0.6 else max(1, ex.qty + rng.choice((-2, -1, 1, 2)))
     if qty == ex.qty:
@@ -208,7 +302,9 @@ def _unnormalized(ex: Example, rng: random.Random) -> str:
 
 def _wrong_keys(ex: Example, rng: random.Random) -> str:
     a = ex.answer
-    return render_answer({"customer": a["name"], "product": a["item"], "quantity": a["qty"], "city": a["city"], "lang": a["lang"]})
+    return render_answer(
+        {"customer": a["name"], "product": a["item"], "quantity": a["qty"], "city": a["city"], "lang": a["lang"]}
+    )
 
 
 def _qty_as_string(ex: Example, rng: random.Random) -> str:
@@ -228,12 +324,16 @@ MISTAKES: dict[str, Callable[[Example, random.Random], str]] = {
 
 def preference_pair(ex: Example, rng: random.Random) -> tuple[dict[str, Any], str]:
     kind = rng.choice(sorted(MISTAKES))
-    pair = {"prompt": [{"role": "user", "content": ex.prompt}], "chosen": render_answer(ex.answer),
-            "rejected": MISTAKES[kind](ex, rng)}
+    pair = {
+        "prompt": [{"role": "user", "content": ex.prompt}],
+        "chosen": render_answer(ex.answer),
+        "rejected": MISTAKES[kind](ex, rng),
+    }
     return pair, kind
 
 
 # --- sampling ----------------------------------------------------------------------------------
+
 
 def _unique_examples(rng: random.Random, count: int, taken: set, banned_pairs: set) -> list[Example]:
     """`count` examples, half en / half ja, none sharing a sentence or (name, item, city, template) with `taken`."""
@@ -289,7 +389,9 @@ def _interleave(rng: random.Random, clean: list[dict], extras: list[tuple[str, d
 
     Returns the final rows and, per defect kind, the 1-based lines (and for copies the original's line).
     """
-    slots: list[tuple[float, int, dict, str | None, int | None]] = [(i + 0.5, i, r, None, None) for i, r in enumerate(clean)]
+    slots: list[tuple[float, int, dict, str | None, int | None]] = [
+        (i + 0.5, i, r, None, None) for i, r in enumerate(clean)
+    ]
     for j, (kind, row, original) in enumerate(extras):
         low = original + 0.5 if original is not None else 0.0
         slots.append((rng.uniform(low, len(clean)), len(clean) + j, row, kind, original))
@@ -338,8 +440,8 @@ def generate_demo(cfg: DemoDataConfig, out_dir: Path) -> dict[str, Any]:
     n_pref_defect = defect_count(cfg.defect_rate, cfg.n_preference)
     fresh_needed = 3 * n_dup  # empty answers, over-long rows and broken role orders are new examples
     train = _unique_examples(rng, cfg.n_sft + cfg.n_preference + fresh_needed, taken, banned)
-    sft_examples, pref_examples = train[: cfg.n_sft], train[cfg.n_sft: cfg.n_sft + cfg.n_preference]
-    fresh = iter(train[cfg.n_sft + cfg.n_preference:])
+    sft_examples, pref_examples = train[: cfg.n_sft], train[cfg.n_sft : cfg.n_sft + cfg.n_preference]
+    fresh = iter(train[cfg.n_sft + cfg.n_preference :])
 
     sft_clean = [sft_row(ex) for ex in sft_examples]
     originals = rng.sample(range(cfg.n_sft), min(cfg.n_sft, 2 * n_dup))
@@ -387,12 +489,18 @@ def generate_demo(cfg: DemoDataConfig, out_dir: Path) -> dict[str, Any]:
         "seed": cfg.seed,
         "defect_rate": cfg.defect_rate,
         "counts": {
-            "sft": len(sft_rows), "sft_clean": cfg.n_sft,
-            "preference": len(pref_rows), "preference_clean": cfg.n_preference,
-            "heldout": cfg.n_heldout, "heldout_preference": cfg.n_heldout,
+            "sft": len(sft_rows),
+            "sft_clean": cfg.n_sft,
+            "preference": len(pref_rows),
+            "preference_clean": cfg.n_preference,
+            "heldout": cfg.n_heldout,
+            "heldout_preference": cfg.n_heldout,
         },
-        "languages": {"sft_clean": _lang_counts(sft_examples), "preference_clean": _lang_counts(pref_examples),
-                      "heldout": _lang_counts(heldout)},
+        "languages": {
+            "sft_clean": _lang_counts(sft_examples),
+            "preference_clean": _lang_counts(pref_examples),
+            "heldout": _lang_counts(heldout),
+        },
         "rejected_mistakes": dict(sorted(mistakes.items())),
         "defects": {
             "sft": {k: sft_defects.get(k, {"count": 0, "lines": []}) for k in SFT_DEFECTS},

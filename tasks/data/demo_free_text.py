@@ -19,6 +19,7 @@ other language, the house phrase missing). Held-out conversations are drawn firs
 reuses one of their user turns. Defects are injected at `defect_rate` per kind like the extraction task,
 with one more: `repetition` (an answer looping on itself), which the repetition check must catch.
 """
+
 from __future__ import annotations
 
 import json
@@ -35,15 +36,41 @@ SFT_DEFECTS = ("duplicate", "near_duplicate", "empty_answer", "overlong", "broke
 PREFERENCE_DEFECTS = ("chosen_equals_rejected", "empty_chosen")
 
 # (English verb, Japanese te-form): the polite Japanese form is always te-form + いただけますか.
-VERBS = (("send", "送って"), ("check", "確認して"), ("print", "印刷して"), ("update", "更新して"),
-         ("review", "見直して"), ("share", "共有して"), ("translate", "翻訳して"), ("copy", "コピーして"),
-         ("submit", "提出して"), ("prepare", "準備して"))
-OBJECTS = (("the invoice", "請求書"), ("the meeting notes", "会議のメモ"), ("the new schedule", "新しい予定表"),
-           ("the sales report", "売上報告書"), ("the contract", "契約書"), ("the photos", "写真"),
-           ("the price list", "価格表"), ("the slides", "スライド"), ("the receipt", "領収書"),
-           ("the shipping label", "配送ラベル"), ("the survey results", "アンケート結果"), ("the budget", "予算案"))
-DEADLINES = (("by Friday", "金曜日"), ("by Monday", "月曜日"), ("by tomorrow", "明日"), ("by noon", "正午"),
-             ("by 5 pm", "午後5時"), ("by the end of the week", "今週末"), ("by Wednesday", "水曜日"))
+VERBS = (
+    ("send", "送って"),
+    ("check", "確認して"),
+    ("print", "印刷して"),
+    ("update", "更新して"),
+    ("review", "見直して"),
+    ("share", "共有して"),
+    ("translate", "翻訳して"),
+    ("copy", "コピーして"),
+    ("submit", "提出して"),
+    ("prepare", "準備して"),
+)
+OBJECTS = (
+    ("the invoice", "請求書"),
+    ("the meeting notes", "会議のメモ"),
+    ("the new schedule", "新しい予定表"),
+    ("the sales report", "売上報告書"),
+    ("the contract", "契約書"),
+    ("the photos", "写真"),
+    ("the price list", "価格表"),
+    ("the slides", "スライド"),
+    ("the receipt", "領収書"),
+    ("the shipping label", "配送ラベル"),
+    ("the survey results", "アンケート結果"),
+    ("the budget", "予算案"),
+)
+DEADLINES = (
+    ("by Friday", "金曜日"),
+    ("by Monday", "月曜日"),
+    ("by tomorrow", "明日"),
+    ("by noon", "正午"),
+    ("by 5 pm", "午後5時"),
+    ("by the end of the week", "今週末"),
+    ("by Wednesday", "水曜日"),
+)
 # Blunt frames around the request; the polite answer never keeps them.
 EN_FRAMES = ("{Request}.", "I need you to {request}.", "{Request}, okay?", "{Request} right away.")
 JA_FRAMES = ("{obj}を{time}までに{verb}。", "{time}までに{obj}を{verb}。", "{obj}、{time}までに{verb}。")
@@ -51,41 +78,70 @@ JA_FRAMES = ("{obj}を{time}までに{verb}。", "{time}までに{obj}を{verb}�
 EN_FIRST = ("Mia", "Noah", "Lena", "Omar", "Sara", "Theo", "Ines", "Jonas", "Rita", "Victor", "Hana", "Paul")
 EN_LAST = ("Chen", "Novak", "Silva", "Baker", "Okafor", "Rossi", "Meyer", "Khan", "Larsen", "Moreau")
 JA_NAMES = ("佐藤", "鈴木", "高橋", "田中", "伊藤", "渡辺", "山本", "中村", "小林", "加藤", "吉田", "山田")
-PLACES = (("bakery", "パン屋"), ("library", "図書館"), ("hotel", "ホテル"), ("clinic", "診療所"),
-          ("bookstore", "書店"), ("factory", "工場"), ("museum", "博物館"), ("post office", "郵便局"))
-CITIES = (("Osaka", "大阪"), ("Kyoto", "京都"), ("Sapporo", "札幌"), ("Nagoya", "名古屋"), ("Kobe", "神戸"),
-          ("Sendai", "仙台"), ("Fukuoka", "福岡"))
-DAYS = (("Monday", "月曜日"), ("Tuesday", "火曜日"), ("Wednesday", "水曜日"), ("Thursday", "木曜日"),
-        ("Friday", "金曜日"), ("Saturday", "土曜日"))
+PLACES = (
+    ("bakery", "パン屋"),
+    ("library", "図書館"),
+    ("hotel", "ホテル"),
+    ("clinic", "診療所"),
+    ("bookstore", "書店"),
+    ("factory", "工場"),
+    ("museum", "博物館"),
+    ("post office", "郵便局"),
+)
+CITIES = (
+    ("Osaka", "大阪"),
+    ("Kyoto", "京都"),
+    ("Sapporo", "札幌"),
+    ("Nagoya", "名古屋"),
+    ("Kobe", "神戸"),
+    ("Sendai", "仙台"),
+    ("Fukuoka", "福岡"),
+)
+DAYS = (
+    ("Monday", "月曜日"),
+    ("Tuesday", "火曜日"),
+    ("Wednesday", "水曜日"),
+    ("Thursday", "木曜日"),
+    ("Friday", "金曜日"),
+    ("Saturday", "土曜日"),
+)
 # (English deed, Japanese object, Japanese past verb)
-EVENTS = (("fixed the old printer", "古いプリンター", "直しました"),
-          ("organized a team lunch", "チームの昼食会", "企画しました"),
-          ("finished the quarterly report", "四半期報告書", "仕上げました"),
-          ("found a billing error", "請求の誤り", "見つけました"),
-          ("cleaned the storage room", "倉庫", "掃除しました"),
-          ("moved the servers", "サーバー", "移設しました"),
-          ("planned the spring sale", "春のセール", "計画しました"),
-          ("repaired the front door", "正面のドア", "修理しました"),
-          ("painted the waiting room", "待合室", "塗り直しました"))
-AFTERMATH = (("Everyone was pleased.", "皆喜びました。"),
-             ("It took most of the afternoon.", "半日かかりました。"),
-             ("The manager thanked them.", "店長が感謝しました。"),
-             ("Nobody had expected it.", "誰も予想しませんでした。"))
+EVENTS = (
+    ("fixed the old printer", "古いプリンター", "直しました"),
+    ("organized a team lunch", "チームの昼食会", "企画しました"),
+    ("finished the quarterly report", "四半期報告書", "仕上げました"),
+    ("found a billing error", "請求の誤り", "見つけました"),
+    ("cleaned the storage room", "倉庫", "掃除しました"),
+    ("moved the servers", "サーバー", "移設しました"),
+    ("planned the spring sale", "春のセール", "計画しました"),
+    ("repaired the front door", "正面のドア", "修理しました"),
+    ("painted the waiting room", "待合室", "塗り直しました"),
+)
+AFTERMATH = (
+    ("Everyone was pleased.", "皆喜びました。"),
+    ("It took most of the afternoon.", "半日かかりました。"),
+    ("The manager thanked them.", "店長が感謝しました。"),
+    ("Nobody had expected it.", "誰も予想しませんでした。"),
+)
 
 # SmolLM2's tokenizer spends 2-3 tokens per Japanese character, so the Japanese side is terser and its
 # conversations have 2 turns (English: 2 or 3), which keeps every row within a 384-token window.
-ASK = {("polite", "en"): "Rewrite politely: ", ("polite", "ja"): "丁寧に言い換えて:",
-       ("summary", "en"): "Summarize in one sentence: ", ("summary", "ja"): "一文で要約:"}
+ASK = {
+    ("polite", "en"): "Rewrite politely: ",
+    ("polite", "ja"): "丁寧に言い換えて:",
+    ("summary", "en"): "Summarize in one sentence: ",
+    ("summary", "ja"): "一文で要約:",
+}
 TURNS = {"en": (2, 3), "ja": (2,)}
 
 
 @dataclass(frozen=True)
 class Turn:
-    task: str        # "polite" | "summary"
+    task: str  # "polite" | "summary"
     lang: str
-    slots: tuple     # the drawn slot indexes, so a slip can swap one
-    text: str        # what the user wrote after the instruction
-    answer: str      # the reference in the house style
+    slots: tuple  # the drawn slot indexes, so a slip can swap one
+    text: str  # what the user wrote after the instruction
+    answer: str  # the reference in the house style
 
     @property
     def prompt(self) -> str:
@@ -110,9 +166,16 @@ def _polite(lang: str, slots: tuple) -> Turn:
 
 
 def summary_turn(rng: random.Random, lang: str) -> Turn:
-    slots = (rng.randrange(len(EN_FIRST)), rng.randrange(len(EN_LAST)), rng.randrange(len(JA_NAMES)),
-             rng.randrange(len(PLACES)), rng.randrange(len(CITIES)), rng.randrange(len(DAYS)),
-             rng.randrange(len(EVENTS)), rng.randrange(len(AFTERMATH)))
+    slots = (
+        rng.randrange(len(EN_FIRST)),
+        rng.randrange(len(EN_LAST)),
+        rng.randrange(len(JA_NAMES)),
+        rng.randrange(len(PLACES)),
+        rng.randrange(len(CITIES)),
+        rng.randrange(len(DAYS)),
+        rng.randrange(len(EVENTS)),
+        rng.randrange(len(AFTERMATH)),
+    )
     return _summary(lang, slots)
 
 
@@ -120,12 +183,16 @@ def _summary(lang: str, slots: tuple) -> Turn:
     first, last, ja_name, place, city, day, event, after = slots
     if lang == "en":
         name = f"{EN_FIRST[first]} {EN_LAST[last]}"
-        text = (f"{name} works at the {PLACES[place][0]} in {CITIES[city][0]}. On {DAYS[day][0]}, "
-                f"{EN_FIRST[first]} {EVENTS[event][0]}. {AFTERMATH[after][0]}")
+        text = (
+            f"{name} works at the {PLACES[place][0]} in {CITIES[city][0]}. On {DAYS[day][0]}, "
+            f"{EN_FIRST[first]} {EVENTS[event][0]}. {AFTERMATH[after][0]}"
+        )
         return Turn("summary", lang, slots, text, f"In short: {name} {EVENTS[event][0]} on {DAYS[day][0]}.")
     name = JA_NAMES[ja_name]
     _, obj, verb = EVENTS[event]
-    text = f"{name}さんは{CITIES[city][1]}の{PLACES[place][1]}勤務。{DAYS[day][1]}に{obj}を{verb}。{AFTERMATH[after][1]}"
+    text = (
+        f"{name}さんは{CITIES[city][1]}の{PLACES[place][1]}勤務。{DAYS[day][1]}に{obj}を{verb}。{AFTERMATH[after][1]}"
+    )
     return Turn("summary", lang, slots, text, f"要するに、{name}さんは{DAYS[day][1]}に{obj}を{verb}。")
 
 
@@ -142,6 +209,7 @@ def conversation(turns: list[Turn]) -> list[dict[str, str]]:
 
 # --- rejected answers: slips a half-trained model makes -------------------------------------------
 
+
 def _echo(t: Turn, rng: random.Random) -> str:
     return t.text  # no rewrite / no summary: the input handed back
 
@@ -154,10 +222,10 @@ def _other_language(t: Turn, rng: random.Random) -> str:
 def _wrong_slot(t: Turn, rng: random.Random) -> str:
     slots = list(t.slots)
     if t.task == "polite":
-        which = rng.choice((1, 2))   # the object or the deadline
+        which = rng.choice((1, 2))  # the object or the deadline
         size = len(OBJECTS) if which == 1 else len(DEADLINES)
     else:
-        which = 5                    # the day
+        which = 5  # the day
         size = len(DAYS)
     slots[which] = (slots[which] + rng.randrange(1, size)) % size
     return (_polite if t.task == "polite" else _summary)(t.lang, tuple(slots)).answer
@@ -165,19 +233,26 @@ def _wrong_slot(t: Turn, rng: random.Random) -> str:
 
 def _off_style(t: Turn, rng: random.Random) -> str:
     if t.task == "polite":
-        return t.answer.replace("Could you please ", "Please ").replace("? Thank you.", ".") if t.lang == "en" \
+        return (
+            t.answer.replace("Could you please ", "Please ").replace("? Thank you.", ".")
+            if t.lang == "en"
             else t.answer.replace("恐れ入りますが、", "").replace("いただけますか。", "ください。")
+        )
     if t.lang == "en":
         return t.answer.replace("In short: ", "Summary: ") + " " + AFTERMATH[t.slots[7]][0]
     return t.answer.replace("要するに、", "まとめ:") + AFTERMATH[t.slots[7]][1]
 
 
 MISTAKES: dict[str, Callable[[Turn, random.Random], str]] = {
-    "echo": _echo, "other_language": _other_language, "wrong_slot": _wrong_slot, "off_style": _off_style,
+    "echo": _echo,
+    "other_language": _other_language,
+    "wrong_slot": _wrong_slot,
+    "off_style": _off_style,
 }
 
 
 # --- sampling ----------------------------------------------------------------------------------
+
 
 def _conversations(rng: random.Random, count: int, taken: set[str]) -> list[list[Turn]]:
     """`count` conversations, half English, of TURNS turns; no user turn repeats one in `taken` (which grows)."""
@@ -223,7 +298,7 @@ def _overlong(turns: list[Turn], rng: random.Random) -> dict[str, Any]:
 def _broken_roles(turns: list[Turn], variant: int) -> dict[str, Any]:
     messages = conversation(turns)
     if variant % 2:
-        return {"messages": messages[:-1]}                         # ends on a user turn
+        return {"messages": messages[:-1]}  # ends on a user turn
     return {"messages": [messages[1], messages[0], *messages[2:]]}  # assistant first
 
 
@@ -259,8 +334,8 @@ def generate_free_text(cfg: DemoDataConfig, out_dir: Path) -> dict[str, Any]:
     n_pref_defect = defect_count(cfg.defect_rate, cfg.n_preference)
     fresh_needed = 4 * n_dup  # empty answers, over-long rows, broken role orders and loops are new conversations
     train = _conversations(rng, cfg.n_sft + cfg.n_preference + fresh_needed, taken)
-    sft_convs, pref_convs = train[: cfg.n_sft], train[cfg.n_sft: cfg.n_sft + cfg.n_preference]
-    fresh = iter(train[cfg.n_sft + cfg.n_preference:])
+    sft_convs, pref_convs = train[: cfg.n_sft], train[cfg.n_sft : cfg.n_sft + cfg.n_preference]
+    fresh = iter(train[cfg.n_sft + cfg.n_preference :])
 
     sft_clean = [{"messages": conversation(turns)} for turns in sft_convs]
     originals = rng.sample(range(cfg.n_sft), min(cfg.n_sft, 2 * n_dup))
@@ -305,13 +380,19 @@ def generate_free_text(cfg: DemoDataConfig, out_dir: Path) -> dict[str, Any]:
         "seed": cfg.seed,
         "defect_rate": cfg.defect_rate,
         "counts": {
-            "sft": len(sft_rows), "sft_clean": cfg.n_sft,
-            "preference": len(pref_rows), "preference_clean": cfg.n_preference,
-            "heldout": cfg.n_heldout, "heldout_preference": cfg.n_heldout,
+            "sft": len(sft_rows),
+            "sft_clean": cfg.n_sft,
+            "preference": len(pref_rows),
+            "preference_clean": cfg.n_preference,
+            "heldout": cfg.n_heldout,
+            "heldout_preference": cfg.n_heldout,
         },
         "turns": {"sft_clean": sum(len(c) for c in sft_convs), "heldout": sum(len(c) for c in heldout)},
-        "languages": {"sft_clean": lang_counts(sft_convs), "preference_clean": lang_counts(pref_convs),
-                      "heldout": lang_counts(heldout)},
+        "languages": {
+            "sft_clean": lang_counts(sft_convs),
+            "preference_clean": lang_counts(pref_convs),
+            "heldout": lang_counts(heldout),
+        },
         "rejected_mistakes": dict(sorted(mistakes.items())),
         "defects": {
             "sft": {k: sft_defects.get(k, {"count": 0, "lines": []}) for k in SFT_DEFECTS},

@@ -15,6 +15,7 @@ Reading the file is sources.py's job. Problems with the file as a whole are fata
 file and line). Problems with one row drop that row into the returned `Dropped` list (with the
 reason and where), so it can be written to the quarantine file and nothing is lost silently.
 """
+
 from __future__ import annotations
 
 import re
@@ -56,8 +57,15 @@ FORMAT_KEYS = {
     DataFormat.preference: "prompt/chosen/rejected",
     DataFormat.hh: "chosen/rejected Human/Assistant transcripts",
 }
-ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant", "bot": "assistant"}
-DETECT_ROWS = 20          # rows looked at when detecting the format
+ROLES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+}
+DETECT_ROWS = 20  # rows looked at when detecting the format
 HH_TURN = re.compile(r"\n\n(Human|Assistant):")
 HH_ROLES = {"Human": "user", "Assistant": "assistant"}
 
@@ -149,8 +157,9 @@ def load_rows(
     return records, dropped
 
 
-def _load_mapped(items, head: list[SourceItem], kind: Kind, mapping: DataMapping,
-                 source: str) -> tuple[list[Record], list[Dropped]]:
+def _load_mapped(
+    items, head: list[SourceItem], kind: Kind, mapping: DataMapping, source: str
+) -> tuple[list[Record], list[Dropped]]:
     first = next((item for item in head if isinstance(item, tuple)), None)
     if first is not None:
         try:
@@ -176,13 +185,17 @@ def _load_mapped(items, head: list[SourceItem], kind: Kind, mapping: DataMapping
                     where = f"instance {instance}: " if instance else ""
                     dropped.append(Dropped(source, line, "schema", f"{source}:{line}: {where}{e}", row))
             if not mapped:
-                raise PathError(f"path {mapping.explode!r} (data.mapping.explode) is an empty list: the row has no instances")
+                raise PathError(
+                    f"path {mapping.explode!r} (data.mapping.explode) is an empty list: the row has no instances"
+                )
         except PathError as e:
             dropped.append(Dropped(source, line, "schema", f"{source}:{line}: {e}", raw))
     if not records:
         first_problem = dropped[0].detail if dropped else "no rows"
-        raise DataError(f"no row could be read through data.mapping ({len(dropped)} rows dropped); first problem: "
-                        f"{first_problem}", source)
+        raise DataError(
+            f"no row could be read through data.mapping ({len(dropped)} rows dropped); first problem: {first_problem}",
+            source,
+        )
     return records, dropped
 
 
@@ -206,9 +219,11 @@ def detect_format(row: dict, kind: Kind) -> DataFormat:
     elif "prompt" in row and "completion" in row:
         found = DataFormat.prompt_completion
     if found is None:
-        raise DataError(f"unknown row shape with keys {describe_keys(row)}; {_expected(kind)}; or name its fields "
-                        f"with data.mapping, e.g. under `data:` in the recipe (guessed from this row; check it and "
-                        f"fill any <...>): {mapping_snippet(suggest_mapping(row, kind))}")
+        raise DataError(
+            f"unknown row shape with keys {describe_keys(row)}; {_expected(kind)}; or name its fields "
+            f"with data.mapping, e.g. under `data:` in the recipe (guessed from this row; check it and "
+            f"fill any <...>): {mapping_snippet(suggest_mapping(row, kind))}"
+        )
     _check_kind(found, kind)
     return found
 
@@ -240,7 +255,9 @@ def _normalize(raw: dict, fmt: DataFormat, kind: Kind) -> dict:
         if not prompt:
             raise RowError("schema", "prompt has no turns, expected turns ending with a user turn")
         if prompt[-1]["role"] != "user":
-            raise RowError("schema", f"prompt ends with a {prompt[-1]['role']} turn, expected it to end with a user turn")
+            raise RowError(
+                "schema", f"prompt ends with a {prompt[-1]['role']} turn, expected it to end with a user turn"
+            )
         if kind == "preference":
             return {"prompt": prompt, "chosen": chosen, "rejected": rejected}
         return {"messages": [*prompt, {"role": "assistant", "content": chosen}]}
@@ -249,7 +266,9 @@ def _normalize(raw: dict, fmt: DataFormat, kind: Kind) -> dict:
         messages = _messages(_get(raw, "messages"), "messages", ("role",), ("content",))
         where = "messages"
     elif fmt is DataFormat.sharegpt:
-        messages = _with_system(raw, _messages(_get(raw, "conversations"), "conversations", ("from", "role"), ("value", "content")))
+        messages = _with_system(
+            raw, _messages(_get(raw, "conversations"), "conversations", ("from", "role"), ("value", "content"))
+        )
         where = "conversations"
     elif fmt is DataFormat.alpaca:
         messages = _with_system(raw, _alpaca(raw))
@@ -308,7 +327,10 @@ def _answer(value: Any, where: str) -> tuple[list[dict[str, str]], str]:
         raise RowError("schema", f"{where} is {type_name(value)}, expected a string or a list of messages")
     messages = _messages(value, where, ("role",), ("content",))
     if messages[-1]["role"] != "assistant":
-        raise RowError("schema", f"{where}[{len(messages) - 1}] is a {messages[-1]['role']} message, expected the assistant answer last")
+        raise RowError(
+            "schema",
+            f"{where}[{len(messages) - 1}] is a {messages[-1]['role']} message, expected the assistant answer last",
+        )
     return messages[:-1], messages[-1]["content"]
 
 
@@ -338,7 +360,9 @@ def _hh_turns(value: Any, where: str) -> list[dict[str, str]]:
 # ------------------------------------------------------------------------------------ row parts
 
 
-def _messages(value: Any, where: str, role_keys: tuple[str, ...], content_keys: tuple[str, ...]) -> list[dict[str, str]]:
+def _messages(
+    value: Any, where: str, role_keys: tuple[str, ...], content_keys: tuple[str, ...]
+) -> list[dict[str, str]]:
     if not isinstance(value, list):
         raise RowError("schema", f"{where} is {type_name(value)}, expected a list of messages")
     if not value:
@@ -359,7 +383,9 @@ def _messages(value: Any, where: str, role_keys: tuple[str, ...], content_keys: 
 
 def _message(m: Any, at: str, role_keys: tuple[str, ...], content_keys: tuple[str, ...]) -> dict[str, str]:
     if not isinstance(m, dict):
-        raise RowError("schema", f"{at} is {type_name(m)}, expected an object with {role_keys[0]!r} and {content_keys[0]!r}")
+        raise RowError(
+            "schema", f"{at} is {type_name(m)}, expected an object with {role_keys[0]!r} and {content_keys[0]!r}"
+        )
     role_key = next((k for k in role_keys if k in m), role_keys[0])
     content_key = next((k for k in content_keys if k in m), content_keys[0])
     if role_key not in m:
@@ -405,7 +431,6 @@ def _string(value: Any, where: str) -> str:
     if not isinstance(value, str):
         raise RowError("schema", f"{where} is {type_name(value)}, expected a string")
     return value
-
 
 
 # ------------------------------------------------------------------------------------ detection
@@ -462,7 +487,7 @@ def _detect_from_head(head: list, kind: Kind, source: str) -> DataFormat:
 def _bare_detail(dropped: Dropped) -> str:
     """A Dropped detail without its "path:line: " prefix, for messages that already carry it."""
     prefix = f"{dropped.source}:{dropped.line}: "
-    return dropped.detail[len(prefix):] if dropped.detail.startswith(prefix) else dropped.detail
+    return dropped.detail[len(prefix) :] if dropped.detail.startswith(prefix) else dropped.detail
 
 
 def _guess(head: list, kind: Kind) -> Optional[DataFormat]:

@@ -21,6 +21,7 @@ model is asked to do at inference, so training without it would teach a differen
 final exchange alone does not fit is dropped either way. Preference pairs get the same treatment with the
 longer of prompt + chosen and prompt + rejected.
 """
+
 from __future__ import annotations
 
 import hashlib
@@ -50,9 +51,12 @@ class Window:
     @classmethod
     def of(cls, section: Any) -> "Window":
         """From an `sft`/`dpo` config section (DPO has no loss_on: its loss is on the answers by construction)."""
-        return cls(section.max_length, Truncation(section.truncation),
-                   LossOn(getattr(section, "loss_on", LossOn.all_assistant_turns)),
-                   getattr(section, "assistant_only_loss", True))
+        return cls(
+            section.max_length,
+            Truncation(section.truncation),
+            LossOn(getattr(section, "loss_on", LossOn.all_assistant_turns)),
+            getattr(section, "assistant_only_loss", True),
+        )
 
 
 @dataclass
@@ -124,8 +128,11 @@ def check_ends_with_eos(tokenizer, examples: list[dict], source: str) -> None:
     eot = end_of_turn_token(tokenizer)
     for i, ex in enumerate(examples, start=1):
         if not render(tokenizer, ex).rstrip().endswith(eot):
-            raise DataError(f"formatted row does not end with the end-of-turn token {eot!r}; the model would not learn to stop",
-                            source, i)
+            raise DataError(
+                f"formatted row does not end with the end-of-turn token {eot!r}; the model would not learn to stop",
+                source,
+                i,
+            )
 
 
 # ----------------------------------------------------------------------------------- loss masks
@@ -138,8 +145,9 @@ def has_generation_markers(tokenizer) -> bool:
     return bool(template) and markers(template)
 
 
-def assistant_spans(tokenizer, messages: list[dict], eot: Optional[str] = None, last_only: bool = False
-                    ) -> tuple[list[int], list[tuple[int, int]], str]:
+def assistant_spans(
+    tokenizer, messages: list[dict], eot: Optional[str] = None, last_only: bool = False
+) -> tuple[list[int], list[tuple[int, int]], str]:
     """Token ids of the whole conversation and each assistant turn's [start, end) token span (its content and
     end-of-turn token), in turn order, or the final turn's alone; and which method found them (`mask_source`)."""
     eot = eot or end_of_turn_token(tokenizer)
@@ -161,16 +169,19 @@ def _spans_from_markers(tokenizer, messages: list[dict], eot: str) -> tuple[list
             # Some marked templates leave the end-of-turn token outside {% generation %}; the model must still learn to stop.
             end = i + 1 if i < len(ids) and ids[i] == eot_id else i
             if ids[end - 1] != eot_id:
-                raise DataError(f"assistant turn {len(spans) + 1} is not closed by the end-of-turn token {eot!r}; "
-                                "the model would not learn to stop")
+                raise DataError(
+                    f"assistant turn {len(spans) + 1} is not closed by the end-of-turn token {eot!r}; "
+                    "the model would not learn to stop"
+                )
             spans.append((start, end))
             start = None
     _check_span_count(spans, messages, "the {% generation %} markers")
     return ids, spans
 
 
-def _spans_from_boundaries(tokenizer, messages: list[dict], eot: str, last_only: bool = False
-                           ) -> tuple[list[int], list[tuple[int, int]]]:
+def _spans_from_boundaries(
+    tokenizer, messages: list[dict], eot: str, last_only: bool = False
+) -> tuple[list[int], list[tuple[int, int]]]:
     full = tokenizer.apply_chat_template(messages, tokenize=False)
     turns = [k for k, m in enumerate(messages) if m["role"] == "assistant"]
     char_spans = []
@@ -183,15 +194,18 @@ def _spans_from_boundaries(tokenizer, messages: list[dict], eot: str, last_only:
             raise DataError(
                 f"the chat template renders the conversation before assistant turn {turn} differently when later "
                 "turns follow (it is not prefix-preserving), so its turn boundaries cannot be found; use a template "
-                "with {% generation %} markers or sft.loss_on=last_turn")
+                "with {% generation %} markers or sft.loss_on=last_turn"
+            )
         end = full.find(eot, len(before))
         # The answer must run straight into the end-of-turn token: a template that leaves assistant turns
         # open would otherwise stretch the span over the next user turn, up to *its* end token.
-        if end < 0 or full[len(before):end].strip() != message["content"].strip():
-            raise DataError(f"the chat template does not render assistant turn {turn} as its content closed by the "
-                            f"end-of-turn token {eot!r} (a turn left open would not teach the model to stop; content "
-                            "rewritten once later turns follow cannot be located); use a template with "
-                            "{% generation %} markers or sft.loss_on=last_turn")
+        if end < 0 or full[len(before) : end].strip() != message["content"].strip():
+            raise DataError(
+                f"the chat template does not render assistant turn {turn} as its content closed by the "
+                f"end-of-turn token {eot!r} (a turn left open would not teach the model to stop; content "
+                "rewritten once later turns follow cannot be located); use a template with "
+                "{% generation %} markers or sft.loss_on=last_turn"
+            )
         char_spans.append((len(before), end + len(eot)))
     if not getattr(tokenizer, "is_fast", False):
         raise DataError("turn boundaries need a fast tokenizer (character offsets); this one is not")
@@ -213,7 +227,9 @@ def _check_span_count(spans: list, messages: list[dict], how: str, last_only: bo
         raise DataError(f"{how} give {len(spans)} assistant span(s) for {expected} assistant turn(s)")
 
 
-def tokenized_example(tokenizer, messages: list[dict], window: Window, eot: Optional[str] = None) -> tuple[dict[str, Any], str]:
+def tokenized_example(
+    tokenizer, messages: list[dict], window: Window, eot: Optional[str] = None
+) -> tuple[dict[str, Any], str]:
     """`input_ids` and `assistant_masks` of one conversation under `window`'s loss settings, and the mask source."""
     last_only = window.loss_on == LossOn.last_turn or not window.assistant_only_loss
     ids, spans, source = assistant_spans(tokenizer, messages, eot, last_only)
@@ -249,8 +265,9 @@ def _count(tokenizer, conversations: list[list[dict]]) -> int:
     return max(len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"])
 
 
-def _fit_sft(tokenizer, messages: list[dict], window: Window, eot: str
-             ) -> tuple[Optional[list[dict]], Optional[dict[str, Any]], int, int]:
+def _fit_sft(
+    tokenizer, messages: list[dict], window: Window, eot: str
+) -> tuple[Optional[list[dict]], Optional[dict[str, Any]], int, int]:
     """(the messages that fit and their tokens, or None, None; the original token count; exchanges removed)."""
     tokens, _ = tokenized_example(tokenizer, messages, window, eot)
     n = len(tokens["input_ids"])
@@ -288,21 +305,35 @@ def _fit_pair(tokenizer, example: dict, window: Window) -> tuple[Optional[dict],
 
 
 def _window_drop(record: Record, n: int, window: Window, section: str) -> Dropped:
-    why = ("even its final exchange does not fit after dropping the earlier ones"
-           if window.truncation == Truncation.truncate_left else "truncation=drop")
-    return Dropped(record.source, record.line, "truncated_answer",
-                   f"{record.source}:{record.line}: {n} tokens after the chat template > {section}.max_length "
-                   f"{window.max_length}; training would cut the answer ({why})", record.row)
+    why = (
+        "even its final exchange does not fit after dropping the earlier ones"
+        if window.truncation == Truncation.truncate_left
+        else "truncation=drop"
+    )
+    return Dropped(
+        record.source,
+        record.line,
+        "truncated_answer",
+        f"{record.source}:{record.line}: {n} tokens after the chat template > {section}.max_length "
+        f"{window.max_length}; training would cut the answer ({why})",
+        record.row,
+    )
 
 
 def _tally(kind_in: int, kept: int, truncated_left: int, dropped: int, window: Window) -> dict[str, Any]:
-    return {"in": kind_in, "kept": kept, "truncated_left": truncated_left,
-            "dropped": {"truncated_answer": dropped} if dropped else {},
-            "max_length": window.max_length, "truncation": window.truncation.value}
+    return {
+        "in": kind_in,
+        "kept": kept,
+        "truncated_left": truncated_left,
+        "dropped": {"truncated_answer": dropped} if dropped else {},
+        "max_length": window.max_length,
+        "truncation": window.truncation.value,
+    }
 
 
-def format_sft(tokenizer, records: list[Record], system_prompt: Optional[str], window: Window = Window(),
-               eot: Optional[str] = None) -> tuple[list[dict[str, Any]], list[Dropped], dict[str, Any], str]:
+def format_sft(
+    tokenizer, records: list[Record], system_prompt: Optional[str], window: Window = Window(), eot: Optional[str] = None
+) -> tuple[list[dict[str, Any]], list[Dropped], dict[str, Any], str]:
     """SFT rows → self-sufficient training examples (see the module doc); returns (examples, dropped, tally, mask source)."""
     eot = eot or end_of_turn_token(tokenizer)
     source = MASK_SOURCE_MARKERS if has_generation_markers(tokenizer) else MASK_SOURCE_BOUNDARIES
@@ -321,8 +352,9 @@ def format_sft(tokenizer, records: list[Record], system_prompt: Optional[str], w
     return examples, dropped, _tally(len(records), len(examples), truncated, len(dropped), window), source
 
 
-def format_preference(tokenizer, records: list[Record], system_prompt: Optional[str], window: Window = Window()
-                      ) -> tuple[list[dict[str, Any]], list[Dropped], dict[str, Any]]:
+def format_preference(
+    tokenizer, records: list[Record], system_prompt: Optional[str], window: Window = Window()
+) -> tuple[list[dict[str, Any]], list[Dropped], dict[str, Any]]:
     examples, dropped, truncated = [], [], 0
     for record in records:
         fitted, n, removed = _fit_pair(tokenizer, preference_example(record.row, system_prompt), window)
@@ -359,8 +391,14 @@ def length_stats(lengths: list[int]) -> dict[str, float]:
     }
 
 
-def format_data(tokenizer, sft: list[Record], preference: list[Record], system_prompt: Optional[str],
-                sft_window: Union[Window, Any, None] = None, dpo_window: Union[Window, Any, None] = None) -> FormattedData:
+def format_data(
+    tokenizer,
+    sft: list[Record],
+    preference: list[Record],
+    system_prompt: Optional[str],
+    sft_window: Union[Window, Any, None] = None,
+    dpo_window: Union[Window, Any, None] = None,
+) -> FormattedData:
     """Both kinds through the template and the window. `sft_window`/`dpo_window` take a Window or the config's
     `sft`/`dpo` section; left out, nothing is length-limited and every assistant turn carries the loss."""
     sft_window = _as_window(sft_window)
@@ -375,9 +413,15 @@ def format_data(tokenizer, sft: list[Record], preference: list[Record], system_p
     if sft_examples:
         trained = sum(sum(ex["assistant_masks"]) for ex in sft_examples)
         stats["sft_loss_token_share"] = trained / sum(len(ex["input_ids"]) for ex in sft_examples)
-    return FormattedData(sft_examples, pref_examples, stats, template_fingerprint(tokenizer),
-                         {"sft": sft_dropped, "preference": pref_dropped}, {"sft": sft_tally, "preference": pref_tally},
-                         source)
+    return FormattedData(
+        sft_examples,
+        pref_examples,
+        stats,
+        template_fingerprint(tokenizer),
+        {"sft": sft_dropped, "preference": pref_dropped},
+        {"sft": sft_tally, "preference": pref_tally},
+        source,
+    )
 
 
 def _as_window(value: Union[Window, Any, None]) -> Window:

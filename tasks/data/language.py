@@ -4,6 +4,7 @@ py3langid's model is a byte n-gram DFA plus naive Bayes; here the DFA is walked 
 rows in lockstep and the scores are one sparse matrix product, with the same features and scores as
 py3langid's classify(norm_probs=True) on the same window of text.
 """
+
 from __future__ import annotations
 
 import functools
@@ -13,17 +14,46 @@ from dataclasses import dataclass
 from typing import Any
 
 import numpy as np
+
 from ftflow.tasks.data.rows import conversation
 
-LANGUAGE_WINDOW_BYTES = 256   # the first 256 UTF-8 bytes of user+assistant text decide the language
-LANGUAGE_MIN_BYTES = 24       # below this much text the guess is noise: reported as "und", kept
+LANGUAGE_WINDOW_BYTES = 256  # the first 256 UTF-8 bytes of user+assistant text decide the language
+LANGUAGE_MIN_BYTES = 24  # below this much text the guess is noise: reported as "und", kept
 LANGUAGE_MIN_PROBABILITY = 0.5  # a disallowed language must be at least this sure to drop a row
-LANGUAGE_CHUNK_ROWS = 4096    # keeps the per-chunk feature matrix (4 MB) in cache for the transpose
+LANGUAGE_CHUNK_ROWS = 4096  # keeps the per-chunk feature matrix (4 MB) in cache for the transpose
 # A sane candidate set: common languages with real training data. py3langid's full 142-class
 # set labels short English as Latin, Occitan or Serbian now and then, which would drop good rows.
 DETECTABLE_LANGUAGES = (
-    "ar", "bg", "cs", "da", "de", "el", "en", "es", "fa", "fi", "fr", "he", "hi", "hu", "id", "it",
-    "ja", "ko", "nl", "no", "pl", "pt", "ro", "ru", "sv", "th", "tr", "uk", "vi", "zh",
+    "ar",
+    "bg",
+    "cs",
+    "da",
+    "de",
+    "el",
+    "en",
+    "es",
+    "fa",
+    "fi",
+    "fr",
+    "he",
+    "hi",
+    "hu",
+    "id",
+    "it",
+    "ja",
+    "ko",
+    "nl",
+    "no",
+    "pl",
+    "pt",
+    "ro",
+    "ru",
+    "sv",
+    "th",
+    "tr",
+    "uk",
+    "vi",
+    "zh",
 )
 # JSON punctuation and digits carry no language signal; braces and quotes would only dilute it.
 _LANGUAGE_NOISE = str.maketrans({c: " " for c in '{}[]":,0123456789\\/<>|_=*#`'})
@@ -40,11 +70,11 @@ def language_text(row: dict[str, Any]) -> str:
 
 @dataclass(frozen=True)
 class _LanguageModel:
-    nextmove: np.ndarray   # flat DFA transition table, indexed by rowbase[state] + byte
-    rowbase: np.ndarray    # state → offset of its 256-entry row
-    output: np.ndarray     # state → feature id, or -1
-    ptc: np.ndarray        # (features, columns) log P(feature | class), float32
-    pc: np.ndarray         # (columns,) log prior
+    nextmove: np.ndarray  # flat DFA transition table, indexed by rowbase[state] + byte
+    rowbase: np.ndarray  # state → offset of its 256-entry row
+    output: np.ndarray  # state → feature id, or -1
+    ptc: np.ndarray  # (features, columns) log P(feature | class), float32
+    pc: np.ndarray  # (columns,) log prior
     column_label: np.ndarray  # column → index into labels (a language can own several columns)
     labels: tuple[str, ...]
 
@@ -95,7 +125,7 @@ def detect_languages(texts: list[str], candidates: tuple[str, ...] = DETECTABLE_
     model = _language_model(tuple(sorted(set(candidates))))
     result: list[tuple[str, float]] = [("und", 0.0)] * len(texts)
     for start in range(0, len(texts), LANGUAGE_CHUNK_ROWS):
-        encoded = [_language_bytes(t) for t in texts[start:start + LANGUAGE_CHUNK_ROWS]]
+        encoded = [_language_bytes(t) for t in texts[start : start + LANGUAGE_CHUNK_ROWS]]
         lengths = np.fromiter(map(len, encoded), dtype=np.int64, count=len(encoded))
         # Longest first, so the rows still walking at byte t are always a prefix.
         order = np.argsort(-lengths, kind="stable")

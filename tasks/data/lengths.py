@@ -1,4 +1,5 @@
 """Token lengths of canonical rows: counted with a tokenizer's chat template, or estimated without one."""
+
 from __future__ import annotations
 
 import math
@@ -62,7 +63,7 @@ def measure_token_lengths(rows: list[dict], token_length: TokenLength) -> list[i
     """`token_length` over `rows` in batches, refusing a function that loses or invents rows."""
     out: list[int] = []
     for start in range(0, len(rows), TOKEN_BATCH_ROWS):
-        batch = rows[start:start + TOKEN_BATCH_ROWS]
+        batch = rows[start : start + TOKEN_BATCH_ROWS]
         got = list(token_length(batch))
         if len(got) != len(batch):
             raise ValueError(f"token_length returned {len(got)} lengths for {len(batch)} rows")

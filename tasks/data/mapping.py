@@ -6,6 +6,7 @@ Paths are dotted keys with list indexes (`meta.system`, `turns[0].text`, `dialog
 removed), so `{"instruction": i, "instances": [{"input": x, "output": y}, ...]}` gives one row per
 instance, each with the shared instruction, and `input`/`response` name the instance's keys directly.
 """
+
 from __future__ import annotations
 
 import re
@@ -15,11 +16,18 @@ from ftflow.configs.schema import DataMapping
 from ftflow.tasks.data.sources import describe_keys, type_name
 
 FIELDS = ("system", "prompt", "input", "response", "chosen", "rejected", "messages")
-OPTIONAL_FIELDS = ("system", "input")   # a row without them just has none
+OPTIONAL_FIELDS = ("system", "input")  # a row without them just has none
 ROLE_KEYS = ("role", "from", "speaker", "author")
 CONTENT_KEYS = ("content", "value", "text", "message")
-KNOWN_ROLES = {"system": "system", "user": "user", "human": "user", "assistant": "assistant", "gpt": "assistant",
-               "bot": "assistant", "model": "assistant"}
+KNOWN_ROLES = {
+    "system": "system",
+    "user": "user",
+    "human": "user",
+    "assistant": "assistant",
+    "gpt": "assistant",
+    "bot": "assistant",
+    "model": "assistant",
+}
 
 _SEGMENT = re.compile(r"([^.\[\]]+)|\[(\d+)\]")
 
@@ -33,7 +41,7 @@ def split_path(path: str) -> list[Any]:
     parts: list[Any] = []
     pos = 0
     for match in _SEGMENT.finditer(path):
-        gap = path[pos:match.start()]
+        gap = path[pos : match.start()]
         if gap not in ("", "."):
             raise PathError(f"path {path!r} is not dotted keys with [n] indexes")
         key, index = match.groups()
@@ -72,7 +80,9 @@ def explode(row: dict, mapping: DataMapping) -> Iterator[tuple[Optional[int], di
         return
     instances = resolve(row, mapping.explode)
     if not isinstance(instances, list):
-        raise PathError(f"path {mapping.explode!r} (data.mapping.explode) is {type_name(instances)}, expected a list of objects")
+        raise PathError(
+            f"path {mapping.explode!r} (data.mapping.explode) is {type_name(instances)}, expected a list of objects"
+        )
     top = split_path(mapping.explode)[0]
     shared = {k: v for k, v in row.items() if k != top}
     for n, instance in enumerate(instances, 1):
@@ -105,14 +115,17 @@ def role_of(raw_role: Any, mapping: DataMapping, at: str) -> str:
         raise PathError(f"{at} is {type_name(raw_role)}, expected a role name")
     role = mapping.roles.get(raw_role) or KNOWN_ROLES.get(raw_role.strip().lower())
     if role is None:
-        raise PathError(f"{at} is {raw_role!r}, an unknown role; map it in data.mapping.roles "
-                        f"(e.g. {{{raw_role}: assistant}})")
+        raise PathError(
+            f"{at} is {raw_role!r}, an unknown role; map it in data.mapping.roles (e.g. {{{raw_role}: assistant}})"
+        )
     return role
 
 
 def message_list(value: Any, path: str, mapping: DataMapping) -> list[dict[str, str]]:
     if not isinstance(value, list) or not value:
-        raise PathError(f"path {path!r} is {type_name(value) if value != [] else 'an empty list'}, expected a list of messages")
+        raise PathError(
+            f"path {path!r} is {type_name(value) if value != [] else 'an empty list'}, expected a list of messages"
+        )
     out = []
     for i, m in enumerate(value):
         at = f"{path}[{i}]"
@@ -121,11 +134,15 @@ def message_list(value: Any, path: str, mapping: DataMapping) -> list[dict[str, 
         role_key = mapping.role_key or next((k for k in ROLE_KEYS if k in m), None)
         content_key = mapping.content_key or next((k for k in CONTENT_KEYS if k in m), None)
         if role_key not in m:
-            raise PathError(f"{at} has no role key {role_key or ' / '.join(ROLE_KEYS)!r} (keys found: {describe_keys(m)}); "
-                            "set data.mapping.role_key")
+            raise PathError(
+                f"{at} has no role key {role_key or ' / '.join(ROLE_KEYS)!r} (keys found: {describe_keys(m)}); "
+                "set data.mapping.role_key"
+            )
         if content_key not in m:
-            raise PathError(f"{at} has no text key {content_key or ' / '.join(CONTENT_KEYS)!r} (keys found: "
-                            f"{describe_keys(m)}); set data.mapping.content_key")
+            raise PathError(
+                f"{at} has no text key {content_key or ' / '.join(CONTENT_KEYS)!r} (keys found: "
+                f"{describe_keys(m)}); set data.mapping.content_key"
+            )
         content = m[content_key]
         if not isinstance(content, str):
             raise PathError(f"{at}.{content_key} is {type_name(content)}, expected a string")
@@ -260,8 +277,14 @@ def suggest_mapping(row: Any, kind: str) -> dict[str, Any]:
                     fields += [(k, k.lower(), v) for k, v in value[0].items() if isinstance(k, str)]
                     break
         taken: set[str] = set()
-        for name, names in (("system", SYSTEM_NAMES), ("prompt", PROMPT_NAMES), ("input", INPUT_NAMES),
-                            ("chosen", CHOSEN_NAMES), ("rejected", REJECTED_NAMES), ("response", RESPONSE_NAMES)):
+        for name, names in (
+            ("system", SYSTEM_NAMES),
+            ("prompt", PROMPT_NAMES),
+            ("input", INPUT_NAMES),
+            ("chosen", CHOSEN_NAMES),
+            ("rejected", REJECTED_NAMES),
+            ("response", RESPONSE_NAMES),
+        ):
             path = _pick(fields, names, taken)
             if path:
                 lines[name] = path
@@ -277,8 +300,19 @@ def suggest_mapping(row: Any, kind: str) -> dict[str, Any]:
             lines.setdefault("rejected", "<path to the worse answer>")
         elif "chosen" not in lines:
             lines.setdefault("response", "<path to the assistant's answer>")
-    order = ("system", "prompt", "input", "response", "chosen", "rejected", "messages", "role_key", "content_key",
-             "roles", "explode")
+    order = (
+        "system",
+        "prompt",
+        "input",
+        "response",
+        "chosen",
+        "rejected",
+        "messages",
+        "role_key",
+        "content_key",
+        "roles",
+        "explode",
+    )
     return {key: lines[key] for key in order if key in lines}
 
 

@@ -15,6 +15,7 @@ lengths), repetition.py (degenerate answers), dedup.py (exact and near duplicate
 module runs them in order.
 Speed matters (the bench wants 10k rows/s on 2 cores), which is why dedup and language are vectorized.
 """
+
 from __future__ import annotations
 
 import dataclasses
@@ -70,10 +71,10 @@ class QualityResult:
     kept: list[Record]
     dropped: list[Dropped]
     counts_in: int
-    reasons: dict[str, int] = field(default_factory=dict)      # dropped rows per reason
-    flags: dict[str, int] = field(default_factory=dict)        # kept-but-flagged rows per flag (e.g. pii)
-    token_lengths: list[int] = field(default_factory=list)     # of kept rows, after the chat template
-    stats: dict[str, Any] = field(default_factory=dict)        # e.g. length_bias for preference pairs
+    reasons: dict[str, int] = field(default_factory=dict)  # dropped rows per reason
+    flags: dict[str, int] = field(default_factory=dict)  # kept-but-flagged rows per flag (e.g. pii)
+    token_lengths: list[int] = field(default_factory=list)  # of kept rows, after the chat template
+    stats: dict[str, Any] = field(default_factory=dict)  # e.g. length_bias for preference pairs
 
     @property
     def kept_ratio(self) -> float:
@@ -110,7 +111,9 @@ def _run_structural(run: _Pass, rows: list[Any], kind: Kind) -> None:
         run.apply(reason, found, since)
 
 
-def _run_token_length(run: _Pass, rows: list[Any], cfg: QualityConfig, token_length: Optional[TokenLength]) -> dict[int, int]:
+def _run_token_length(
+    run: _Pass, rows: list[Any], cfg: QualityConfig, token_length: Optional[TokenLength]
+) -> dict[int, int]:
     since = time.perf_counter()
     measured = measure_token_lengths([rows[i] for i in run.alive], token_length or estimate_token_lengths)
     lengths = dict(zip(run.alive, measured))
@@ -128,8 +131,10 @@ def _run_token_length(run: _Pass, rows: list[Any], cfg: QualityConfig, token_len
 def _answers(row: dict[str, Any]) -> list[tuple[str, str]]:
     """(where, text) of every answer: each assistant turn of a conversation; chosen and rejected of a pair."""
     if "messages" in row:
-        return [(f"assistant turn {j}", m["content"]) for j, m in
-                enumerate((m for m in row["messages"] if m["role"] == "assistant"), 1)]
+        return [
+            (f"assistant turn {j}", m["content"])
+            for j, m in enumerate((m for m in row["messages"] if m["role"] == "assistant"), 1)
+        ]
     return [("chosen", row["chosen"]), ("rejected", row["rejected"])]
 
 
@@ -206,7 +211,9 @@ def _run_pii(run: _Pass, views: dict[int, tuple[str, str]], mode: str) -> tuple[
     return pii_found, counts
 
 
-def _keep(run: _Pass, rows: list[Any], kind: Kind, flag_pii: dict[int, list[str]]) -> tuple[list[Record], Counter[str], int]:
+def _keep(
+    run: _Pass, rows: list[Any], kind: Kind, flag_pii: dict[int, list[str]]
+) -> tuple[list[Record], Counter[str], int]:
     """The surviving records with their new flags (copies, the input is not mutated), the flag
     counts, and how many kept pairs have the longer answer chosen."""
     kept: list[Record] = []
@@ -224,7 +231,7 @@ def _keep(run: _Pass, rows: list[Any], kind: Kind, flag_pii: dict[int, list[str]
                 record_flags.append("duplicate_prompt")
             seen_prompts.add(prompt)
             chosen_longer += len(rows[i]["chosen"]) > len(rows[i]["rejected"])
-        for flag in record_flags[len(record.flags):]:
+        for flag in record_flags[len(record.flags) :]:
             flags[flag] += 1
         kept.append(record if record_flags == record.flags else dataclasses.replace(record, flags=record_flags))
     return kept, flags, chosen_longer
@@ -264,11 +271,17 @@ def run_quality(
     stats: dict[str, Any] = {
         "kept_ratio": len(kept) / len(records) if records else 0.0,
         "dropped_fraction": len(dropped) / len(records) if records else 0.0,
-        "token_length_source": "tokenizer" if token_length else "estimate (no tokenizer: ~4 ASCII chars or 1 other char per token)",
+        "token_length_source": "tokenizer"
+        if token_length
+        else "estimate (no tokenizer: ~4 ASCII chars or 1 other char per token)",
         "languages": dict(languages_seen),
         "pii_kinds": dict(pii_counts),
         "repetition_by_answer": dict(repetition_sides),
-        "near_duplicate": {"num_perm": NUM_PERM, "shingle_chars": SHINGLE_CHARS, "lsh_bands_rows": list(lsh_bands(cfg.near_duplicate_threshold))},
+        "near_duplicate": {
+            "num_perm": NUM_PERM,
+            "shingle_chars": SHINGLE_CHARS,
+            "lsh_bands_rows": list(lsh_bands(cfg.near_duplicate_threshold)),
+        },
         "timings_s": run.timings,
         "seconds": elapsed,
         "rows_per_s": len(records) / elapsed if elapsed > 0 else 0.0,
@@ -306,9 +319,12 @@ def check_leakage(train: list[Record], heldout: list[Record], threshold: float) 
 
     def hit(t: int, h: int, kind: str, similarity: float) -> dict[str, Any]:
         return {
-            "train_source": train[t].source, "train_line": train[t].line,
-            "heldout_source": heldout[h].source, "heldout_line": heldout[h].line,
-            "kind": kind, "similarity": round(similarity, 4),
+            "train_source": train[t].source,
+            "train_line": train[t].line,
+            "heldout_source": heldout[h].source,
+            "heldout_line": heldout[h].line,
+            "kind": kind,
+            "similarity": round(similarity, 4),
         }
 
     by_text: dict[str, list[int]] = {}

@@ -7,16 +7,17 @@ measures on a CJK-aware split (each CJK character is a word, since Japanese has 
 thresholds are tuned on web pages; answers are short, so the defaults are looser and a short answer has
 too few lines or n-grams to judge (see MIN_*).
 """
+
 from __future__ import annotations
 
 import re
 from dataclasses import dataclass
 from typing import Optional
 
-NGRAM = 5                 # Gopher's smallest duplicated n-gram size
-MAX_UNIT_WORDS = 8        # a looping unit is up to this many words ("I am sorry." is 4 with the period)
-MIN_LINES = 3             # with fewer lines, one repeat is already a third of them
-MIN_WORDS = 2 * NGRAM     # fewer words hold at most one pair of 5-grams
+NGRAM = 5  # Gopher's smallest duplicated n-gram size
+MAX_UNIT_WORDS = 8  # a looping unit is up to this many words ("I am sorry." is 4 with the period)
+MIN_LINES = 3  # with fewer lines, one repeat is already a third of them
+MIN_WORDS = 2 * NGRAM  # fewer words hold at most one pair of 5-grams
 
 _WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f]|[^\W_]+|[^\w\s]", re.UNICODE)
 
@@ -48,7 +49,7 @@ def dup_ngram_char_frac(tokens: list[str], n: int = NGRAM) -> float:
     seen: set[tuple[str, ...]] = set()
     repeated, i = 0, 0
     while i <= len(tokens) - n:
-        gram = tuple(tokens[i:i + n])
+        gram = tuple(tokens[i : i + n])
         if gram in seen:
             repeated += sum(len(w) for w in gram)
             i += n
@@ -76,7 +77,7 @@ def longest_run(tokens: list[str]) -> int:
             copies = 1 + streak // size
             if copies > best:
                 start = i + 1 - streak
-                if any(wordy[start:start + size]):
+                if any(wordy[start : start + size]):
                     best = copies
     return best
 
@@ -93,14 +94,20 @@ def measure(text: str) -> Repetition:
     return Repetition(dup_line_frac(text), dup_ngram_char_frac(tokens), longest_run(tokens))
 
 
-def repetition_problem(text: str, max_dup_line_frac: float, max_dup_ngram_char_frac: float, max_repeat_run: int) -> Optional[str]:
+def repetition_problem(
+    text: str, max_dup_line_frac: float, max_dup_ngram_char_frac: float, max_repeat_run: int
+) -> Optional[str]:
     """None for a healthy answer, else which measure is over its threshold and by how much."""
     m = measure(text)
     if m.dup_line_frac > max_dup_line_frac:
-        return f"{m.dup_line_frac:.0%} of lines repeat an earlier line (> quality.max_dup_line_frac {max_dup_line_frac})"
+        return (
+            f"{m.dup_line_frac:.0%} of lines repeat an earlier line (> quality.max_dup_line_frac {max_dup_line_frac})"
+        )
     if m.dup_ngram_char_frac > max_dup_ngram_char_frac:
-        return (f"{m.dup_ngram_char_frac:.0%} of characters are in repeated {NGRAM}-grams "
-                f"(> quality.max_dup_ngram_char_frac {max_dup_ngram_char_frac})")
+        return (
+            f"{m.dup_ngram_char_frac:.0%} of characters are in repeated {NGRAM}-grams "
+            f"(> quality.max_dup_ngram_char_frac {max_dup_ngram_char_frac})"
+        )
     if m.longest_run > max_repeat_run:
         return f"one phrase repeats {m.longest_run} times in a row (> quality.max_repeat_run {max_repeat_run})"
     return None

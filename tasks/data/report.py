@@ -3,6 +3,7 @@
 Everything here produces plain data or files; logging them to MLflow (metrics + artifacts) and
 publishing to Prefect (markdown / table artifacts) is the caller's job.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,9 +42,14 @@ def _length_stats(lengths: Sequence[int]) -> dict[str, Any]:
     if not lengths:
         return {"count": 0}
     ordered = sorted(int(n) for n in lengths)
-    return {"count": len(ordered), "min": ordered[0], "max": ordered[-1],
-            "mean": round(sum(ordered) / len(ordered), 2),
-            "p50": nearest_rank(ordered, 0.5), "p95": nearest_rank(ordered, 0.95)}
+    return {
+        "count": len(ordered),
+        "min": ordered[0],
+        "max": ordered[-1],
+        "mean": round(sum(ordered) / len(ordered), 2),
+        "p50": nearest_rank(ordered, 0.5),
+        "p95": nearest_rank(ordered, 0.95),
+    }
 
 
 def build_report(result: QualityResult, contract: Optional[ContractReport] = None) -> dict[str, Any]:
@@ -99,21 +105,32 @@ def report_markdown(report: dict[str, Any]) -> str:
         lines.append("")
     t = report["token_lengths"]
     if t.get("count"):
-        lines += [f"Token lengths (kept, after the chat template): min {t['min']}, p50 {t['p50']}, "
-                  f"p95 {t['p95']}, max {t['max']}, mean {t['mean']}.", ""]
+        lines += [
+            f"Token lengths (kept, after the chat template): min {t['min']}, p50 {t['p50']}, "
+            f"p95 {t['p95']}, max {t['max']}, mean {t['mean']}.",
+            "",
+        ]
     w = report.get("window")
     if w:
-        lines += [f"Training window: {w['max_length'] or 'no'} token limit, truncation {w['truncation']}: "
-                  f"{w['kept']} of {w['in']} rows fit, {w['truncated_left']} with their earliest turns dropped, "
-                  f"{sum(w['dropped'].values())} dropped (truncated_answer).", ""]
+        lines += [
+            f"Training window: {w['max_length'] or 'no'} token limit, truncation {w['truncation']}: "
+            f"{w['kept']} of {w['in']} rows fit, {w['truncated_left']} with their earliest turns dropped, "
+            f"{sum(w['dropped'].values())} dropped (truncated_answer).",
+            "",
+        ]
     scalar_stats = {k: v for k, v in report["stats"].items() if isinstance(v, (int, float, str, bool))}
     if scalar_stats:
-        lines += ["Stats: " + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}"
-                                        for k, v in scalar_stats.items()), ""]
+        lines += [
+            "Stats: "
+            + ", ".join(f"{k} = {v:.4g}" if isinstance(v, float) else f"{k} = {v}" for k, v in scalar_stats.items()),
+            "",
+        ]
     c = report.get("contract")
     if c is not None:
-        lines += [f"**Contract: {'passed' if c['passed'] else 'FAILED'}** "
-                  f"({c['failed_expectations']} of {c['expectations']} expectations unmet)."]
+        lines += [
+            f"**Contract: {'passed' if c['passed'] else 'FAILED'}** "
+            f"({c['failed_expectations']} of {c['expectations']} expectations unmet)."
+        ]
         lines += [f"- ❌ {_md_escape(f)}" for f in c["failures"]]
         lines += [f"- ⚠️ {_md_escape(w)}" for w in c["warnings"]]
         lines.append("")
@@ -122,8 +139,10 @@ def report_markdown(report: dict[str, Any]) -> str:
         for reason, rows in report["examples"].items():
             for ex in rows:
                 row = json.dumps(ex["row"], ensure_ascii=False)
-                lines.append(f"- `{reason}` {ex['source']}:{ex['line']}: {_md_escape(str(ex['detail']))} — "
-                             f"`{_md_escape(row[:MAX_EXAMPLE_CHARS])}`")
+                lines.append(
+                    f"- `{reason}` {ex['source']}:{ex['line']}: {_md_escape(str(ex['detail']))} — "
+                    f"`{_md_escape(row[:MAX_EXAMPLE_CHARS])}`"
+                )
         lines += ["", "</details>", ""]
     return "\n".join(lines).rstrip() + "\n"
 
@@ -179,8 +198,9 @@ def report_metrics(report: dict[str, Any], prefix: str = "data/") -> dict[str, f
     return m
 
 
-def plot_token_histogram(token_lengths: Sequence[int], path: Path, max_tokens: Optional[int] = None,
-                         min_tokens: Optional[int] = None) -> Path:
+def plot_token_histogram(
+    token_lengths: Sequence[int], path: Path, max_tokens: Optional[int] = None, min_tokens: Optional[int] = None
+) -> Path:
     """PNG histogram of kept rows' token lengths, with the configured limits drawn in."""
     # Figure + Agg canvas directly, not pyplot: no global figure registry, safe in Prefect's worker threads.
     from matplotlib.backends.backend_agg import FigureCanvasAgg
@@ -198,8 +218,16 @@ def plot_token_histogram(token_lengths: Sequence[int], path: Path, max_tokens: O
     for limit, label in ((min_tokens, "min_tokens"), (max_tokens, "max_tokens")):
         if limit is not None:
             ax.axvline(limit, color="#C44E52", linestyle="--", linewidth=1)
-            ax.annotate(label, (limit, 1), xycoords=("data", "axes fraction"), rotation=90,
-                        va="top", ha="right", fontsize=8, color="#C44E52")
+            ax.annotate(
+                label,
+                (limit, 1),
+                xycoords=("data", "axes fraction"),
+                rotation=90,
+                va="top",
+                ha="right",
+                fontsize=8,
+                color="#C44E52",
+            )
     ax.set_xlabel("tokens after the chat template")
     ax.set_ylabel("rows")
     ax.set_title(f"Token lengths of kept rows (n={len(token_lengths)})")
@@ -215,21 +243,31 @@ def write_report_files(report: dict[str, Any], result: QualityResult, out_dir: P
     """
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
-    paths = {"json": out / "report.json", "markdown": out / "report.md",
-             "histogram": out / "token_lengths.png", "quarantine": out / "quarantine.jsonl"}
+    paths = {
+        "json": out / "report.json",
+        "markdown": out / "report.md",
+        "histogram": out / "token_lengths.png",
+        "quarantine": out / "quarantine.jsonl",
+    }
     paths["json"].write_text(json.dumps(report, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
     paths["markdown"].write_text(report_markdown(report), encoding="utf-8")
     params = (report.get("contract") or {}).get("parameters") or {}
-    plot_token_histogram(result.token_lengths, paths["histogram"],
-                         max_tokens=params.get("max_tokens"), min_tokens=params.get("min_tokens"))
+    plot_token_histogram(
+        result.token_lengths,
+        paths["histogram"],
+        max_tokens=params.get("max_tokens"),
+        min_tokens=params.get("min_tokens"),
+    )
     write_quarantine(result.dropped, paths["quarantine"])
     return paths
 
 
 def print_report(report: dict[str, Any]) -> str:
     """Plain-text summary for the CLI."""
-    lines = [f"data quality ({report['kind']}): kept {report['counts_out']}/{report['counts_in']} "
-             f"({report['kept_ratio']:.1%}), dropped {report['dropped']}"]
+    lines = [
+        f"data quality ({report['kind']}): kept {report['counts_out']}/{report['counts_in']} "
+        f"({report['kept_ratio']:.1%}), dropped {report['dropped']}"
+    ]
     width = max((len(r) for r in [*report["reasons"], *report["flags"]]), default=0)
     lines += [f"  dropped  {r:<{width}}  {n}" for r, n in report["reasons"].items()]
     lines += [f"  flagged  {f:<{width}}  {n}" for f, n in report["flags"].items()]
@@ -247,8 +285,9 @@ def print_report(report: dict[str, Any]) -> str:
 # ----------------------------------------------------------------------------- after formatting
 
 
-def add_window_drops(report: dict[str, Any], tally: dict[str, Any], dropped: Sequence[Dropped],
-                     quarantine: Optional[Path] = None) -> dict[str, Any]:
+def add_window_drops(
+    report: dict[str, Any], tally: dict[str, Any], dropped: Sequence[Dropped], quarantine: Optional[Path] = None
+) -> dict[str, Any]:
     """The validation report of a split once formatting has fitted its rows to the training window
     (formatting.FormattedData.window / .dropped for that kind): the rows it dropped join the counts, the
     reasons and the examples, and the tally (truncated_left included) is kept under "window", so the report
@@ -271,8 +310,11 @@ def add_window_drops(report: dict[str, Any], tally: dict[str, Any], dropped: Seq
         window_reasons = {d.reason for d in dropped} | {"truncated_answer"}
         earlier = []
         if path.exists():
-            earlier = [row for row in map(json.loads, path.read_text(encoding="utf-8").splitlines())
-                       if row.get("reason") not in window_reasons]
+            earlier = [
+                row
+                for row in map(json.loads, path.read_text(encoding="utf-8").splitlines())
+                if row.get("reason") not in window_reasons
+            ]
         write_jsonl([*earlier, *(d.as_dict() for d in dropped)], path)
     return out
 
@@ -291,6 +333,10 @@ def heldout_accounting(validation_report: Optional[dict[str, Any]], tally: dict[
         rows_in = int(tally.get("in", 0))
         source = "seeded split of the sft rows"
     reasons.update(tally.get("dropped", {}))
-    return {"source": source, "in": rows_in, "kept": int(tally.get("kept", 0)),
-            "truncated_left": int(tally.get("truncated_left", 0)),
-            "dropped": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0])))}
+    return {
+        "source": source,
+        "in": rows_in,
+        "kept": int(tally.get("kept", 0)),
+        "truncated_left": int(tally.get("truncated_left", 0)),
+        "dropped": dict(sorted(reasons.items(), key=lambda kv: (-kv[1], kv[0]))),
+    }

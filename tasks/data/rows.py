@@ -5,6 +5,7 @@ Preference pair:  {"prompt": [messages ending with a user turn], "chosen": str, 
 Every loaded row keeps where it came from (`source`, 1-based `line`), so a dropped row can be traced
 back to its file and line in the quarantine file.
 """
+
 from __future__ import annotations
 
 from dataclasses import dataclass, field

@@ -10,6 +10,7 @@ Problems with the file as a whole are fatal (`DataError` naming file and line); 
 `line` is the 1-based line for JSONL and CSV files, and the 1-based row number for JSON, Parquet and
 saved datasets, whose rows have no line of their own.
 """
+
 from __future__ import annotations
 
 import csv
@@ -28,7 +29,7 @@ except ImportError:  # pragma: no cover - orjson comes with prefect
 
 __all__ = ["SourceItem", "iter_source", "write_jsonl", "write_quarantine", "type_name", "describe_keys", "short_repr"]
 
-DROPPED_ROW_CHARS = 200   # how much of an oversized row the quarantine keeps
+DROPPED_ROW_CHARS = 200  # how much of an oversized row the quarantine keeps
 LIST_COLUMNS = ("messages", "conversations", "prompt", "completion", "chosen", "rejected")
 JSON_CONTAINER_KEYS = ("data", "rows", "train")
 
@@ -71,7 +72,9 @@ def _iter_jsonl(p: Path, source: str, max_row_bytes: int) -> Iterator[SourceItem
             if len(raw) > max_row_bytes:
                 text = _decode(raw, source, line_no)
                 yield Dropped(
-                    source, line_no, "row_too_large",
+                    source,
+                    line_no,
+                    "row_too_large",
                     f"{source}:{line_no}: row is {len(raw)} bytes, more than max_row_bytes={max_row_bytes}",
                     text[:DROPPED_ROW_CHARS],
                 )
@@ -200,7 +203,9 @@ def _hf_rows(p: Path, source: str) -> Iterator[tuple[int, Any]]:
         elif len(splits) == 1:
             ds = ds[splits[0]]
         else:
-            raise DataError(f"dataset has splits {', '.join(splits)} and no 'train' split; save the one to use alone", source)
+            raise DataError(
+                f"dataset has splits {', '.join(splits)} and no 'train' split; save the one to use alone", source
+            )
     return enumerate(ds.to_list(), 1)
 
 
@@ -227,9 +232,7 @@ def _csv_rows(p: Path, source: str) -> Iterator[SourceItem]:
         raise DataError(f"cannot read as CSV: {_one_line(e)}", source, reader.line_num) from None
 
 
-def _iter_rows(
-    rows: Iterable[SourceItem], source: str, max_row_bytes: int, decode_lists: bool
-) -> Iterator[SourceItem]:
+def _iter_rows(rows: Iterable[SourceItem], source: str, max_row_bytes: int, decode_lists: bool) -> Iterator[SourceItem]:
     """Rows that did not come from JSON lines: check their size and decode JSON-string list columns."""
     for item in rows:
         if isinstance(item, Dropped):
@@ -239,7 +242,9 @@ def _iter_rows(
         encoded = _dumps(row)
         if len(encoded) > max_row_bytes:
             yield Dropped(
-                source, line_no, "row_too_large",
+                source,
+                line_no,
+                "row_too_large",
                 f"{source}:{line_no}: row is {len(encoded)} bytes, more than max_row_bytes={max_row_bytes}",
                 encoded.decode("utf-8", "replace")[:DROPPED_ROW_CHARS],
             )
@@ -328,4 +333,3 @@ def describe_keys(row: dict, limit: int = 12) -> str:
 def short_repr(text: str, limit: int = 60) -> str:
     # repr() escapes newlines and control characters, which keeps every message on one line
     return repr(text if len(text) <= limit else text[:limit] + "...")
-

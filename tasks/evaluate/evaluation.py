@@ -5,6 +5,7 @@ five variants costs one model's memory. Every metric is kept per example (regist
 how they aggregate), so the comparison table, the candidate choice on validation, the sweep's ranking and
 the gate's paired tests all read the same numbers.
 """
+
 from __future__ import annotations
 
 import math
@@ -38,10 +39,20 @@ class EvalSets:
     heldout_accounting: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, train_set: FormattedData, heldout_set: FormattedData, validation_set: Optional[FormattedData] = None,
-           heldout_accounting: Optional[dict[str, Any]] = None) -> "EvalSets":
-        return cls(train_set.sft, heldout_set.sft, heldout_set.preference,
-                   validation_set.sft if validation_set is not None else [], dict(heldout_accounting or {}))
+    def of(
+        cls,
+        train_set: FormattedData,
+        heldout_set: FormattedData,
+        validation_set: Optional[FormattedData] = None,
+        heldout_accounting: Optional[dict[str, Any]] = None,
+    ) -> "EvalSets":
+        return cls(
+            train_set.sft,
+            heldout_set.sft,
+            heldout_set.preference,
+            validation_set.sft if validation_set is not None else [],
+            dict(heldout_accounting or {}),
+        )
 
 
 @dataclass
@@ -57,11 +68,18 @@ class VariantResult:
     corpus: dict[str, float] = field(default_factory=dict)  # metrics with no per-example form (BLEU)
 
     @classmethod
-    def of(cls, variant: str, per_example: dict[str, list[float]], weights: Optional[dict[str, list[float]]] = None,
-           corpus: Optional[dict[str, float]] = None, **fields: Any) -> "VariantResult":
+    def of(
+        cls,
+        variant: str,
+        per_example: dict[str, list[float]],
+        weights: Optional[dict[str, list[float]]] = None,
+        corpus: Optional[dict[str, float]] = None,
+        **fields: Any,
+    ) -> "VariantResult":
         """A result whose corpus metrics are the registry's aggregates of its per-example scores."""
-        result = cls(variant, {}, per_example=dict(per_example), weights=dict(weights or {}), corpus=dict(corpus or {}),
-                     **fields)
+        result = cls(
+            variant, {}, per_example=dict(per_example), weights=dict(weights or {}), corpus=dict(corpus or {}), **fields
+        )
         result.refresh()
         return result
 
@@ -102,8 +120,9 @@ def _batches(items: list, size: int):
 
 
 @torch.no_grad()
-def generate(model, tokenizer, prompts: list[list[dict]], cfg: EvalConfig, eos_token: str,
-             update: Optional[Update] = None) -> list[dict[str, Any]]:
+def generate(
+    model, tokenizer, prompts: list[list[dict]], cfg: EvalConfig, eos_token: str, update: Optional[Update] = None
+) -> list[dict[str, Any]]:
     """Greedy generations; `text` keeps the end-of-turn marker when the model emitted it (the EOS-stop metric reads it)."""
     tokenizer.padding_side = "left"
     eos_id = tokenizer.convert_tokens_to_ids(eos_token)
@@ -119,12 +138,18 @@ def generate(model, tokenizer, prompts: list[list[dict]], cfg: EvalConfig, eos_t
             eos_token_id=eos_id,
             pad_token_id=tokenizer.pad_token_id,
         )
-        for row in generated[:, enc["input_ids"].shape[1]:].tolist():
+        for row in generated[:, enc["input_ids"].shape[1] :].tolist():
             stopped = eos_id in row
             ids = row[: row.index(eos_id)] if stopped else row
             text = tokenizer.decode(ids, skip_special_tokens=True)
-            out.append({"text": text + (eos_token if stopped else ""), "answer": text, "stopped": stopped,
-                        "new_tokens": len(ids) + int(stopped)})
+            out.append(
+                {
+                    "text": text + (eos_token if stopped else ""),
+                    "answer": text,
+                    "stopped": stopped,
+                    "new_tokens": len(ids) + int(stopped),
+                }
+            )
         if update is not None:
             update(len(out), {})
     return out
@@ -137,8 +162,9 @@ def _completion_logps(model, tokenizer, prompts: list[list[dict]], answers: list
     prompt_texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
     full_texts = [tokenizer.apply_chat_template(p + a, tokenize=False) for p, a in zip(prompts, answers)]
     prompt_lens = [len(ids) for ids in tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]]
-    enc = tokenizer(full_texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length,
-                    add_special_tokens=False).to(device)
+    enc = tokenizer(
+        full_texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length, add_special_tokens=False
+    ).to(device)
     logits = model(**enc).logits[:, :-1].float()
     targets = enc["input_ids"][:, 1:]
     token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
@@ -164,8 +190,9 @@ def answer_losses(logps: list[float], counts: list[int]) -> list[float]:
     return [-lp / n if n else float("nan") for lp, n in zip(logps, counts)]
 
 
-def reward_margins(policy: tuple[list[float], list[float]], reference: tuple[list[float], list[float]],
-                   beta: float) -> list[float]:
+def reward_margins(
+    policy: tuple[list[float], list[float]], reference: tuple[list[float], list[float]], beta: float
+) -> list[float]:
     """Per pair: DPO's implicit reward margin beta * ((log pi(c) - log ref(c)) - (log pi(r) - log ref(r)))."""
     (pc, pr), (rc, rr) = policy, reference
     return [beta * ((a - b) - (c - d)) for a, b, c, d in zip(pc, rc, pr, rr)]
@@ -177,7 +204,9 @@ def check_heldout(heldout: list[dict], train: list[dict]) -> None:
     seen = {repr(ex["prompt"]) for ex in train}
     overlap = sum(repr(ex["prompt"]) in seen for ex in heldout)
     if overlap:
-        raise DataError(f"{overlap} held-out prompt(s) also occur in train; held-out scores would be inflated", "heldout")
+        raise DataError(
+            f"{overlap} held-out prompt(s) also occur in train; held-out scores would be inflated", "heldout"
+        )
 
 
 def reference_text(example: dict) -> str:
@@ -195,11 +224,14 @@ def check_template(adapter_dir: str, expected_fingerprint: str, tokenizer) -> No
     if (expected_fingerprint and saved != expected_fingerprint) or saved != current:
         raise DataError(
             f"chat template fingerprint mismatch: adapter trained with {saved}, expected {expected_fingerprint or current}, "
-            f"tokenizer in use has {current}", adapter_dir)
+            f"tokenizer in use has {current}",
+            adapter_dir,
+        )
 
 
-def score_variant(variant: str, generations: list[dict], references: list[str], prompts: list[list[dict]],
-                  eos_token: str, suite) -> VariantResult:
+def score_variant(
+    variant: str, generations: list[dict], references: list[str], prompts: list[list[dict]], eos_token: str, suite
+) -> VariantResult:
     """Per-example generation scores under registry names; corpus-only metrics (BLEU) from the metric suite."""
     from ftflow.tasks.evaluate.metrics import per_example_scores, score_generations
 
@@ -238,9 +270,18 @@ def _pair_logps(model, tokenizer, pairs: list[dict], cfg: EvalConfig, max_length
     return chosen, rejected
 
 
-def score_variants(ctx: StageContext, model, tokenizer, variants: list[str], examples: list[dict], *,
-                   pairs: Sequence[dict] = (), sources: frozenset[str] = ALL_SOURCES, few_shots: Sequence[dict] = (),
-                   precomputed: Optional[dict[str, VariantResult]] = None) -> dict[str, VariantResult]:
+def score_variants(
+    ctx: StageContext,
+    model,
+    tokenizer,
+    variants: list[str],
+    examples: list[dict],
+    *,
+    pairs: Sequence[dict] = (),
+    sources: frozenset[str] = ALL_SOURCES,
+    few_shots: Sequence[dict] = (),
+    precomputed: Optional[dict[str, VariantResult]] = None,
+) -> dict[str, VariantResult]:
     """Score `variants` on `examples` (and `pairs`), computing only what the metrics of `sources` need.
 
     `model` is a PeftModel holding adapters named after the variants; base variants disable them."""
@@ -259,8 +300,14 @@ def score_variants(ctx: StageContext, model, tokenizer, variants: list[str], exa
                 # Batches only on a progress display: without one the "evaluated <variant>" line below says enough.
                 # Progress artifact keys allow lowercase letters, digits and dashes only.
                 update = ctx.progress(f"eval-{variant.replace('_', '-')}", len(asked)) if ctx.progress else None
-                result = score_variant(variant, generate(model, tokenizer, asked, cfg, eos_token, update), references, prompts,
-                                       eos_token, suite)
+                result = score_variant(
+                    variant,
+                    generate(model, tokenizer, asked, cfg, eos_token, update),
+                    references,
+                    prompts,
+                    eos_token,
+                    suite,
+                )
             else:
                 result = VariantResult(variant, {})
             zero_shot = registry.get("heldout_loss").for_variant(variant)
@@ -291,23 +338,39 @@ def _score_preferences(results: dict[str, VariantResult], beta: float) -> None:
         result.refresh()
 
 
-def evaluate_variants(ctx: StageContext, model, tokenizer, variants: list[str], sets: EvalSets,
-                      precomputed: Optional[dict[str, VariantResult]] = None) -> dict[str, VariantResult]:
+def evaluate_variants(
+    ctx: StageContext,
+    model,
+    tokenizer,
+    variants: list[str],
+    sets: EvalSets,
+    precomputed: Optional[dict[str, VariantResult]] = None,
+) -> dict[str, VariantResult]:
     """Every variant on the held-out (test) prompts and pairs, every metric source; `precomputed` results (the base
     variants a sweep scores once for all arms) are reused, not recomputed."""
     cfg = ctx.cfg.eval
-    return score_variants(ctx, model, tokenizer, variants, sets.heldout[: cfg.max_examples],
-                          pairs=sets.heldout_pairs[: cfg.max_examples], few_shots=sets.train_sft[: cfg.few_shot_k],
-                          precomputed=precomputed)
+    return score_variants(
+        ctx,
+        model,
+        tokenizer,
+        variants,
+        sets.heldout[: cfg.max_examples],
+        pairs=sets.heldout_pairs[: cfg.max_examples],
+        few_shots=sets.train_sft[: cfg.few_shot_k],
+        precomputed=precomputed,
+    )
 
 
-def validation_scores(ctx: StageContext, model, tokenizer, variants: list[str], sets: EvalSets) -> dict[str, VariantResult]:
+def validation_scores(
+    ctx: StageContext, model, tokenizer, variants: list[str], sets: EvalSets
+) -> dict[str, VariantResult]:
     """The variants on the validation rows, computing only what the primary metric needs (selection stays cheap)."""
     metric = registry.get(ctx.cfg.eval.resolved_primary_metric)
     examples = sets.validation[: ctx.cfg.eval.validation_max_examples]
     if not examples:
-        raise DataError("the validation split is empty; set data.validation_path or keep data.validation_fraction > 0",
-                        "validation")
+        raise DataError(
+            "the validation split is empty; set data.validation_path or keep data.validation_fraction > 0", "validation"
+        )
     return score_variants(ctx, model, tokenizer, variants, examples, sources=frozenset({metric.source}))
 
 

@@ -13,6 +13,7 @@ from a Prefect Secret block (`eval.judge.key_block`) or an environment variable 
 and goes nowhere but the client. `check_endpoint` runs at the start of a flow, so a judge that is down
 fails the run before anything is trained. Verdicts, raw replies included, go to MLflow as a table.
 """
+
 from __future__ import annotations
 
 import os
@@ -74,8 +75,9 @@ def api_key(cfg: JudgeConfig) -> str:
 
             return Secret.load(cfg.key_block).get()
         except Exception as err:
-            raise JudgeError(f"eval.judge.key_block: cannot load Prefect Secret block {cfg.key_block!r} "
-                             f"({type(err).__name__})") from None
+            raise JudgeError(
+                f"eval.judge.key_block: cannot load Prefect Secret block {cfg.key_block!r} ({type(err).__name__})"
+            ) from None
     # A local server needs no key, but the client insists on one.
     return (os.environ.get(cfg.key_env) if cfg.key_env else None) or "not-needed"
 
@@ -102,13 +104,15 @@ def check_endpoint(ctx: StageContext) -> None:
         raise
     except Exception as err:  # connection refused, timeout, 401: the openai client raises several types
         status = getattr(err, "status_code", None)
-        raise JudgeError(f"eval.judge.base_url: judge endpoint {redact_text(str(cfg.base_url))} cannot be reached "
-                         f"({type(err).__name__}{f' {status}' if status else ''}); nothing was trained") from None
+        raise JudgeError(
+            f"eval.judge.base_url: judge endpoint {redact_text(str(cfg.base_url))} cannot be reached "
+            f"({type(err).__name__}{f' {status}' if status else ''}); nothing was trained"
+        ) from None
     ctx.log(f"judge endpoint {cfg.base_url} answers; model {cfg.model}, mode {cfg.mode.value}")
 
 
 def parse_verdict(text: str) -> Optional[str]:
-    """"A", "B" or "T" from the judge's reply; None when it says none of them."""
+    """ "A", "B" or "T" from the judge's reply; None when it says none of them."""
     found = _VERDICT.search((text or "").strip().upper())
     if not found:
         return None
@@ -121,8 +125,9 @@ def parse_grade(text: str) -> Optional[int]:
 
 
 def _ask(judge, cfg: JudgeConfig, prompt: str) -> str:
-    reply = judge.chat.completions.create(model=cfg.model, messages=[{"role": "user", "content": prompt}],
-                                          temperature=0, max_tokens=8)
+    reply = judge.chat.completions.create(
+        model=cfg.model, messages=[{"role": "user", "content": prompt}], temperature=0, max_tokens=8
+    )
     return reply.choices[0].message.content or ""
 
 
@@ -157,8 +162,13 @@ def judge_variants(ctx: StageContext, results: dict[str, VariantResult]) -> list
                 first = _ask(judge, cfg, PAIRWISE_PROMPT.format(a=answer, b=theirs["prediction"], **ask))
                 swapped = _ask(judge, cfg, PAIRWISE_PROMPT.format(a=theirs["prediction"], b=answer, **ask))
                 score = pairwise_score(parse_verdict(first), parse_verdict(swapped))
-                row.update(baseline="base", baseline_answer=theirs["prediction"], reply_variant_first=first,
-                           reply_variant_second=swapped, score=score)
+                row.update(
+                    baseline="base",
+                    baseline_answer=theirs["prediction"],
+                    reply_variant_first=first,
+                    reply_variant_second=swapped,
+                    score=score,
+                )
             else:
                 reply = _ask(judge, cfg, GRADED_PROMPT.format(question=question, reference=reference, answer=answer))
                 grade = parse_grade(reply)

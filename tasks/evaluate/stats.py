@@ -15,6 +15,7 @@ metric's direction: positive means the candidate is better, whether higher or lo
 With 40 held-out prompts one example moves exact match by 2.5 points; these intervals are what stops a
 single lucky example from moving the champion.
 """
+
 from __future__ import annotations
 
 import math
@@ -71,9 +72,18 @@ def _resampled(values, weights, draws):
     return (v * w)[draws].sum(axis=1) / np.maximum(w[draws].sum(axis=1), 1e-12)
 
 
-def paired_bootstrap(metric: Metric, candidate: Sequence[float], other: Sequence[float], against: str, *,
-                     weights: Optional[Sequence[float]] = None, other_weights: Optional[Sequence[float]] = None,
-                     resamples: int = RESAMPLES, level: float = LEVEL, seed: int = SEED) -> Interval:
+def paired_bootstrap(
+    metric: Metric,
+    candidate: Sequence[float],
+    other: Sequence[float],
+    against: str,
+    *,
+    weights: Optional[Sequence[float]] = None,
+    other_weights: Optional[Sequence[float]] = None,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = SEED,
+) -> Interval:
     import numpy as np
 
     n = _same_length(candidate, other)
@@ -82,13 +92,22 @@ def paired_bootstrap(metric: Metric, candidate: Sequence[float], other: Sequence
     diff = (_resampled(candidate, weights, draws) - _resampled(other, other_weights, draws)) * metric.sign
     low, high = _percentiles(diff, level)
     cand, oth = aggregate(metric, candidate, weights), aggregate(metric, other, other_weights)
-    return Interval(metric.name, against, "bootstrap", metric.direction, n, cand, oth, (cand - oth) * metric.sign,
-                    low, high, level)
+    return Interval(
+        metric.name, against, "bootstrap", metric.direction, n, cand, oth, (cand - oth) * metric.sign, low, high, level
+    )
 
 
-def bootstrap_vs_value(metric: Metric, candidate: Sequence[float], value: float, against: str, *,
-                       weights: Optional[Sequence[float]] = None, resamples: int = RESAMPLES, level: float = LEVEL,
-                       seed: int = SEED) -> Interval:
+def bootstrap_vs_value(
+    metric: Metric,
+    candidate: Sequence[float],
+    value: float,
+    against: str,
+    *,
+    weights: Optional[Sequence[float]] = None,
+    resamples: int = RESAMPLES,
+    level: float = LEVEL,
+    seed: int = SEED,
+) -> Interval:
     """The other side is only a recorded number (a champion that cannot be re-scored): only the candidate's
     sampling noise is known, so the interval is narrower than a paired one would be; the method says so."""
     import numpy as np
@@ -100,8 +119,19 @@ def bootstrap_vs_value(metric: Metric, candidate: Sequence[float], value: float,
     diff = (_resampled(candidate, weights, draws) - value) * metric.sign
     low, high = _percentiles(diff, level)
     cand = aggregate(metric, candidate, weights)
-    return Interval(metric.name, against, "bootstrap-vs-recorded", metric.direction, n, cand, float(value),
-                    (cand - value) * metric.sign, low, high, level)
+    return Interval(
+        metric.name,
+        against,
+        "bootstrap-vs-recorded",
+        metric.direction,
+        n,
+        cand,
+        float(value),
+        (cand - value) * metric.sign,
+        low,
+        high,
+        level,
+    )
 
 
 def _log_binom_pmf(k: int, n: int, p: float) -> float:
@@ -109,8 +139,7 @@ def _log_binom_pmf(k: int, n: int, p: float) -> float:
         return 0.0 if k == 0 else -math.inf
     if p >= 1.0:
         return 0.0 if k == n else -math.inf
-    return (math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1)
-            + k * math.log(p) + (n - k) * math.log1p(-p))
+    return math.lgamma(n + 1) - math.lgamma(k + 1) - math.lgamma(n - k + 1) + k * math.log(p) + (n - k) * math.log1p(-p)
 
 
 def binom_cdf(k: int, n: int, p: float) -> float:
@@ -142,8 +171,9 @@ def clopper_pearson(k: int, n: int, level: float = LEVEL) -> tuple[float, float]
     return low, high
 
 
-def mcnemar(metric: Metric, candidate: Sequence[float], other: Sequence[float], against: str, *,
-            level: float = LEVEL) -> Interval:
+def mcnemar(
+    metric: Metric, candidate: Sequence[float], other: Sequence[float], against: str, *, level: float = LEVEL
+) -> Interval:
     n = _same_length(candidate, other)
     c_right = [bool(round(x)) for x in candidate]
     o_right = [bool(round(x)) for x in other]
@@ -161,13 +191,33 @@ def mcnemar(metric: Metric, candidate: Sequence[float], other: Sequence[float], 
         p_value = min(1.0, 2 * min(binom_cdf(b, d, 0.5), 1.0 - binom_cdf(b - 1, d, 0.5)))
     if metric.sign < 0:  # a 0/1 metric where 0 is better: the candidate's "right" is the other's gain
         low, high = -high, -low
-    return Interval(metric.name, against, "mcnemar", metric.direction, n, cand, oth, (cand - oth) * metric.sign,
-                    low, high, level, p_value, (b, c))
+    return Interval(
+        metric.name,
+        against,
+        "mcnemar",
+        metric.direction,
+        n,
+        cand,
+        oth,
+        (cand - oth) * metric.sign,
+        low,
+        high,
+        level,
+        p_value,
+        (b, c),
+    )
 
 
-def compare(metric: Metric, candidate: Sequence[float], other: Sequence[float], against: str, *,
-            weights: Optional[Sequence[float]] = None, other_weights: Optional[Sequence[float]] = None,
-            seed: int = SEED) -> Interval:
+def compare(
+    metric: Metric,
+    candidate: Sequence[float],
+    other: Sequence[float],
+    against: str,
+    *,
+    weights: Optional[Sequence[float]] = None,
+    other_weights: Optional[Sequence[float]] = None,
+    seed: int = SEED,
+) -> Interval:
     """McNemar for a 0/1 metric, the paired bootstrap for anything else."""
     if metric.binary:
         return mcnemar(metric, candidate, other, against)

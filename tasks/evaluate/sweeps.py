@@ -3,6 +3,7 @@
 Arms are ranked on the validation split (each arm's candidate's primary metric there, in the metric's direction);
 the held-out columns are reported, never used to pick: the best arm then meets the gate on held-out.
 """
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -41,10 +42,17 @@ def comparison(outcomes: list[dict[str, Any]], cfg: PipelineConfig) -> list[dict
     keys = [k for k in keys if any(k in o.get("metrics", {}) for o in outcomes)] or keys
     rows = []
     for o in outcomes:
-        row = {"r": o["r"], "alpha": o["alpha"], "status": o["status"], "run_id": o["run_id"],
-               "trainable_params": o.get("trainable_params"), "wall_s": o.get("wall_s"),
-               "peak_memory_mb": o.get("peak_memory_mb"), "candidate": o.get("candidate"),
-               validation_key(primary): o.get("validation", {}).get(primary)}
+        row = {
+            "r": o["r"],
+            "alpha": o["alpha"],
+            "status": o["status"],
+            "run_id": o["run_id"],
+            "trainable_params": o.get("trainable_params"),
+            "wall_s": o.get("wall_s"),
+            "peak_memory_mb": o.get("peak_memory_mb"),
+            "candidate": o.get("candidate"),
+            validation_key(primary): o.get("validation", {}).get(primary),
+        }
         row.update({k: o["metrics"].get(k) for k in keys})
         rows.append(row)
     return rows
@@ -74,8 +82,9 @@ def plot(rows: list[dict[str, Any]], primary: str, path: Path) -> Path:
     done = [r for r in rows if r["status"] == "FINISHED"]
     fig = Figure(figsize=(10, 3.2))
     axes = fig.subplots(1, 3)
-    for ax, key, label in zip(axes, (primary, "trainable_params", "wall_s"),
-                              (primary, "trainable parameters", "wall time (s)")):
+    for ax, key, label in zip(
+        axes, (primary, "trainable_params", "wall_s"), (primary, "trainable parameters", "wall time (s)")
+    ):
         xs = [r["r"] for r in done if r.get(key) is not None]
         ys = [r[key] for r in done if r.get(key) is not None]
         ax.plot(xs, ys, marker="o")
@@ -91,12 +100,20 @@ def plot(rows: list[dict[str, Any]], primary: str, path: Path) -> Path:
 
 def arm_config(cfg: PipelineConfig, r: int, alpha: int) -> PipelineConfig:
     # The gate runs once, on the best arm, from the parent flow.
-    return config_from_dict(apply_overrides(cfg.model_dump(mode="json"),
-                                            [f"lora.r={r}", f"lora.alpha={alpha}", "registry.enabled=false"]),
-                            f"sweep arm r={r}")
+    return config_from_dict(
+        apply_overrides(cfg.model_dump(mode="json"), [f"lora.r={r}", f"lora.alpha={alpha}", "registry.enabled=false"]),
+        f"sweep arm r={r}",
+    )
 
 
 def outcome(cfg: PipelineConfig, run_id: str, status: str, **fields: Any) -> dict[str, Any]:
     """One arm as the comparison and best_arm read it: `metrics` held-out (reported), `validation` (ranked on)."""
-    return {"r": cfg.lora.r, "alpha": cfg.lora.resolved_alpha, "run_id": run_id, "status": status, "metrics": {},
-            "validation": {}, **fields}
+    return {
+        "r": cfg.lora.r,
+        "alpha": cfg.lora.resolved_alpha,
+        "run_id": run_id,
+        "status": status,
+        "metrics": {},
+        "validation": {},
+        **fields,
+    }

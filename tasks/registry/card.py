@@ -5,6 +5,7 @@ reads from what the run logged to MLflow (params, the resolved config, dataset i
 digests, `data/` validation metrics, `eval/<variant>/` held-out metrics, the gate's tags). The card
 goes to the run as `model_card/README.md` and next to exported weights as `README.md`.
 """
+
 from __future__ import annotations
 
 import json
@@ -15,8 +16,16 @@ import yaml
 
 # Held-out rows in the order a reader compares them: prompting baselines first, then the tuned models.
 VARIANT_ORDER = ("base", "base_fewshot", "sft", "dpo", "champion")
-HELDOUT_COLUMNS = ("heldout_exact", "heldout_field_accuracy", "heldout_json_valid", "heldout_rougeL",
-                   "heldout_chrf", "eos_stop_rate", "heldout_loss", "preference_accuracy")
+HELDOUT_COLUMNS = (
+    "heldout_exact",
+    "heldout_field_accuracy",
+    "heldout_json_valid",
+    "heldout_rougeL",
+    "heldout_chrf",
+    "eos_stop_rate",
+    "heldout_loss",
+    "preference_accuracy",
+)
 VALIDATION_FIGURES = ("rows_in", "rows_kept", "rows_dropped", "kept_ratio", "contract_passed")
 
 
@@ -59,15 +68,22 @@ def _fmt(value: Any) -> str:
 
 
 def _front_matter(f: CardFacts) -> str:
-    meta: dict[str, Any] = {"base_model": f.base_model,
-                            "library_name": "peft" if f.method in ("lora", "prompt_tuning") else "transformers"}
+    meta: dict[str, Any] = {
+        "base_model": f.base_model,
+        "library_name": "peft" if f.method in ("lora", "prompt_tuning") else "transformers",
+    }
     if f.license:
         meta["license"] = f.license
     if f.languages:
         meta["language"] = list(f.languages)
     meta["pipeline_tag"] = "text-generation"
-    meta["tags"] = ["ftflow", f.method, f.stage, *(["trl", "sft"] if f.stage == "sft" else []),
-                    *(["trl", "dpo"] if f.stage == "dpo" else [])]
+    meta["tags"] = [
+        "ftflow",
+        f.method,
+        f.stage,
+        *(["trl", "sft"] if f.stage == "sft" else []),
+        *(["trl", "dpo"] if f.stage == "dpo" else []),
+    ]
     meta["tags"] = list(dict.fromkeys(meta["tags"]))
     # No `datasets:` key: the card's data sets are local files, and the Hub reads that key as Hub dataset ids.
     return "---\n" + yaml.safe_dump(meta, sort_keys=False, allow_unicode=True) + "---\n"
@@ -77,8 +93,13 @@ def _heldout_table(f: CardFacts) -> list[str]:
     columns = [c for c in HELDOUT_COLUMNS if any(row.get(c) is not None for row in f.heldout)]
     if f.primary_metric not in columns and any(row.get(f.primary_metric) is not None for row in f.heldout):
         columns.insert(0, f.primary_metric)
-    names = {"base": "base, zero-shot", "base_fewshot": f"base, {f.few_shot_k}-shot prompt",
-             "sft": "SFT adapter", "dpo": "DPO adapter", "champion": "previous champion"}
+    names = {
+        "base": "base, zero-shot",
+        "base_fewshot": f"base, {f.few_shot_k}-shot prompt",
+        "sft": "SFT adapter",
+        "dpo": "DPO adapter",
+        "champion": "previous champion",
+    }
     lines = ["| model | " + " | ".join(columns) + " |", "|---|" + "---|" * len(columns)]
     for row in f.heldout:
         label = names.get(row["model"], row["model"])
@@ -92,16 +113,29 @@ def build_card(f: CardFacts) -> str:
     """The card's Markdown, with YAML front matter; a pure function of `f`."""
     title = f"{f.model_name} v{f.version}" if f.model_name and f.version else f"ftflow {f.method} adapter"
     out = [_front_matter(f), f"# {title}", ""]
-    out.append(f"A {'LoRA' if f.method == 'lora' else f.method} adapter for `{f.base_model}`, trained by the "
-               f"ftflow pipeline ({'SFT then DPO' if f.stage == 'dpo' else 'SFT'}) and registered in MLflow"
-               + (f" with alias{'es' if len(f.aliases) > 1 else ''} {', '.join(f'`@{a}`' for a in f.aliases)}"
-                  if f.aliases else "") + ".")
-    out += ["", "## Model details", "",
-            "| | |", "|---|---|",
-            f"| base model | `{f.base_model}` |",
-            f"| method | {f.method} ({f.stage}) |"]
+    out.append(
+        f"A {'LoRA' if f.method == 'lora' else f.method} adapter for `{f.base_model}`, trained by the "
+        f"ftflow pipeline ({'SFT then DPO' if f.stage == 'dpo' else 'SFT'}) and registered in MLflow"
+        + (
+            f" with alias{'es' if len(f.aliases) > 1 else ''} {', '.join(f'`@{a}`' for a in f.aliases)}"
+            if f.aliases
+            else ""
+        )
+        + "."
+    )
+    out += [
+        "",
+        "## Model details",
+        "",
+        "| | |",
+        "|---|---|",
+        f"| base model | `{f.base_model}` |",
+        f"| method | {f.method} ({f.stage}) |",
+    ]
     if f.method == "lora" and f.lora:
-        out.append(f"| LoRA | r = {f.lora.get('r')}, alpha = {f.lora.get('alpha')}, dropout = {f.lora.get('dropout')} |")
+        out.append(
+            f"| LoRA | r = {f.lora.get('r')}, alpha = {f.lora.get('alpha')}, dropout = {f.lora.get('dropout')} |"
+        )
         if f.lora.get("target_modules"):
             out.append(f"| target modules | {', '.join(f.lora['target_modules'])} |")
     out.append(f"| training quantization | {f.quantization} |")
@@ -114,51 +148,80 @@ def build_card(f: CardFacts) -> str:
     out += ["", "## Training data", ""]
     if f.datasets:
         out += ["| data set | role | rows | digest |", "|---|---|---|---|"]
-        out += [f"| {d['name']} | {d.get('context', '-')} | {_fmt(d.get('rows'))} | `{d['digest']}` |" for d in f.datasets]
+        out += [
+            f"| {d['name']} | {d.get('context', '-')} | {_fmt(d.get('rows'))} | `{d['digest']}` |" for d in f.datasets
+        ]
     else:
         out.append("No data sets were logged with the run.")
     if f.validation:
-        out += ["", "Validation (rows in, kept, dropped, kept share, contract):", "",
-                "| split | rows in | kept | dropped | kept ratio | contract | dropped by reason |",
-                "|---|---|---|---|---|---|---|"]
+        out += [
+            "",
+            "Validation (rows in, kept, dropped, kept share, contract):",
+            "",
+            "| split | rows in | kept | dropped | kept ratio | contract | dropped by reason |",
+            "|---|---|---|---|---|---|---|",
+        ]
         for split, v in f.validation.items():
             # Held-out splits are small by design: the pipeline checks their contract but does not enforce it.
-            contract = ("not enforced" if split.startswith("heldout")
-                        else {1.0: "passed", 0.0: "failed"}.get(v.get("contract_passed"), "-"))
+            contract = (
+                "not enforced"
+                if split.startswith("heldout")
+                else {1.0: "passed", 0.0: "failed"}.get(v.get("contract_passed"), "-")
+            )
             reasons = ", ".join(f"{r} {int(n)}" for r, n in sorted(v.get("reasons", {}).items()) if n) or "-"
-            out.append(f"| {split} | {_count(v.get('rows_in'))} | {_count(v.get('rows_kept'))} | "
-                       f"{_count(v.get('rows_dropped'))} | {_fmt(v.get('kept_ratio'))} | {contract} | {reasons} |")
+            out.append(
+                f"| {split} | {_count(v.get('rows_in'))} | {_count(v.get('rows_kept'))} | "
+                f"{_count(v.get('rows_dropped'))} | {_fmt(v.get('kept_ratio'))} | {contract} | {reasons} |"
+            )
 
-    out += ["", "## Evaluation", "",
-            f"Greedy generations on the held-out prompts; the gate ranks on `{f.primary_metric}`. The few-shot row is "
-            "the prompting baseline the adapter has to beat.", ""]
+    out += [
+        "",
+        "## Evaluation",
+        "",
+        f"Greedy generations on the held-out prompts; the gate ranks on `{f.primary_metric}`. The few-shot row is "
+        "the prompting baseline the adapter has to beat.",
+        "",
+    ]
     out += _heldout_table(f) if f.heldout else ["No held-out metrics were logged with the run."]
 
     out += ["", "## Registry decision", "", f.gate_summary or "This version did not go through the promotion gate."]
     if f.manual_promotion:
         out += ["", f"Manual promotion: {f.manual_promotion}"]
 
-    out += ["", "## Intended use", "",
-            "The task the training data describes, through the base model's own chat template (the fingerprint above; "
-            "ftflow refuses to serve the adapter under another). Use greedy decoding, as evaluated.", "",
-            "## Limitations", "",
-            "- Figures come from the held-out split of the same data source: they do not measure other tasks, "
-            "other languages or other prompt styles.",
-            f"- It inherits the base model's limits and biases; fine-tuning on {f.stage.upper()} data does not remove them.",
-            "- A LoRA trained on a 4-bit base and merged into 16/32-bit weights is not bit-identical to the model "
-            "that was evaluated; `ftflow export` checks the merged copy against it before writing it out."
-            if f.method == "lora" and f.quantization != "none" else
-            "- The adapter was evaluated on the base weights it was trained on; other base revisions are untested.",
-            "- Nothing here was reviewed for safety beyond the pipeline's data checks (PII flagging, duplicates, "
-            "language filter)."]
+    out += [
+        "",
+        "## Intended use",
+        "",
+        "The task the training data describes, through the base model's own chat template (the fingerprint above; "
+        "ftflow refuses to serve the adapter under another). Use greedy decoding, as evaluated.",
+        "",
+        "## Limitations",
+        "",
+        "- Figures come from the held-out split of the same data source: they do not measure other tasks, "
+        "other languages or other prompt styles.",
+        f"- It inherits the base model's limits and biases; fine-tuning on {f.stage.upper()} data does not remove them.",
+        "- A LoRA trained on a 4-bit base and merged into 16/32-bit weights is not bit-identical to the model "
+        "that was evaluated; `ftflow export` checks the merged copy against it before writing it out."
+        if f.method == "lora" and f.quantization != "none"
+        else "- The adapter was evaluated on the base weights it was trained on; other base revisions are untested.",
+        "- Nothing here was reviewed for safety beyond the pipeline's data checks (PII flagging, duplicates, "
+        "language filter).",
+    ]
     if f.library_versions:
         out += ["", "## Framework versions", ""]
         out += [f"- {k} {v}" for k, v in f.library_versions.items()]
     return "\n".join(out) + "\n"
 
 
-def gather_facts(client, run_id: str, model_name: Optional[str] = None, version: Optional[str] = None,
-                 run_url: Optional[str] = None, method: str = "lora", stage: Optional[str] = None) -> CardFacts:
+def gather_facts(
+    client,
+    run_id: str,
+    model_name: Optional[str] = None,
+    version: Optional[str] = None,
+    run_url: Optional[str] = None,
+    method: str = "lora",
+    stage: Optional[str] = None,
+) -> CardFacts:
     """Read what the run logged (and the version's tags) into CardFacts."""
     import tempfile
 
@@ -185,7 +248,7 @@ def gather_facts(client, run_id: str, model_name: Optional[str] = None, version:
             except ValueError:
                 pass
     datasets = []
-    for d in (run.inputs.dataset_inputs if run.inputs else []):
+    for d in run.inputs.dataset_inputs if run.inputs else []:
         context = next((t.value for t in d.tags if t.key == "mlflow.data.context"), None)
         rows = None
         try:
@@ -202,12 +265,12 @@ def gather_facts(client, run_id: str, model_name: Optional[str] = None, version:
         if figure in VALIDATION_FIGURES:
             validation.setdefault(split, {})[figure] = value
         elif figure.startswith("dropped/"):
-            validation.setdefault(split, {}).setdefault("reasons", {})[figure[len("dropped/"):]] = value
+            validation.setdefault(split, {}).setdefault("reasons", {})[figure[len("dropped/") :]] = value
     heldout = []
     variants = {k.split("/")[1] for k in metrics if k.startswith("eval/") and k.count("/") == 2}
     for variant in [v for v in VARIANT_ORDER if v in variants] + sorted(variants - set(VARIANT_ORDER)):
         prefix = f"eval/{variant}/"
-        heldout.append({"model": variant, **{k[len(prefix):]: v for k, v in metrics.items() if k.startswith(prefix)}})
+        heldout.append({"model": variant, **{k[len(prefix) :]: v for k, v in metrics.items() if k.startswith(prefix)}})
     lora = config.get("lora", {})
     alpha = params.get("lora.alpha") or lora.get("alpha") or (2 * int(lora["r"]) if lora.get("r") else None)
     registry = config.get("registry", {})
@@ -216,12 +279,17 @@ def gather_facts(client, run_id: str, model_name: Optional[str] = None, version:
         method=method,
         stage=stage,
         run_id=run_id,
-        primary_metric=params.get("eval.primary_metric") or config.get("eval", {}).get("primary_metric", "heldout_exact"),
+        primary_metric=params.get("eval.primary_metric")
+        or config.get("eval", {}).get("primary_metric", "heldout_exact"),
         model_name=model_name,
         version=str(version) if version else None,
         aliases=aliases,
-        lora={"r": lora.get("r", params.get("lora.r")), "alpha": alpha, "dropout": lora.get("dropout"),
-              "target_modules": lora.get("target_modules")},
+        lora={
+            "r": lora.get("r", params.get("lora.r")),
+            "alpha": alpha,
+            "dropout": lora.get("dropout"),
+            "target_modules": lora.get("target_modules"),
+        },
         quantization=config.get("quantization", {}).get("mode", params.get("quantization.mode", "4bit")),
         datasets=datasets,
         validation=validation,
@@ -235,6 +303,9 @@ def gather_facts(client, run_id: str, model_name: Optional[str] = None, version:
         # The config tree has no license field; a card gets one only when the registry section names it.
         license=registry.get("license"),
         languages=list(config.get("quality", {}).get("languages", []) or []),
-        library_versions={k[len("version."):]: v for k, v in sorted(params.items())
-                          if k.startswith("version.") and k[len("version."):] in ("transformers", "peft", "trl", "torch")},
+        library_versions={
+            k[len("version.") :]: v
+            for k, v in sorted(params.items())
+            if k.startswith("version.") and k[len("version.") :] in ("transformers", "peft", "trl", "torch")
+        },
     )

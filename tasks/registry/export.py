@@ -19,6 +19,7 @@ fp32 moves the held-out log-likelihood by ~0.0004 nats on nearly every example o
 that is "significant" and means nothing. What matters for an export is whether the change is inside
 the evaluation's own noise. The paired interval of the difference is still computed and reported.
 """
+
 from __future__ import annotations
 
 import json
@@ -41,8 +42,13 @@ EXPORT_META = "ftflow_export.json"
 ADAPTER_PATHS = ("registry_model/artifacts/adapter", "adapters/dpo", "adapters/sft")
 # Primary metrics with a per-example form: generation scores average over examples; teacher-forced
 # log-likelihood is a token-weighted ratio; BLEU/chrF are corpus statistics recomputed per resample.
-PER_EXAMPLE = {"heldout_exact": "exact_match", "heldout_field_accuracy": "field_accuracy",
-               "heldout_json_valid": "json_valid", "heldout_rougeL": "rougeL", "eos_stop_rate": "stopped"}
+PER_EXAMPLE = {
+    "heldout_exact": "exact_match",
+    "heldout_field_accuracy": "field_accuracy",
+    "heldout_json_valid": "json_valid",
+    "heldout_rougeL": "rougeL",
+    "eos_stop_rate": "stopped",
+}
 TEACHER_FORCED = ("heldout_logprob", "heldout_loss", "heldout_perplexity")
 CORPUS = {"heldout_bleu": "bleu", "heldout_chrf": "chrf"}
 
@@ -89,20 +95,23 @@ class Equivalence:
     examples: list[dict[str, Any]] = field(default_factory=list)
 
     def summary(self) -> str:
-        return (f"{'PASS' if self.passed else 'FAIL'}: greedy answers agree on {self.agreement:.1%} of "
-                f"{self.n_examples} held-out prompts (need >= {MIN_AGREEMENT:.0%}); {self.primary_metric} merged "
-                f"{self.merged_score:.4f} vs adapter-on-base {self.reference_score:.4f} "
-                f"({LEVEL:.0%} bootstrap interval [{self.ci_low:.4f}, {self.ci_high:.4f}]); "
-                f"paired difference {self.delta:+.4f} [{self.delta_low:+.4f}, {self.delta_high:+.4f}]")
+        return (
+            f"{'PASS' if self.passed else 'FAIL'}: greedy answers agree on {self.agreement:.1%} of "
+            f"{self.n_examples} held-out prompts (need >= {MIN_AGREEMENT:.0%}); {self.primary_metric} merged "
+            f"{self.merged_score:.4f} vs adapter-on-base {self.reference_score:.4f} "
+            f"({LEVEL:.0%} bootstrap interval [{self.ci_low:.4f}, {self.ci_high:.4f}]); "
+            f"paired difference {self.delta:+.4f} [{self.delta_low:+.4f}, {self.delta_high:+.4f}]"
+        )
 
 
 # --- resolving what to export --------------------------------------------------------------------------------
+
 
 def parse_model_uri(spec: str) -> Optional[tuple[str, Optional[str], Optional[str]]]:
     """`models:/name@alias` -> (name, alias, None); `models:/name/3` -> (name, None, "3"); else None."""
     if not spec.startswith("models:/"):
         return None
-    rest = spec[len("models:/"):].strip("/")
+    rest = spec[len("models:/") :].strip("/")
     if "@" in rest:
         name, alias = rest.rsplit("@", 1)
         return name, alias, None
@@ -140,9 +149,11 @@ def _download_logged_model_adapter(client, model_id: str) -> Optional[str]:
 
     try:
         location = client.get_logged_model(model_id).artifact_location
-        local = mlflow.artifacts.download_artifacts(artifact_uri=f"{location.rstrip('/')}/artifacts/adapter",
-                                                    dst_path=tempfile.mkdtemp(prefix="ftflow-adapter-"),
-                                                    tracking_uri=client.tracking_uri)
+        local = mlflow.artifacts.download_artifacts(
+            artifact_uri=f"{location.rstrip('/')}/artifacts/adapter",
+            dst_path=tempfile.mkdtemp(prefix="ftflow-adapter-"),
+            tracking_uri=client.tracking_uri,
+        )
     except Exception:
         return None
     return local if Path(local, "adapter_config.json").exists() else None
@@ -154,8 +165,14 @@ def find_adapter(client, run_id: str, version=None) -> Optional[str]:
     if version is not None:
         # MLflow 3 versions point at a LoggedModel: by model_id, or (some stores leave that empty) by source.
         source = str(version.source)
-        model_ids += [m for m in (getattr(version, "model_id", None),
-                                  source[len("models:/"):] if source.startswith("models:/m-") else None) if m]
+        model_ids += [
+            m
+            for m in (
+                getattr(version, "model_id", None),
+                source[len("models:/") :] if source.startswith("models:/m-") else None,
+            )
+            if m
+        ]
     run = client.get_run(run_id)
     if run.outputs is not None:
         model_ids += [o.model_id for o in run.outputs.model_outputs]
@@ -194,8 +211,9 @@ def resolve_source(client, spec: str) -> Source:
     try:
         run = client.get_run(run_id)
     except MlflowException:
-        raise ExportError(f"{spec}: not a registered model URI (models:/<name>@<alias>) nor an MLflow run id "
-                          f"in this tracking store") from None
+        raise ExportError(
+            f"{spec}: not a registered model URI (models:/<name>@<alias>) nor an MLflow run id in this tracking store"
+        ) from None
     adapter = find_adapter(client, run_id, version)
     if adapter is None:
         raise ExportError(f"{spec}: run {run_id} has no adapter (none of {', '.join(ADAPTER_PATHS)} was logged)")
@@ -206,11 +224,19 @@ def resolve_source(client, spec: str) -> Source:
     meta.setdefault("method", adapter_method(adapter))
     if not meta["template_fingerprint"] or not meta["eos_token"]:
         raise ExportError(f"{spec}: the adapter carries no chat-template fingerprint or end-of-turn token")
-    return Source(spec, run_id, adapter, meta, _run_config(client, run_id),
-                  version.name if version is not None else None, str(version.version) if version is not None else None)
+    return Source(
+        spec,
+        run_id,
+        adapter,
+        meta,
+        _run_config(client, run_id),
+        version.name if version is not None else None,
+        str(version.version) if version is not None else None,
+    )
 
 
 # --- writing the weights -------------------------------------------------------------------------------------
+
 
 def _dtype(name: str, device: str):
     import torch
@@ -230,8 +256,10 @@ def _base_and_tokenizer(source: Source):
     check_template(source.adapter_dir, source.meta["template_fingerprint"], tokenizer)
     expected, actual = source.meta.get("base_sha256"), model_fingerprint(path)
     if expected and actual and expected != actual:
-        raise ExportError(f"{source.spec}: base model {source.run_cfg.model.name_or_path!r} changed since training "
-                          f"(sha256 {actual[:12]} != {expected[:12]})")
+        raise ExportError(
+            f"{source.spec}: base model {source.run_cfg.model.name_or_path!r} changed since training "
+            f"(sha256 {actual[:12]} != {expected[:12]})"
+        )
     return path, tokenizer
 
 
@@ -243,9 +271,12 @@ def _generation_config(base_config, tokenizer, eos_token: str):
     # tokenizer's own EOS also stops when it differs (Llama 3: <|eot_id|> vs <|end_of_text|>).
     eos_ids = list(dict.fromkeys([eot, tokenizer.eos_token_id]))
     # Greedy by default, as evaluated; a client still asks for sampling with temperature/top_p.
-    return GenerationConfig(bos_token_id=getattr(base_config, "bos_token_id", None) or tokenizer.bos_token_id,
-                            eos_token_id=eos_ids if len(eos_ids) > 1 else eot, pad_token_id=tokenizer.pad_token_id,
-                            do_sample=False)
+    return GenerationConfig(
+        bos_token_id=getattr(base_config, "bos_token_id", None) or tokenizer.bos_token_id,
+        eos_token_id=eos_ids if len(eos_ids) > 1 else eot,
+        pad_token_id=tokenizer.pad_token_id,
+        do_sample=False,
+    )
 
 
 def _merge_lora(source: Source, path: str, tokenizer, out: Path, dtype_name: str, log: Log) -> None:
@@ -275,6 +306,7 @@ EXPORTERS: dict[str, Callable[..., None]] = {"lora": _merge_lora}
 
 # --- the equivalence check -----------------------------------------------------------------------------------
 
+
 def heldout_examples(client, source: Source) -> list[dict[str, Any]]:
     """The run's held-out prompts and references, from the predictions table it logged.
 
@@ -283,7 +315,9 @@ def heldout_examples(client, source: Source) -> list[dict[str, Any]]:
     from ftflow.tasks.data.formatting import with_system_prompt
 
     if not _exists(client, source.run_id, "eval/predictions.json"):
-        raise ExportError(f"{source.spec}: run {source.run_id} has no eval/predictions.json to check the export against")
+        raise ExportError(
+            f"{source.spec}: run {source.run_id} has no eval/predictions.json to check the export against"
+        )
     local = client.download_artifacts(source.run_id, "eval/predictions.json", tempfile.mkdtemp(prefix="ftflow-pred-"))
     table = json.loads(Path(local).read_text(encoding="utf-8"))
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
@@ -296,8 +330,14 @@ def heldout_examples(client, source: Source) -> list[dict[str, Any]]:
         first = rows[0].get("variant")
         mine = [{**r, "prediction": None} for r in rows if r.get("variant") == first]
     system = source.run_cfg.system_prompt
-    return [{"prompt": with_system_prompt([{"role": "user", "content": r["prompt"]}], system),
-             "reference": r["reference"], "logged": r.get("prediction")} for r in mine]
+    return [
+        {
+            "prompt": with_system_prompt([{"role": "user", "content": r["prompt"]}], system),
+            "reference": r["reference"],
+            "logged": r.get("prediction"),
+        }
+        for r in mine
+    ]
 
 
 def _side(model, tokenizer, examples, source: Source, metric: str) -> dict[str, Any]:
@@ -307,9 +347,15 @@ def _side(model, tokenizer, examples, source: Source, metric: str) -> dict[str, 
     eos, cfg = source.meta["eos_token"], source.run_cfg.eval
     prompts = [e["prompt"] for e in examples]
     generations = generate(model, tokenizer, prompts, cfg, eos)
-    side = {"generations": generations,
-            "scores": per_example_scores([g["text"] for g in generations], [e["reference"] for e in examples], eos,
-                                         stopped=[g["stopped"] for g in generations])}
+    side = {
+        "generations": generations,
+        "scores": per_example_scores(
+            [g["text"] for g in generations],
+            [e["reference"] for e in examples],
+            eos,
+            stopped=[g["stopped"] for g in generations],
+        ),
+    }
     if metric in TEACHER_FORCED:
         answers = [[{"role": "assistant", "content": e["reference"]}] for e in examples]
         side["logps"], side["counts"] = answer_logps(model, tokenizer, prompts, answers, cfg, source.run_cfg.max_length)
@@ -327,7 +373,10 @@ def metric_statistic(metric: str, side: dict[str, Any], references: list[str], e
 
         def teacher_forced(idx):
             mean = logps[idx].sum() / max(counts[idx].sum(), 1.0)
-            return {"heldout_logprob": mean, "heldout_loss": -mean, "heldout_perplexity": math.exp(min(-mean, 50.0))}[metric]
+            return {"heldout_logprob": mean, "heldout_loss": -mean, "heldout_perplexity": math.exp(min(-mean, 50.0))}[
+                metric
+            ]
+
         return teacher_forced
     if metric in CORPUS:
         from sacrebleu.metrics import BLEU, CHRF
@@ -358,8 +407,9 @@ class Bootstrap:
         return self.b - self.a
 
 
-def paired_bootstrap(stat_a: Callable, stat_b: Callable, n: int, resamples: int = RESAMPLES, level: float = LEVEL,
-                     seed: int = 0) -> Bootstrap:
+def paired_bootstrap(
+    stat_a: Callable, stat_b: Callable, n: int, resamples: int = RESAMPLES, level: float = LEVEL, seed: int = 0
+) -> Bootstrap:
     """Resample the n examples with replacement; each resample scores both sides on the same indices."""
     import numpy as np
 
@@ -371,12 +421,14 @@ def paired_bootstrap(stat_a: Callable, stat_b: Callable, n: int, resamples: int 
     tail = (1.0 - level) / 2 * 100
     a_low, a_high = np.percentile(a, [tail, 100 - tail])
     d_low, d_high = np.percentile(b - a, [tail, 100 - tail])
-    return Bootstrap(float(stat_a(everything)), float(stat_b(everything)), float(a_low), float(a_high),
-                     float(d_low), float(d_high))
+    return Bootstrap(
+        float(stat_a(everything)), float(stat_b(everything)), float(a_low), float(a_high), float(d_low), float(d_high)
+    )
 
 
-def check_equivalence(source: Source, path: str, tokenizer, exported: Path, examples: list[dict], dtype_name: str,
-                      log: Log) -> Equivalence:
+def check_equivalence(
+    source: Source, path: str, tokenizer, exported: Path, examples: list[dict], dtype_name: str, log: Log
+) -> Equivalence:
     import gc
 
     from peft import PeftModel
@@ -414,15 +466,34 @@ def check_equivalence(source: Source, path: str, tokenizer, exported: Path, exam
     # A small tolerance: identical answers must pass even when the interval collapses to one float.
     slack = 1e-9 * max(1.0, abs(boot.a))
     if not (boot.a_low - slack <= boot.b <= boot.a_high + slack):
-        reasons.append(f"merged {compared} {boot.b:.4f} is outside the evaluated model's {LEVEL:.0%} bootstrap "
-                       f"interval [{boot.a_low:.4f}, {boot.a_high:.4f}]")
-    logged_same = [e["logged"] == g["answer"] for e, g in zip(examples, theirs["generations"]) if e["logged"] is not None]
+        reasons.append(
+            f"merged {compared} {boot.b:.4f} is outside the evaluated model's {LEVEL:.0%} bootstrap "
+            f"interval [{boot.a_low:.4f}, {boot.a_high:.4f}]"
+        )
+    logged_same = [
+        e["logged"] == g["answer"] for e, g in zip(examples, theirs["generations"]) if e["logged"] is not None
+    ]
     if logged_same:
         log(f"adapter-on-base reproduces {sum(logged_same)}/{len(logged_same)} of the answers logged at evaluation")
-    rows = [{"prompt": e["prompt"][-1]["content"], "merged": a["answer"], "adapter_on_base": b["answer"], "same": s}
-            for e, a, b, s in zip(examples, mine["generations"], theirs["generations"], same)]
-    return Equivalence(n, agreement, compared, boot.b, boot.a, boot.delta, boot.a_low, boot.a_high,
-                       boot.delta_low, boot.delta_high, not reasons, reasons, rows)
+    rows = [
+        {"prompt": e["prompt"][-1]["content"], "merged": a["answer"], "adapter_on_base": b["answer"], "same": s}
+        for e, a, b, s in zip(examples, mine["generations"], theirs["generations"], same)
+    ]
+    return Equivalence(
+        n,
+        agreement,
+        compared,
+        boot.b,
+        boot.a,
+        boot.delta,
+        boot.a_low,
+        boot.a_high,
+        boot.delta_low,
+        boot.delta_high,
+        not reasons,
+        reasons,
+        rows,
+    )
 
 
 def _log_equivalence(client, source: Source, eq: Equivalence, out: Path) -> None:
@@ -431,26 +502,44 @@ def _log_equivalence(client, source: Source, eq: Equivalence, out: Path) -> None
     from mlflow.entities import Metric
 
     ts = int(time.time() * 1000)
-    figures = {"export/agreement": eq.agreement, "export/primary_merged": eq.merged_score,
-               "export/primary_evaluated": eq.reference_score, "export/primary_ci_low": eq.ci_low,
-               "export/primary_ci_high": eq.ci_high, "export/primary_delta": eq.delta,
-               "export/primary_delta_low": eq.delta_low, "export/primary_delta_high": eq.delta_high,
-               "export/passed": float(eq.passed), "export/n_examples": float(eq.n_examples)}
+    figures = {
+        "export/agreement": eq.agreement,
+        "export/primary_merged": eq.merged_score,
+        "export/primary_evaluated": eq.reference_score,
+        "export/primary_ci_low": eq.ci_low,
+        "export/primary_ci_high": eq.ci_high,
+        "export/primary_delta": eq.delta,
+        "export/primary_delta_low": eq.delta_low,
+        "export/primary_delta_high": eq.delta_high,
+        "export/passed": float(eq.passed),
+        "export/n_examples": float(eq.n_examples),
+    }
     client.log_batch(source.run_id, metrics=[Metric(k, float(v), ts, 0) for k, v in figures.items()])
-    client.log_dict(source.run_id, {**asdict(eq), "source": source.spec, "to": str(out), "summary": eq.summary()},
-                    "export/equivalence.json")
+    client.log_dict(
+        source.run_id,
+        {**asdict(eq), "source": source.spec, "to": str(out), "summary": eq.summary()},
+        "export/equivalence.json",
+    )
     client.set_tag(source.run_id, "export.equivalence", eq.summary()[:5000])
 
 
 # --- the command ---------------------------------------------------------------------------------------------
+
 
 def check_target(out: Path) -> None:
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise ExportError(f"--to {out}: export directory is not empty")
 
 
-def export_model(cfg: PipelineConfig, spec: str, out: str | Path, fmt: str = "merged", dtype: str = "auto",
-                 log: Log = print, client=None) -> Equivalence:
+def export_model(
+    cfg: PipelineConfig,
+    spec: str,
+    out: str | Path,
+    fmt: str = "merged",
+    dtype: str = "auto",
+    log: Log = print,
+    client=None,
+) -> Equivalence:
     """Export `spec` (models:/name@alias, models:/name/N or a run id) to `out`; raises ExportError on any refusal."""
     from ftflow.tasks.registry.card import build_card, gather_facts
     from ftflow.tasks.tracking import client as tracking_client
@@ -465,8 +554,9 @@ def export_model(cfg: PipelineConfig, spec: str, out: str | Path, fmt: str = "me
     client = client or tracking_client(cfg)
     source = resolve_source(client, spec)
     if source.method not in EXPORTERS:
-        raise ExportError(f"{spec}: exporting method {source.method!r} is not supported yet (supported: "
-                          f"{', '.join(EXPORTERS)})")
+        raise ExportError(
+            f"{spec}: exporting method {source.method!r} is not supported yet (supported: {', '.join(EXPORTERS)})"
+        )
     log(f"exporting {source.label} ({source.method}, {source.meta.get('stage', '?')}) from run {source.run_id}")
     examples = heldout_examples(client, source)
     path, tokenizer = _base_and_tokenizer(source)
@@ -477,18 +567,34 @@ def export_model(cfg: PipelineConfig, spec: str, out: str | Path, fmt: str = "me
         log(f"equivalence {eq.summary()}")
         _log_equivalence(client, source, eq, out)
         if not eq.passed:
-            raise ExportError(f"export of {source.label} refused: the merged model is not equivalent to the adapter "
-                              f"as evaluated ({'; '.join(eq.reasons)}); details in run {source.run_id} "
-                              f"export/equivalence.json")
-        facts = gather_facts(client, source.run_id, source.name, source.version, method=source.method,
-                             stage=source.meta.get("stage"))
+            raise ExportError(
+                f"export of {source.label} refused: the merged model is not equivalent to the adapter "
+                f"as evaluated ({'; '.join(eq.reasons)}); details in run {source.run_id} "
+                f"export/equivalence.json"
+            )
+        facts = gather_facts(
+            client, source.run_id, source.name, source.version, method=source.method, stage=source.meta.get("stage")
+        )
         (staging / "README.md").write_text(build_card(facts), encoding="utf-8")
-        (staging / EXPORT_META).write_text(json.dumps({
-            "source": spec, "run_id": source.run_id, "model_name": source.name, "version": source.version,
-            "method": source.method, "stage": source.meta.get("stage"), "base_model": source.run_cfg.model.name_or_path,
-            "template_fingerprint": source.meta["template_fingerprint"], "eos_token": source.meta["eos_token"],
-            "max_new_tokens": source.run_cfg.eval.max_new_tokens, "equivalence": eq.summary(),
-        }, indent=2), encoding="utf-8")
+        (staging / EXPORT_META).write_text(
+            json.dumps(
+                {
+                    "source": spec,
+                    "run_id": source.run_id,
+                    "model_name": source.name,
+                    "version": source.version,
+                    "method": source.method,
+                    "stage": source.meta.get("stage"),
+                    "base_model": source.run_cfg.model.name_or_path,
+                    "template_fingerprint": source.meta["template_fingerprint"],
+                    "eos_token": source.meta["eos_token"],
+                    "max_new_tokens": source.run_cfg.eval.max_new_tokens,
+                    "equivalence": eq.summary(),
+                },
+                indent=2,
+            ),
+            encoding="utf-8",
+        )
         # mkdtemp made the folder owner-only; the export is ordinary files for whoever serves them.
         umask = os.umask(0)
         os.umask(umask)

@@ -8,6 +8,7 @@ tasks/evaluate/stats.py). A guard (EOS-stop rate, preference accuracy) refuses w
 below `-registry.guard_tolerance`. Otherwise the version gets `challenger`. The decision records the metric,
 its direction, n, every interval, the held-out exclusions and the validation scores the candidate was chosen by.
 """
+
 from __future__ import annotations
 
 import json
@@ -61,11 +62,21 @@ class Decision:
         return line + (f"; {excluded}" if excluded else "")
 
     def as_dict(self) -> dict[str, Any]:
-        return {"promote": self.promote, "candidate": self.candidate, "metric": self.metric,
-                "direction": self.direction, "n": self.n, "summary": self.summary(),
-                "comparisons": [c.as_dict() for c in self.comparisons], "guards": [g.as_dict() for g in self.guards],
-                "reasons": self.reasons, "failures": self.failures, "scores": self.scores,
-                "heldout_exclusions": self.exclusions, "selection": self.selection}
+        return {
+            "promote": self.promote,
+            "candidate": self.candidate,
+            "metric": self.metric,
+            "direction": self.direction,
+            "n": self.n,
+            "summary": self.summary(),
+            "comparisons": [c.as_dict() for c in self.comparisons],
+            "guards": [g.as_dict() for g in self.guards],
+            "reasons": self.reasons,
+            "failures": self.failures,
+            "scores": self.scores,
+            "heldout_exclusions": self.exclusions,
+            "selection": self.selection,
+        }
 
 
 def exclusion_line(accounting: dict[str, Any]) -> str:
@@ -77,8 +88,9 @@ def exclusion_line(accounting: dict[str, Any]) -> str:
     return f"held-out: {accounting.get('kept', '?')} of {accounting.get('in', '?')} scored (dropped: {reasons})"
 
 
-def _interval(metric: metrics.Metric, candidate: VariantResult, other: VariantResult, against: str,
-              seed: int) -> Optional[stats.Interval]:
+def _interval(
+    metric: metrics.Metric, candidate: VariantResult, other: VariantResult, against: str, seed: int
+) -> Optional[stats.Interval]:
     """Paired when both sides have per-example scores on the same examples; None when the other has no score."""
     name = metric.name
     mine = candidate.per_example.get(name)
@@ -86,17 +98,29 @@ def _interval(metric: metrics.Metric, candidate: VariantResult, other: VariantRe
         return None
     theirs = other.per_example.get(name)
     if theirs and len(theirs) == len(mine):
-        return stats.compare(metric, mine, theirs, against, weights=candidate.weights.get(name),
-                             other_weights=other.weights.get(name), seed=seed)
+        return stats.compare(
+            metric,
+            mine,
+            theirs,
+            against,
+            weights=candidate.weights.get(name),
+            other_weights=other.weights.get(name),
+            seed=seed,
+        )
     recorded = other.metrics.get(name)
     if recorded is None or math.isnan(recorded):
         return None
     return stats.bootstrap_vs_value(metric, mine, recorded, against, weights=candidate.weights.get(name), seed=seed)
 
 
-def decide(candidate: str, results: dict[str, VariantResult], cfg: PipelineConfig,
-           champion: Optional[VariantResult] = None, exclusions: Optional[dict[str, Any]] = None,
-           selection: Optional[dict[str, Any]] = None) -> Decision:
+def decide(
+    candidate: str,
+    results: dict[str, VariantResult],
+    cfg: PipelineConfig,
+    champion: Optional[VariantResult] = None,
+    exclusions: Optional[dict[str, Any]] = None,
+    selection: Optional[dict[str, Any]] = None,
+) -> Decision:
     """Pure decision from per-example scores: every rule is named with its interval, each failed one refuses.
 
     `results` holds the candidate and the baselines (and the champion when it was re-scored on these prompts);
@@ -109,9 +133,17 @@ def decide(candidate: str, results: dict[str, VariantResult], cfg: PipelineConfi
     if champ is not None:
         others["champion"] = champ
     n = len(mine.per_example.get(metric.name, []))
-    decision = Decision(True, candidate, metric.name, metric.direction, n, [], exclusions=dict(exclusions or {}),
-                        selection=dict(selection or {}),
-                        scores={name: dict(r.metrics) for name, r in {candidate: mine, **others}.items()})
+    decision = Decision(
+        True,
+        candidate,
+        metric.name,
+        metric.direction,
+        n,
+        [],
+        exclusions=dict(exclusions or {}),
+        selection=dict(selection or {}),
+        scores={name: dict(r.metrics) for name, r in {candidate: mine, **others}.items()},
+    )
 
     def refuse(reason: str) -> None:
         decision.promote = False
@@ -175,8 +207,10 @@ def check_reachable(client, cfg: PipelineConfig) -> None:
         from ftflow.tasks.tracking import redact_text
 
         where = redact_text(str(client._registry_uri))
-        raise RegistryError(f"registry.registry_uri: model registry at {where} cannot be reached "
-                            f"({type(err).__name__}); nothing was registered") from None
+        raise RegistryError(
+            f"registry.registry_uri: model registry at {where} cannot be reached "
+            f"({type(err).__name__}); nothing was registered"
+        ) from None
 
 
 def ensure_registered_model(client, name: str) -> None:
@@ -191,8 +225,9 @@ def ensure_registered_model(client, name: str) -> None:
             pass  # a concurrent creator won the race
 
 
-def register_candidate(client, name: str, run_id: str, source: Optional[str] = None,
-                       model_id: Optional[str] = None) -> str:
+def register_candidate(
+    client, name: str, run_id: str, source: Optional[str] = None, model_id: Optional[str] = None
+) -> str:
     """Idempotent: a retried task finds the version it already created for this run.
 
     `source`/`model_id`: the run's LoggedModel (MLflow 3), so the version links to it in the UI; without
@@ -200,8 +235,13 @@ def register_candidate(client, name: str, run_id: str, source: Optional[str] = N
     ensure_registered_model(client, name)
     for mv in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
         return str(mv.version)
-    mv = client.create_model_version(name, source=source or f"runs:/{run_id}/registry_model", run_id=run_id,
-                                     tags={"ftflow.run_id": run_id}, model_id=model_id)
+    mv = client.create_model_version(
+        name,
+        source=source or f"runs:/{run_id}/registry_model",
+        run_id=run_id,
+        tags={"ftflow.run_id": run_id},
+        model_id=model_id,
+    )
     return str(mv.version)
 
 
@@ -217,8 +257,9 @@ def champion_version(client, name: str):
 def champion_adapter(client, version) -> Optional[str]:
     """Download the champion's adapter so it can be re-scored on this run's held-out prompts."""
     try:
-        local = client.download_artifacts(version.run_id, "registry_model/artifacts/adapter",
-                                          tempfile.mkdtemp(prefix="champion-"))
+        local = client.download_artifacts(
+            version.run_id, "registry_model/artifacts/adapter", tempfile.mkdtemp(prefix="champion-")
+        )
     except Exception:
         return None
     return local if Path(local, "adapter_config.json").exists() else None
@@ -226,7 +267,7 @@ def champion_adapter(client, version) -> Optional[str]:
 
 def champion_recorded_metrics(client, version) -> dict[str, float]:
     metrics = client.get_run(version.run_id).data.metrics
-    return {k[len("eval/"):]: v for k, v in metrics.items() if k.startswith("eval/") and k.count("/") == 1}
+    return {k[len("eval/") :]: v for k, v in metrics.items() if k.startswith("eval/") and k.count("/") == 1}
 
 
 def apply_decision(client, name: str, version: str, decision: Decision, run_id: str) -> str:

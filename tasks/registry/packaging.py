@@ -6,6 +6,7 @@ shows under the experiment's "Logged models" with the run's metrics linked by `m
 signature, an input example and pinned requirements. `describe_version` writes the readable text a
 registry version carries.
 """
+
 from __future__ import annotations
 
 import json
@@ -29,8 +30,18 @@ MODEL_CODE = Path(__file__).resolve().with_name("pyfunc_model.py")
 # rather than the GenAI one; the values are the UI's ExperimentKind enum (mlflow/server/js).
 EXPERIMENT_KIND_TAG, EXPERIMENT_KIND = "mlflow.experimentKind", "custom_model_development"
 # What loading the packaged model imports; pinned to the versions that produced it.
-RUNTIME_PACKAGES = ("mlflow", "torch", "transformers", "peft", "bitsandbytes", "accelerate", "gguf",
-                    "pydantic", "pyyaml", "pandas")
+RUNTIME_PACKAGES = (
+    "mlflow",
+    "torch",
+    "transformers",
+    "peft",
+    "bitsandbytes",
+    "accelerate",
+    "gguf",
+    "pydantic",
+    "pyyaml",
+    "pandas",
+)
 INPUT_EXAMPLE_PROMPT = "Extract the order as JSON:\nKen ordered 3 lamps in Osaka."
 LOGGED_MODEL_NAME = "registry_model"
 _URI_LOCK = threading.Lock()
@@ -64,9 +75,14 @@ class RunSettings:
                 return model_cls()
 
         data, sft = raw.get("data") or {}, raw.get("sft") or {}
-        return cls(section(ModelConfig, "model"), section(QuantizationConfig, "quantization"),
-                   section(EvalConfig, "eval"), data.get("system_prompt"), int(sft.get("max_length", 256)),
-                   int(raw.get("seed", 42)))
+        return cls(
+            section(ModelConfig, "model"),
+            section(QuantizationConfig, "quantization"),
+            section(EvalConfig, "eval"),
+            data.get("system_prompt"),
+            int(sft.get("max_length", 256)),
+            int(raw.get("seed", 42)),
+        )
 
 
 def adapter_method(adapter_dir: str | Path) -> str:
@@ -106,8 +122,11 @@ def input_example() -> list[str]:
 def _model_config(cfg: PipelineConfig, adapter_dir: str, meta: dict[str, Any]) -> dict[str, Any]:
     from ftflow.tasks.tracking import redact_config_dict
 
-    return {"pipeline_config": redact_config_dict(cfg.model_dump(mode="json")),
-            "method": adapter_method(adapter_dir), **meta}
+    return {
+        "pipeline_config": redact_config_dict(cfg.model_dump(mode="json")),
+        "method": adapter_method(adapter_dir),
+        **meta,
+    }
 
 
 def _python_model_class():
@@ -163,8 +182,9 @@ def tag_experiment_kind(client, experiment_id: str) -> None:
     client.set_experiment_tag(experiment_id, EXPERIMENT_KIND_TAG, EXPERIMENT_KIND)
 
 
-def log_packaged_model(cfg: PipelineConfig, adapter_dir: str, meta: dict[str, Any], run_id: str,
-                       client=None) -> LoggedModelRef:
+def log_packaged_model(
+    cfg: PipelineConfig, adapter_dir: str, meta: dict[str, Any], run_id: str, client=None
+) -> LoggedModelRef:
     """Log the packaged adapter as an MLflow 3 LoggedModel of `run_id`, with the run's step-0 metrics linked.
 
     `mlflow.pyfunc.log_model` is `Model.log(flavor=mlflow.pyfunc)` without a `run_id` argument: it
@@ -183,18 +203,25 @@ def log_packaged_model(cfg: PipelineConfig, adapter_dir: str, meta: dict[str, An
     run = client.get_run(run_id)
     tag_experiment_kind(client, run.info.experiment_id)
     # Idempotent like register_candidate: a retried gate task finds the model it already logged.
-    for output in (run.outputs.model_outputs if run.outputs else []):
+    for output in run.outputs.model_outputs if run.outputs else []:
         existing = client.get_logged_model(output.model_id)
         if existing.name == LOGGED_MODEL_NAME and "READY" in str(existing.status):
             return LoggedModelRef(existing.model_id, f"models:/{existing.model_id}")
     # Created here so it lands in the run's experiment: Model.log would create it in the fluent
     # "active" experiment, which is the Default one in a process that never called set_experiment.
     logged = client.create_logged_model(
-        run.info.experiment_id, name=LOGGED_MODEL_NAME, source_run_id=run_id, model_type=f"{config['method']}-adapter",
+        run.info.experiment_id,
+        name=LOGGED_MODEL_NAME,
+        source_run_id=run_id,
+        model_type=f"{config['method']}-adapter",
         params={k: str(v) for k, v in run.data.params.items()},
-        tags={"ftflow.method": config["method"], "ftflow.stage": str(meta.get("stage", "")),
-              "ftflow.template_fingerprint": str(meta.get("template_fingerprint", "")),
-              "ftflow.base_model": str(meta.get("base_model", cfg.model.name_or_path))})
+        tags={
+            "ftflow.method": config["method"],
+            "ftflow.stage": str(meta.get("stage", "")),
+            "ftflow.template_fingerprint": str(meta.get("template_fingerprint", "")),
+            "ftflow.base_model": str(meta.get("base_model", cfg.model.name_or_path)),
+        },
+    )
     with use_tracking_uri(tracking_uri(cfg)):
         info = Model.log(
             artifact_path=None,
@@ -216,13 +243,22 @@ def log_packaged_model(cfg: PipelineConfig, adapter_dir: str, meta: dict[str, An
 def describe_version(facts: "CardFacts") -> str:
     """The registry version's description: gate decision, scores, data digests, the run. Markdown."""
     primary = facts.primary_metric
-    lines = [f"**{'LoRA' if facts.method == 'lora' else facts.method} adapter** ({facts.stage}) on `{facts.base_model}`"
-             + (f", r={facts.lora.get('r')}, alpha={facts.lora.get('alpha')}" if facts.method == "lora" else "") + ".",
-             "", f"**Gate:** {facts.gate_summary or 'not gated'}", ""]
+    lines = [
+        f"**{'LoRA' if facts.method == 'lora' else facts.method} adapter** ({facts.stage}) on `{facts.base_model}`"
+        + (f", r={facts.lora.get('r')}, alpha={facts.lora.get('alpha')}" if facts.method == "lora" else "")
+        + ".",
+        "",
+        f"**Gate:** {facts.gate_summary or 'not gated'}",
+        "",
+    ]
     scores = [(row["model"], row.get(primary)) for row in facts.heldout]
     if scores:
-        lines.append(f"**Held-out {primary}:** " + ", ".join(
-            f"{model} {value:.3f}" if isinstance(value, (int, float)) else f"{model} -" for model, value in scores))
+        lines.append(
+            f"**Held-out {primary}:** "
+            + ", ".join(
+                f"{model} {value:.3f}" if isinstance(value, (int, float)) else f"{model} -" for model, value in scores
+            )
+        )
         lines.append("")
     if facts.datasets:
         lines.append("**Data:** " + ", ".join(f"{d['name']} `{d['digest']}`" for d in facts.datasets))
@@ -231,8 +267,15 @@ def describe_version(facts: "CardFacts") -> str:
     return "\n".join(lines)
 
 
-def document_version(client, name: str, version: str, run_id: str, run_url: Optional[str] = None,
-                     method: str = "lora", stage: Optional[str] = None) -> str:
+def document_version(
+    client,
+    name: str,
+    version: str,
+    run_id: str,
+    run_url: Optional[str] = None,
+    method: str = "lora",
+    stage: Optional[str] = None,
+) -> str:
     """Give a registered version its description and its model card (logged to the run as model_card/README.md)."""
     from ftflow.tasks.registry.card import build_card, gather_facts
 

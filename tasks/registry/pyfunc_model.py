@@ -5,6 +5,7 @@ and runs it at load time, so nothing is cloudpickled (a pickled class breaks whe
 moves, and unpickling runs arbitrary code). The file needs the `ftflow` package installed where the
 model loads; the adapter, the resolved config and the template fingerprint come from the model.
 """
+
 from __future__ import annotations
 
 import mlflow
@@ -43,8 +44,7 @@ class LoraAdapterModel(PythonModel):
             prompts = list(model_input[column])
         else:
             prompts = list(model_input)
-        messages = [with_system_prompt([{"role": "user", "content": str(p)}], self.cfg.system_prompt)
-                    for p in prompts]
+        messages = [with_system_prompt([{"role": "user", "content": str(p)}], self.cfg.system_prompt) for p in prompts]
         return [g["answer"] for g in generate(self.model, self.tokenizer, messages, self.cfg.eval, self.eos)]
 
 

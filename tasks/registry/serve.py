@@ -8,6 +8,7 @@ A `models:/name@alias` is exported first (with the equivalence check) into `.cac
 
 On a GPU, vLLM serves the base with the LoRA adapter unmerged (README, "Serve").
 """
+
 from __future__ import annotations
 
 import json
@@ -53,8 +54,10 @@ def check_served_template(model_dir: Path) -> dict:
         tokenizer.pad_token = tokenizer.eos_token
     found = template_fingerprint(tokenizer)
     if found != meta.get("template_fingerprint"):
-        raise ServeError(f"{model_dir}: chat template fingerprint {found} does not match the one the adapter was "
-                         f"trained under ({meta.get('template_fingerprint')}); not serving")
+        raise ServeError(
+            f"{model_dir}: chat template fingerprint {found} does not match the one the adapter was "
+            f"trained under ({meta.get('template_fingerprint')}); not serving"
+        )
     return meta
 
 
@@ -82,12 +85,33 @@ def resolve_model_dir(cfg: PipelineConfig, spec: str, log: Callable[[str], None]
 
 
 def serve_command(model_dir: Path, host: str, port: int, device: str) -> list[str]:
-    return [sys.executable, "-m", "transformers.cli.transformers", "serve", str(model_dir),
-            "--host", host, "--port", str(port), "--device", device, "--dtype", "auto", "--log-level", "warning"]
+    return [
+        sys.executable,
+        "-m",
+        "transformers.cli.transformers",
+        "serve",
+        str(model_dir),
+        "--host",
+        host,
+        "--port",
+        str(port),
+        "--device",
+        device,
+        "--dtype",
+        "auto",
+        "--log-level",
+        "warning",
+    ]
 
 
-def serve(cfg: PipelineConfig, spec: str, port: int = 8000, host: str = "127.0.0.1",
-          log: Callable[[str], None] = print, exec_server: bool = True) -> Optional[list[str]]:
+def serve(
+    cfg: PipelineConfig,
+    spec: str,
+    port: int = 8000,
+    host: str = "127.0.0.1",
+    log: Callable[[str], None] = print,
+    exec_server: bool = True,
+) -> Optional[list[str]]:
     """Check, then replace this process with `transformers serve` (so signals reach the server directly)."""
     from transformers.utils.import_utils import is_serve_available
 

@@ -4,6 +4,7 @@
 
 Each rank calls the same builder as a single process, `trainer.train`; rank 0 logs to the MLflow run by id.
 """
+
 from __future__ import annotations
 
 import json
@@ -19,14 +20,32 @@ from ftflow.tasks.train.trainer import Kind, TrainResult, train
 
 
 def accelerate_command(cfg: PipelineConfig, spec_path: Path) -> list[str]:
-    cmd = [sys.executable, "-m", "accelerate.commands.launch", "--num_processes", str(cfg.distributed.num_processes),
-           "--num_machines", "1", "--main_process_port", str(cfg.distributed.main_process_port),
-           "--mixed_precision", "no", "--dynamo_backend", "no"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "accelerate.commands.launch",
+        "--num_processes",
+        str(cfg.distributed.num_processes),
+        "--num_machines",
+        "1",
+        "--main_process_port",
+        str(cfg.distributed.main_process_port),
+        "--mixed_precision",
+        "no",
+        "--dynamo_backend",
+        "no",
+    ]
     # torchrun-style launcher either way; without CUDA the process group comes up on gloo, so the
     # multi-process path runs (and is tested) on CPUs. accelerate's --cpu launcher would need MPI instead.
     cmd.append("--multi_gpu")
     if cfg.distributed.strategy == "fsdp":
-        cmd += ["--use_fsdp", "--fsdp_sharding_strategy", "FULL_SHARD", "--fsdp_auto_wrap_policy", "TRANSFORMER_BASED_WRAP"]
+        cmd += [
+            "--use_fsdp",
+            "--fsdp_sharding_strategy",
+            "FULL_SHARD",
+            "--fsdp_auto_wrap_policy",
+            "TRANSFORMER_BASED_WRAP",
+        ]
     return cmd + ["-m", "ftflow.tasks.train.launch", str(spec_path)]
 
 
@@ -39,9 +58,16 @@ def launch(ctx: StageContext, kind: Kind, examples: list[dict], start_adapter: O
         for ex in examples:
             fh.write(json.dumps(ex, ensure_ascii=False) + "\n")
     result_path = out_dir / "launch_result.json"
-    spec = {"kind": kind, "config": ctx.cfg.model_dump(mode="json"), "model": asdict(ctx.model),
-            "work_dir": str(ctx.work_dir), "run_id": ctx.run.run_id if ctx.run else None,
-            "start_adapter": start_adapter, "examples": str(data_path), "result": str(result_path)}
+    spec = {
+        "kind": kind,
+        "config": ctx.cfg.model_dump(mode="json"),
+        "model": asdict(ctx.model),
+        "work_dir": str(ctx.work_dir),
+        "run_id": ctx.run.run_id if ctx.run else None,
+        "start_adapter": start_adapter,
+        "examples": str(data_path),
+        "result": str(result_path),
+    }
     spec_path = out_dir / "launch_spec.json"
     spec_path.write_text(json.dumps(spec))
     result_path.unlink(missing_ok=True)
@@ -51,8 +77,10 @@ def launch(ctx: StageContext, kind: Kind, examples: list[dict], start_adapter: O
     done = subprocess.run(accelerate_command(ctx.cfg, spec_path), cwd=root, capture_output=True, text=True)
     if done.returncode != 0 or not result_path.exists():
         tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
-        raise RuntimeError(f"accelerate launch of {kind} with {ctx.cfg.distributed.num_processes} processes failed "
-                           f"(exit {done.returncode}):\n{tail}")
+        raise RuntimeError(
+            f"accelerate launch of {kind} with {ctx.cfg.distributed.num_processes} processes failed "
+            f"(exit {done.returncode}):\n{tail}"
+        )
     result = TrainResult(**json.loads(result_path.read_text()))
     update(result.global_step, result.metrics)
     return result

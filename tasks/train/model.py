@@ -1,4 +1,5 @@
 """Base model resolution and building: hub id, local dir, GGUF file or `pkg:` GGUF, then 4/8-bit + LoRA."""
+
 from __future__ import annotations
 
 import hashlib
@@ -11,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Optional
 
 import torch
+
 from ftflow.configs.schema import LoraConfig as LoraSection
 from ftflow.configs.schema import ModelConfig, Quantization, QuantizationConfig
 from ftflow.tasks.errors import ModelLoadError
@@ -43,7 +45,7 @@ def file_sha256(path: Path) -> str:
 
 
 def _package_gguf(spec: str) -> Path:
-    package, _, filename = spec[len("pkg:"):].partition("/")
+    package, _, filename = spec[len("pkg:") :].partition("/")
     found = importlib.util.find_spec(package)
     if found is None or not found.submodule_search_locations:
         raise ModelLoadError(
@@ -112,8 +114,10 @@ def _convert_gguf(gguf_path: Path, cache: Path) -> Path:
             loaded = AutoModelForCausalLM.from_pretrained(gguf_path.parent, dtype=torch.float32, **kwargs)
             config = AutoConfig.from_pretrained(gguf_path.parent, **kwargs)
         except (OSError, ValueError, KeyError, RuntimeError) as err:
-            raise ModelLoadError(f"GGUF file {gguf_path}: cannot be read as a model ({_first_line(err)}); "
-                                 f"expected a complete GGUF file of a supported architecture") from None
+            raise ModelLoadError(
+                f"GGUF file {gguf_path}: cannot be read as a model ({_first_line(err)}); "
+                f"expected a complete GGUF file of a supported architecture"
+            ) from None
         # The GGUF config carries a quantization marker that would make the saved copy refuse to load plainly.
         if hasattr(config, "quantization_config"):
             delattr(config, "quantization_config")
@@ -142,8 +146,10 @@ def resolve_model_path(cfg: ModelConfig) -> str:
         return str(path)
     looks_local = spec.startswith((".", "/", "~")) or spec.count("/") != 1
     if looks_local:
-        raise ModelLoadError(f"model.name_or_path {spec!r}: path does not exist (expected a directory, a .gguf file, "
-                             f"pkg:<package>, or a hub id like org/name)")
+        raise ModelLoadError(
+            f"model.name_or_path {spec!r}: path does not exist (expected a directory, a .gguf file, "
+            f"pkg:<package>, or a hub id like org/name)"
+        )
     return spec
 
 
@@ -203,7 +209,8 @@ def _is_network_error(err: BaseException) -> bool:
     while err is not None and seen < 10:
         name = type(err).__name__
         if isinstance(err, (ConnectionError, TimeoutError)) or any(
-                k in name for k in ("ConnectError", "ConnectionError", "ConnectTimeout", "ReadTimeout")):
+            k in name for k in ("ConnectError", "ConnectionError", "ConnectTimeout", "ReadTimeout")
+        ):
             return True
         err, seen = err.__cause__ or err.__context__, seen + 1
     return False
@@ -246,8 +253,9 @@ def _load_error(cfg: ModelConfig, path: str, what: str, err: BaseException) -> M
     if _is_local(path) and type(err).__name__ == "SafetensorError":
         bad = _unreadable(path, ".safetensors", _check_safetensors)
         if bad:
-            return ModelLoadError(f"{where}: {'; '.join(bad)}: expected a complete safetensors file "
-                                  f"(download or convert it again){hint}")
+            return ModelLoadError(
+                f"{where}: {'; '.join(bad)}: expected a complete safetensors file (download or convert it again){hint}"
+            )
     if _is_local(path) and isinstance(err, (json.JSONDecodeError, UnicodeDecodeError)):
         bad = _unreadable(path, ".json", _check_json)
         if bad:
@@ -256,13 +264,19 @@ def _load_error(cfg: ModelConfig, path: str, what: str, err: BaseException) -> M
 
 
 def load_tokenizer(path: str, cfg: ModelConfig):
-    from ftflow.tasks.secrets import hf_token
     from transformers import AutoTokenizer
+
+    from ftflow.tasks.secrets import hf_token
 
     try:
         # A local directory never asks the hub, online or not.
-        tok = AutoTokenizer.from_pretrained(path, revision=cfg.revision, trust_remote_code=cfg.trust_remote_code,
-                                            token=hf_token(cfg), local_files_only=_is_local(path))
+        tok = AutoTokenizer.from_pretrained(
+            path,
+            revision=cfg.revision,
+            trust_remote_code=cfg.trust_remote_code,
+            token=hf_token(cfg),
+            local_files_only=_is_local(path),
+        )
     except Exception as err:
         if isinstance(err, ModelLoadError) or not _is_file_error(err) or _is_network_error(err):
             raise
@@ -273,8 +287,9 @@ def load_tokenizer(path: str, cfg: ModelConfig):
 
 
 def load_base_model(path: str, cfg: ModelConfig, q: QuantizationConfig):
-    from ftflow.tasks.secrets import hf_token
     from transformers import AutoModelForCausalLM
+
+    from ftflow.tasks.secrets import hf_token
 
     device = pick_device(cfg)
     quant = bnb_config(q, device)

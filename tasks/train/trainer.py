@@ -7,6 +7,7 @@ the SFT model and there is no second model copy.
 Nothing heavy (torch, transformers, TRL) is imported until `train` runs, and never Prefect or MLflow:
 GPU scripts and the `accelerate launch` workers import this module on machines that may lack them.
 """
+
 from __future__ import annotations
 
 import json
@@ -37,7 +38,9 @@ class TrainResult:
     backend: Optional[str] = None  # the process group's backend when training ran in launched processes
 
 
-def train(ctx: StageContext, kind: Kind, examples: list[dict[str, Any]], start_adapter: Optional[str] = None) -> TrainResult:
+def train(
+    ctx: StageContext, kind: Kind, examples: list[dict[str, Any]], start_adapter: Optional[str] = None
+) -> TrainResult:
     """Train `kind` on `examples` into work_dir/<kind>/adapter, from the last checkpoint when there is one.
 
     `start_adapter` continues an existing adapter (DPO starts from the SFT one); otherwise a fresh LoRA
@@ -62,11 +65,17 @@ def train(ctx: StageContext, kind: Kind, examples: list[dict[str, Any]], start_a
     counted = trainable_parameters(model)
     out_dir = ctx.work_dir / kind
     config_class, trainer_class, own_args = _kind_specific(kind, ctx.cfg)
-    args = config_class(**{**common_args(section, out_dir / "checkpoints", ctx.cfg.seed, device), **own_args,
-                           **section.extra})
+    args = config_class(
+        **{**common_args(section, out_dir / "checkpoints", ctx.cfg.seed, device), **own_args, **section.extra}
+    )
     stream = step_stream(ctx, kind, args.max_steps)
-    trainer = trainer_class(model=model, args=args, train_dataset=Dataset.from_list(examples),
-                            processing_class=tokenizer, callbacks=[stream])
+    trainer = trainer_class(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(examples),
+        processing_class=tokenizer,
+        callbacks=[stream],
+    )
     result = _fit(trainer, model, stream.history, out_dir, counted)
     if trainer.is_world_process_zero():
         _record(ctx, kind, result)
@@ -83,13 +92,16 @@ def check_trainable(kind: Kind, examples: list[dict[str, Any]], section: TrainCo
         raise DataError(f"{kind}: no training rows left after validation and formatting")
     lengths = [len(ex["input_ids"]) for ex in examples if "input_ids" in ex]
     if lengths and min(lengths) > section.max_length:
-        raise DataError(f"{kind}: all {len(lengths)} rows are longer than {kind}.max_length ({section.max_length} "
-                        f"tokens; the shortest has {min(lengths)}): raise {kind}.max_length, or shorten the rows "
-                        f"(quality.max_tokens drops longer ones at validation)")
+        raise DataError(
+            f"{kind}: all {len(lengths)} rows are longer than {kind}.max_length ({section.max_length} "
+            f"tokens; the shortest has {min(lengths)}): raise {kind}.max_length, or shorten the rows "
+            f"(quality.max_tokens drops longer ones at validation)"
+        )
 
 
-def trainable_model(cfg: PipelineConfig, model_path: str, start_adapter: Optional[str] = None,
-                    gradient_checkpointing: bool = False):
+def trainable_model(
+    cfg: PipelineConfig, model_path: str, start_adapter: Optional[str] = None, gradient_checkpointing: bool = False
+):
     """The base (quantized per the config) with a trainable LoRA adapter: `start_adapter`'s, or a new one."""
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
@@ -156,8 +168,9 @@ def step_stream(ctx: StageContext, kind: Kind, total: int):
             self.started = time.perf_counter()
 
         def on_log(self, args, state, control, logs=None, **kwargs):
-            numeric = {k: float(v) for k, v in (logs or {}).items()
-                       if isinstance(v, (int, float)) and not isinstance(v, bool)}
+            numeric = {
+                k: float(v) for k, v in (logs or {}).items() if isinstance(v, (int, float)) and not isinstance(v, bool)
+            }
             if not numeric:
                 return
             numeric["elapsed_s"] = time.perf_counter() - self.started
@@ -200,15 +213,29 @@ def _fit(trainer, model, history: list[dict[str, float]], out_dir: Path, counted
 
 def _record(ctx: StageContext, kind: Kind, result: TrainResult) -> None:
     """What the adapter needs to be served and compared later, beside it and in the run."""
-    Path(result.adapter_dir, "ftflow_meta.json").write_text(json.dumps({
-        "template_fingerprint": ctx.model.template_fingerprint, "eos_token": ctx.model.eos_token,
-        "base_model": ctx.cfg.model.name_or_path, "base_sha256": ctx.model.source_sha256, "stage": kind,
-        "lora_r": ctx.cfg.lora.r, "lora_alpha": ctx.cfg.lora.resolved_alpha,
-    }, indent=2))
+    Path(result.adapter_dir, "ftflow_meta.json").write_text(
+        json.dumps(
+            {
+                "template_fingerprint": ctx.model.template_fingerprint,
+                "eos_token": ctx.model.eos_token,
+                "base_model": ctx.cfg.model.name_or_path,
+                "base_sha256": ctx.model.source_sha256,
+                "stage": kind,
+                "lora_r": ctx.cfg.lora.r,
+                "lora_alpha": ctx.cfg.lora.resolved_alpha,
+            },
+            indent=2,
+        )
+    )
     if ctx.run is not None:
-        ctx.run.log_metrics({f"{kind}/trainable_params": result.trainable_params, f"{kind}/wall_s": result.wall_s,
-                             f"{kind}/peak_memory_mb": result.peak_memory_mb,
-                             f"{kind}/resumed_from_step": result.resumed_from_step})
+        ctx.run.log_metrics(
+            {
+                f"{kind}/trainable_params": result.trainable_params,
+                f"{kind}/wall_s": result.wall_s,
+                f"{kind}/peak_memory_mb": result.peak_memory_mb,
+                f"{kind}/resumed_from_step": result.resumed_from_step,
+            }
+        )
         ctx.run.log_artifact(result.adapter_dir, f"adapters/{kind}")
 
 
@@ -228,7 +255,8 @@ def last_checkpoint(output_dir: Path) -> Optional[str]:
     if not output_dir.exists():
         return None
     complete = [
-        p for p in output_dir.glob("checkpoint-*")
+        p
+        for p in output_dir.glob("checkpoint-*")
         if p.is_dir() and (p / "trainer_state.json").exists() and p.name.split("-")[-1].isdigit()
     ]
     if not complete:

@@ -1,5 +1,6 @@
 """bench/gpu_check.py --dry-run: the GPU script's whole code path (model from a config, NF4 replacement, peft,
 paged 8-bit AdamW, the training loop, the table) on CPU with a 2-layer, hidden-64 model."""
+
 from __future__ import annotations
 
 import json
@@ -18,11 +19,16 @@ REPO = Path(__file__).resolve().parents[2]
 def test_dry_run_prints_a_row_with_numbers_for_qlora_lora_and_full(tmp_path):
     pytest.importorskip("bitsandbytes")
     out = tmp_path / "gpu_check.json"
-    proc = subprocess.run([sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run", "--json", str(out)],
-                          cwd=tmp_path, capture_output=True, text=True, timeout=900,
-                          env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.run(
+        [sys.executable, str(REPO / "bench" / "gpu_check.py"), "--dry-run", "--json", str(out)],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     assert proc.returncode == 0, proc.stderr[-3000:]
-    table = proc.stdout[proc.stdout.index("device:"):]
+    table = proc.stdout[proc.stdout.index("device:") :]
     number = r"\d+(?:\.\d+)?"
     for row in ("qlora", "lora", "full"):
         line = next((ln for ln in table.splitlines() if ln.split()[:1] == [row]), None)

@@ -4,6 +4,7 @@ paged 8-bit AdamW, on a small Llama built from a config with a tokenizer trained
 Skipped without CUDA. bench/gpu_check.sh runs it on the GPU machine; without pytest there it runs as a script:
     python tests/bench/test_gpu_path.py
 """
+
 from __future__ import annotations
 
 import json
@@ -19,8 +20,10 @@ torch = pytest.importorskip("torch")
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
-CHATML = ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-          "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}")
+CHATML = (
+    "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+    "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
+)
 CITIES = ("Paris", "Tokyo", "Osaka", "Berlin", "Lima", "Cairo", "Oslo", "Quito")
 
 
@@ -30,8 +33,13 @@ def rows() -> tuple[list[dict], list[dict]]:
         prompt = [{"role": "user", "content": f"Extract the city as JSON: order {i + 1} ships to {city}."}]
         answer = json.dumps({"city": city, "order": i + 1})
         sft.append({"prompt": prompt, "completion": [{"role": "assistant", "content": answer}]})
-        pairs.append({"prompt": prompt, "chosen": [{"role": "assistant", "content": answer}],
-                      "rejected": [{"role": "assistant", "content": f"It goes to {city}, I think."}]})
+        pairs.append(
+            {
+                "prompt": prompt,
+                "chosen": [{"role": "assistant", "content": answer}],
+                "rejected": [{"role": "assistant", "content": f"It goes to {city}, I think."}],
+            }
+        )
     return sft, pairs
 
 
@@ -41,21 +49,36 @@ def build_model_dir(out: Path) -> str:
     from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
 
     sft, pairs = rows()
-    texts = [m["content"] for r in sft for m in r["prompt"] + r["completion"]] + \
-            [m["content"] for p in pairs for m in p["rejected"]]
+    texts = [m["content"] for r in sft for m in r["prompt"] + r["completion"]] + [
+        m["content"] for p in pairs for m in p["rejected"]
+    ]
     specials = ["<|endoftext|>", "<|im_start|>", "<|im_end|>", "<unk>"]
     bpe = Tokenizer(models.BPE(unk_token="<unk>"))
     bpe.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     bpe.decoder = decoders.ByteLevel()
-    bpe.train_from_iterator(texts * 4, trainers.BpeTrainer(vocab_size=600, special_tokens=specials,
-                                                           initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
-    tok = PreTrainedTokenizerFast(tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>",
-                                  unk_token="<unk>")
+    bpe.train_from_iterator(
+        texts * 4,
+        trainers.BpeTrainer(
+            vocab_size=600, special_tokens=specials, initial_alphabet=pre_tokenizers.ByteLevel.alphabet()
+        ),
+    )
+    tok = PreTrainedTokenizerFast(
+        tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>"
+    )
     tok.chat_template = CHATML
-    config = LlamaConfig(vocab_size=len(tok), hidden_size=256, intermediate_size=512, num_hidden_layers=4,
-                         num_attention_heads=4, num_key_value_heads=2, max_position_embeddings=512,
-                         eos_token_id=tok.eos_token_id, pad_token_id=tok.pad_token_id, bos_token_id=None,
-                         tie_word_embeddings=True)
+    config = LlamaConfig(
+        vocab_size=len(tok),
+        hidden_size=256,
+        intermediate_size=512,
+        num_hidden_layers=4,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        max_position_embeddings=512,
+        eos_token_id=tok.eos_token_id,
+        pad_token_id=tok.pad_token_id,
+        bos_token_id=None,
+        tie_word_embeddings=True,
+    )
     torch.manual_seed(0)
     LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
     tok.save_pretrained(out)
@@ -66,15 +89,32 @@ def gpu_config(model_dir: str, out: Path):
     from ftflow.configs.loader import load_config
 
     # Learning rates high enough to move bf16 adapters in a few steps; no checkpoints inside the short runs.
-    return load_config("tiny", [
-        f"model.name_or_path={model_dir}", f"output_dir={out}", "model.device=cuda",
-        "quantization.mode=4bit", "quantization.double_quant=true", "quantization.compute_dtype=bfloat16",
-        "lora.r=8",
-        "sft.max_steps=6", "sft.per_device_batch_size=4", "sft.learning_rate=2e-3", "sft.warmup_ratio=0.0",
-        "sft.logging_steps=1", "sft.save_steps=1000", "sft.extra.optim=paged_adamw_8bit",
-        "dpo.max_steps=4", "dpo.per_device_batch_size=4", "dpo.learning_rate=2e-3", "dpo.warmup_ratio=0.0",
-        "dpo.logging_steps=1", "dpo.save_steps=1000", "dpo.extra.optim=paged_adamw_8bit",
-    ])
+    return load_config(
+        "tiny",
+        [
+            f"model.name_or_path={model_dir}",
+            f"output_dir={out}",
+            "model.device=cuda",
+            "quantization.mode=4bit",
+            "quantization.double_quant=true",
+            "quantization.compute_dtype=bfloat16",
+            "lora.r=8",
+            "sft.max_steps=6",
+            "sft.per_device_batch_size=4",
+            "sft.learning_rate=2e-3",
+            "sft.warmup_ratio=0.0",
+            "sft.logging_steps=1",
+            "sft.save_steps=1000",
+            "sft.extra.optim=paged_adamw_8bit",
+            "dpo.max_steps=4",
+            "dpo.per_device_batch_size=4",
+            "dpo.learning_rate=2e-3",
+            "dpo.warmup_ratio=0.0",
+            "dpo.logging_steps=1",
+            "dpo.save_steps=1000",
+            "dpo.extra.optim=paged_adamw_8bit",
+        ],
+    )
 
 
 def run_sft_then_dpo(work: Path) -> dict:
@@ -105,6 +145,7 @@ def run_sft_then_dpo(work: Path) -> dict:
                     "bf16": bool(self.args.bf16),
                 }
                 return opt
+
         return Recording
 
     sft_rows, pairs = rows()
@@ -138,10 +179,12 @@ def check(out: dict) -> None:
         # TRL's optim="paged_adamw_8bit" is bitsandbytes' AdamW with is_paged=True and 8-bit states.
         assert seen["optimizer"].startswith("bitsandbytes") and seen["paged"] and seen["optim_bits"] == 8, seen
     assert any("rewards/margins" in h for h in out["dpo"].history)
-    print(f"\nGPU path: SFT {out['sft'].global_step} steps in {out['sft_s']:.1f} s (train {out['sft'].wall_s:.1f} s, "
-          f"peak {out['sft'].peak_memory_mb:.0f} MB, {out['seen']['sft']['optimizer']}); "
-          f"DPO {out['dpo'].global_step} steps in {out['dpo_s']:.1f} s (train {out['dpo'].wall_s:.1f} s, "
-          f"peak {out['dpo'].peak_memory_mb:.0f} MB)")
+    print(
+        f"\nGPU path: SFT {out['sft'].global_step} steps in {out['sft_s']:.1f} s (train {out['sft'].wall_s:.1f} s, "
+        f"peak {out['sft'].peak_memory_mb:.0f} MB, {out['seen']['sft']['optimizer']}); "
+        f"DPO {out['dpo'].global_step} steps in {out['dpo_s']:.1f} s (train {out['dpo'].wall_s:.1f} s, "
+        f"peak {out['dpo'].peak_memory_mb:.0f} MB)"
+    )
 
 
 def test_sft_then_dpo_on_cuda_4bit_paged_adamw(tmp_path):

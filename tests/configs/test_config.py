@@ -1,9 +1,11 @@
 """The config tree: shipped recipes validate, errors name key and file, overrides parse, the schema drives the form."""
+
 from __future__ import annotations
 
 from pathlib import Path
 
 import pytest
+
 from ftflow.configs.loader import RECIPES_DIR, ConfigError, apply_overrides, flatten, load_config
 from ftflow.configs.schema import DPOLoss, PipelineConfig, Quantization
 
@@ -17,6 +19,7 @@ def write_recipe(tmp_path: Path, text: str, name: str = "recipe.yaml") -> Path:
 
 
 # --- shipped recipes -------------------------------------------------------------------------
+
 
 def test_recipes_exist():
     assert {p.stem for p in RECIPES} >= {"demo", "tiny"}
@@ -39,6 +42,7 @@ def test_missing_recipe_names_the_shipped_ones():
 
 
 # --- errors name the key and the file --------------------------------------------------------
+
 
 def test_unknown_key_names_dotted_key_and_file(tmp_path):
     path = write_recipe(tmp_path, "lora:\n  r: 8\n  rank: 8\n")
@@ -117,6 +121,7 @@ def test_data_path_required_without_demo():
 
 # --- LoRA alpha --------------------------------------------------------------------------------
 
+
 def test_alpha_defaults_to_twice_r():
     cfg = load_config(None, ["lora.r=8"])
     assert cfg.lora.alpha is None
@@ -130,11 +135,20 @@ def test_explicit_alpha_wins():
 
 # --- overrides -----------------------------------------------------------------------------------
 
+
 def test_overrides_parse_scalars_and_lists():
-    raw = apply_overrides({}, [
-        "sft.max_steps=12", "sft.learning_rate=0.001", "dpo.enabled=false", "quality.languages=[en, fr]",
-        "data.system_prompt=Answer in JSON.", "tracking.run_name=null", "model.name_or_path=/a=b/c",
-    ])
+    raw = apply_overrides(
+        {},
+        [
+            "sft.max_steps=12",
+            "sft.learning_rate=0.001",
+            "dpo.enabled=false",
+            "quality.languages=[en, fr]",
+            "data.system_prompt=Answer in JSON.",
+            "tracking.run_name=null",
+            "model.name_or_path=/a=b/c",
+        ],
+    )
     assert raw["sft"] == {"max_steps": 12, "learning_rate": 0.001}
     assert raw["dpo"] == {"enabled": False}
     assert raw["quality"] == {"languages": ["en", "fr"]}
@@ -189,6 +203,7 @@ def test_override_of_unknown_key_is_refused():
 
 # --- flatten -----------------------------------------------------------------------------------
 
+
 def test_flatten_gives_dotted_keys_with_resolved_alpha():
     flat = flatten(load_config(None, ["lora.r=8"]))
     assert flat["lora.r"] == 8
@@ -205,8 +220,11 @@ def test_flatten_keeps_explicit_alpha():
 
 # --- the JSON schema behind the Prefect form -----------------------------------------------------
 
+
 def _resolve(schema: dict, node: dict) -> dict:
-    ref = node.get("$ref") or next((n["$ref"] for n in node.get("allOf", []) + node.get("anyOf", []) if "$ref" in n), None)
+    ref = node.get("$ref") or next(
+        (n["$ref"] for n in node.get("allOf", []) + node.get("anyOf", []) if "$ref" in n), None
+    )
     return schema["$defs"][ref.split("/")[-1]] if ref else node
 
 
@@ -228,8 +246,19 @@ def test_schema_describes_every_field_of_every_section():
                     if not leaf_prop.get("description"):
                         missing.append(f"{name}.{field}.{leaf}")
     assert missing == []
-    assert set(sections) >= {"model", "quantization", "lora", "data", "quality", "sft", "dpo", "eval", "tracking",
-                             "registry", "sweep"}
+    assert set(sections) >= {
+        "model",
+        "quantization",
+        "lora",
+        "data",
+        "quality",
+        "sft",
+        "dpo",
+        "eval",
+        "tracking",
+        "registry",
+        "sweep",
+    }
 
 
 def test_schema_has_enums_for_quantization_mode_and_dpo_loss():
@@ -247,11 +276,15 @@ def test_schema_has_enums_for_quantization_mode_and_dpo_loss():
 
 # --- secrets in overrides never reach an error message ----------------------------------------
 
-@pytest.mark.parametrize("override, secret", [
-    ("tracking.tracking_uri=http://bob:Pa55w0rdXYZ@mlflow.internal:5000", "Pa55w0rdXYZ"),
-    ("sft.extra.hub_token=abc123def456", "abc123def456"),
-    ("dpo.extra.api_key=k3yk3yk3y", "k3yk3yk3y"),
-])
+
+@pytest.mark.parametrize(
+    "override, secret",
+    [
+        ("tracking.tracking_uri=http://bob:Pa55w0rdXYZ@mlflow.internal:5000", "Pa55w0rdXYZ"),
+        ("sft.extra.hub_token=abc123def456", "abc123def456"),
+        ("dpo.extra.api_key=k3yk3yk3y", "k3yk3yk3y"),
+    ],
+)
 def test_config_error_echoes_overrides_redacted(override, secret):
     with pytest.raises(ConfigError) as err:
         load_config("tiny", [override, "lora.rank=8"])

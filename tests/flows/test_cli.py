@@ -1,4 +1,5 @@
 """The `ftflow` command line: arguments, exit codes, and one clean error line instead of tracebacks."""
+
 from __future__ import annotations
 
 import os
@@ -9,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from ftflow.cli import main, parse_args
 
 PASSWORD = "Pa55w0rdXYZ"
@@ -24,11 +26,13 @@ def _cli(*args: str, cwd: Path, timeout: int = 300) -> subprocess.CompletedProce
     """`ftflow ...` in a fresh process, the way a user runs it (the console script calls the same main)."""
     env = {**os.environ, "PYTHONWARNINGS": "default"}  # warnings on: they must still stay off stderr
     env.pop("MLFLOW_TRACKING_URI", None)
-    return subprocess.run([sys.executable, "-m", "ftflow.cli", *args], cwd=cwd, env=env, capture_output=True,
-                          text=True, timeout=timeout)
+    return subprocess.run(
+        [sys.executable, "-m", "ftflow.cli", *args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout
+    )
 
 
 # --- argument handling --------------------------------------------------------------------------
+
 
 def test_recipes_lists_the_shipped_recipes(capsys):
     assert main(["recipes"]) == 0
@@ -36,14 +40,17 @@ def test_recipes_lists_the_shipped_recipes(capsys):
     assert {"demo", "tiny", "sweep"} <= set(out.split()) and err == ""
 
 
-@pytest.mark.parametrize("argv, message", [
-    (["no-such-command"], "invalid choice"),
-    ([], "required"),
-    (["run", "tiny", "--no-such-option"], "unrecognized arguments: --no-such-option"),
-    (["validate", "f.jsonl", "--kind", "sft", "stray"], "unrecognized arguments: stray"),
-    (["recipes", "extra"], "unrecognized arguments: extra"),
-    (["--quiet", "run", "tiny", "--verbose"], "not allowed with"),
-])
+@pytest.mark.parametrize(
+    "argv, message",
+    [
+        (["no-such-command"], "invalid choice"),
+        ([], "required"),
+        (["run", "tiny", "--no-such-option"], "unrecognized arguments: --no-such-option"),
+        (["validate", "f.jsonl", "--kind", "sft", "stray"], "unrecognized arguments: stray"),
+        (["recipes", "extra"], "unrecognized arguments: extra"),
+        (["--quiet", "run", "tiny", "--verbose"], "not allowed with"),
+    ],
+)
 def test_bad_usage_exits_2_with_the_reason(capsys, argv, message):
     with pytest.raises(SystemExit) as exc:
         main(argv)
@@ -52,8 +59,9 @@ def test_bad_usage_exits_2_with_the_reason(capsys, argv, message):
 
 
 def test_overrides_may_follow_options():
-    args = parse_args(["validate", "data.jsonl", "--kind", "preference", "quality.pii=drop", "--format", "hh",
-                       "quality.min_tokens=4"])
+    args = parse_args(
+        ["validate", "data.jsonl", "--kind", "preference", "quality.pii=drop", "--format", "hh", "quality.min_tokens=4"]
+    )
     assert (args.file, args.kind, args.format) == ("data.jsonl", "preference", "hh")
     assert args.overrides == ["quality.pii=drop", "quality.min_tokens=4"]
     args = parse_args(["run", "tiny", "--resume", "abc123", "lora.r=8"])
@@ -76,6 +84,7 @@ def test_verbosity_flags_go_before_or_after_the_command():
 
 # --- errors: one line on stderr, exit 2, secrets redacted ---------------------------------------------
 
+
 def test_config_error_is_one_line_and_exit_2(capsys):
     assert main(["run", "tiny", f"tracking.tracking_uri=http://bob:{PASSWORD}@h:5000", "lora.rank=8"]) == 2
     out, err = capsys.readouterr()
@@ -96,7 +105,9 @@ def test_dead_tracking_server_fails_fast_in_one_redacted_line(tmp_path):
 
 def test_verbose_shows_the_traceback_still_redacted(tmp_path):
     port = _closed_port()
-    done = _cli("run", "tiny", f"tracking.tracking_uri=http://bob:{PASSWORD}@127.0.0.1:{port}", "--verbose", cwd=tmp_path)
+    done = _cli(
+        "run", "tiny", f"tracking.tracking_uri=http://bob:{PASSWORD}@127.0.0.1:{port}", "--verbose", cwd=tmp_path
+    )
     assert done.returncode == 2
     assert "Traceback" in done.stderr and done.stderr.splitlines()[-1].startswith("ftflow: error: ")
     assert PASSWORD not in done.stdout + done.stderr
@@ -108,8 +119,14 @@ def test_unexpected_errors_are_one_line_too_and_exit_1(tmp_path, tiny_model_dir)
     data.write_text('{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}\n')
     (tmp_path / "a-file").write_text("")
     # A report folder under a plain file: an OSError no ftflow check anticipates.
-    done = _cli("validate", str(data), "--out", str(tmp_path / "a-file" / "report"),
-                f"model.name_or_path={tiny_model_dir}", cwd=tmp_path)
+    done = _cli(
+        "validate",
+        str(data),
+        "--out",
+        str(tmp_path / "a-file" / "report"),
+        f"model.name_or_path={tiny_model_dir}",
+        cwd=tmp_path,
+    )
     assert done.returncode == 1, done.stderr
     assert done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("ftflow: error: unexpected NotADirectoryError") and "--verbose" in done.stderr
@@ -118,9 +135,17 @@ def test_unexpected_errors_are_one_line_too_and_exit_1(tmp_path, tiny_model_dir)
 
 @pytest.mark.slow
 def test_pipeline_error_inside_the_flow_prints_one_line_and_no_traceback(tmp_path, tiny_model_dir):
-    done = _cli("run", "tiny", "data.sft_path=/nonexistent.jsonl", "data.demo.enabled=false",
-                f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path / 'runs'}",
-                f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", cwd=tmp_path, timeout=600)
+    done = _cli(
+        "run",
+        "tiny",
+        "data.sft_path=/nonexistent.jsonl",
+        "data.demo.enabled=false",
+        f"model.name_or_path={tiny_model_dir}",
+        f"output_dir={tmp_path / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        cwd=tmp_path,
+        timeout=600,
+    )
     assert done.returncode == 2, done.stdout[-3000:] + done.stderr[-3000:]
     assert done.stderr.count("\n") == 1, done.stderr
     assert done.stderr.startswith("ftflow: error: /nonexistent.jsonl: file not found")
@@ -131,13 +156,29 @@ def test_pipeline_error_inside_the_flow_prints_one_line_and_no_traceback(tmp_pat
 
 # --- what the terminal shows -------------------------------------------------------------------------
 
-KNOWN_NOISE = ("interpreted in multiple ways", "is_gradient_checkpointing", "gemm_4bit_forward", "ephemeral docs site",
-               "Loading weights", "Writing model shards", "Downloading artifacts", "Pandas4Warning")
+KNOWN_NOISE = (
+    "interpreted in multiple ways",
+    "is_gradient_checkpointing",
+    "gemm_4bit_forward",
+    "ephemeral docs site",
+    "Loading weights",
+    "Writing model shards",
+    "Downloading artifacts",
+    "Pandas4Warning",
+)
 
 
 def _tiny_run(tmp_path: Path, tiny_model_dir: str, *flags: str) -> subprocess.CompletedProcess:
-    return _cli("run", "tiny", f"model.name_or_path={tiny_model_dir}", f"output_dir={tmp_path / 'runs'}",
-                f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", *flags, cwd=tmp_path, timeout=900)
+    return _cli(
+        "run",
+        "tiny",
+        f"model.name_or_path={tiny_model_dir}",
+        f"output_dir={tmp_path / 'runs'}",
+        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+        *flags,
+        cwd=tmp_path,
+        timeout=900,
+    )
 
 
 @pytest.mark.slow

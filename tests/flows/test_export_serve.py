@@ -2,6 +2,7 @@
 
 One tiny pipeline run (module fixture) registers a version; every test reads from that store.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,15 @@ from mlflow import MlflowClient
 from ftflow.cli import main
 
 # As in test_gate.py: the random tiny model ranks on held-out log-likelihood; SFT only, a few steps.
-TRAIN = ["eval.primary_metric=heldout_logprob", "dpo.enabled=false", "sft.learning_rate=0.003",
-         "sft.per_device_batch_size=8", "sft.save_steps=100", "sft.max_steps=6", "eval.max_examples=8"]
+TRAIN = [
+    "eval.primary_metric=heldout_logprob",
+    "dpo.enabled=false",
+    "sft.learning_rate=0.003",
+    "sft.per_device_batch_size=8",
+    "sft.save_steps=100",
+    "sft.max_steps=6",
+    "eval.max_examples=8",
+]
 
 
 def _one_error_line(err: str) -> str:
@@ -51,9 +59,15 @@ def registered(prefect_harness, tiny_model_dir, tmp_path_factory):
         cfg = load_config("tiny", [*store, f"output_dir={tmp / 'runs'}", *TRAIN])
         result = pipeline_flow(config=cfg)
         assert result["gate"]["alias"] == "champion", result["gate"]
-        yield SimpleNamespace(cfg=cfg, tmp=tmp, run_id=result["run_id"], name=cfg.registry.model_name,
-                              cli=["--recipe", "tiny", *store], client=MlflowClient(cfg.tracking.tracking_uri),
-                              model_dir=tiny_model_dir)
+        yield SimpleNamespace(
+            cfg=cfg,
+            tmp=tmp,
+            run_id=result["run_id"],
+            name=cfg.registry.model_name,
+            cli=["--recipe", "tiny", *store],
+            client=MlflowClient(cfg.tracking.tracking_uri),
+            model_dir=tiny_model_dir,
+        )
 
 
 @pytest.fixture(scope="module")
@@ -64,8 +78,14 @@ def exported(registered):
 
 
 def test_export_loads_with_plain_transformers_and_passes_the_check(registered, exported, capsys):
-    for name in ("model.safetensors", "config.json", "generation_config.json", "tokenizer.json", "README.md",
-                 "ftflow_export.json"):
+    for name in (
+        "model.safetensors",
+        "config.json",
+        "generation_config.json",
+        "tokenizer.json",
+        "README.md",
+        "ftflow_export.json",
+    ):
         assert (exported / name).exists(), name
     # No ftflow code on the loading side: a fresh interpreter, transformers only.
     script = (
@@ -80,8 +100,9 @@ def test_export_loads_with_plain_transformers_and_passes_the_check(registered, e
         "  'eos': g.eos_token_id, 'pad': g.pad_token_id, 'sample': g.do_sample, 'pad_token': t.pad_token,\n"
         "  'eot': t.convert_tokens_to_ids('<|im_end|>'), 'template': bool(t.chat_template), 'new': out.shape[1] - ids['input_ids'].shape[1]}))\n"
     )
-    done = subprocess.run([sys.executable, "-c", script, str(exported)], capture_output=True, text=True, timeout=300,
-                          cwd=registered.tmp)
+    done = subprocess.run(
+        [sys.executable, "-c", script, str(exported)], capture_output=True, text=True, timeout=300, cwd=registered.tmp
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     seen = json.loads(done.stdout.strip().splitlines()[-1])
     assert seen["ftflow"] is False and seen["dtype"] == "torch.float32" and seen["template"]
@@ -95,8 +116,13 @@ def test_export_loads_with_plain_transformers_and_passes_the_check(registered, e
     m = run.data.metrics
     assert m["export/primary_ci_low"] <= m["export/primary_merged"] <= m["export/primary_ci_high"]
     assert m["export/primary_delta"] == pytest.approx(m["export/primary_merged"] - m["export/primary_evaluated"])
-    report = json.loads(Path(registered.client.download_artifacts(registered.run_id, "export/equivalence.json",
-                                                                  str(registered.tmp / "eq"))).read_text())
+    report = json.loads(
+        Path(
+            registered.client.download_artifacts(
+                registered.run_id, "export/equivalence.json", str(registered.tmp / "eq")
+            )
+        ).read_text()
+    )
     assert report["n_examples"] == 8 and len(report["examples"]) == 8
     card = (exported / "README.md").read_text()
     assert card.startswith("---\nbase_model: ") and "library_name: peft" in card
@@ -143,8 +169,11 @@ def test_export_refuses_a_merge_that_is_not_equivalent(registered, tmp_path, cap
         writer(source, path, tokenizer, out, dtype, log)
         weights = load_file(out / "model.safetensors")
         torch.manual_seed(0)
-        save_file({k: v + 0.5 * torch.randn_like(v) for k, v in weights.items()}, out / "model.safetensors",
-                  metadata={"format": "pt"})
+        save_file(
+            {k: v + 0.5 * torch.randn_like(v) for k, v in weights.items()},
+            out / "model.safetensors",
+            metadata={"format": "pt"},
+        )
 
     monkeypatch.setitem(export.EXPORTERS, "lora", broken_merge)
     target = tmp_path / "out"
@@ -177,9 +206,13 @@ def test_logged_model_the_mlflow3_way(registered):
     assert ref.model_id in [o.model_id for o in client.get_run(registered.run_id).outputs.model_outputs]
     import mlflow.artifacts
 
-    local = Path(mlflow.artifacts.download_artifacts(artifact_uri=model.artifact_location,
-                                                     dst_path=str(registered.tmp / "lm"),
-                                                     tracking_uri=cfg.tracking.tracking_uri))
+    local = Path(
+        mlflow.artifacts.download_artifacts(
+            artifact_uri=model.artifact_location,
+            dst_path=str(registered.tmp / "lm"),
+            tracking_uri=cfg.tracking.tracking_uri,
+        )
+    )
     spec = yaml.safe_load((local / "MLmodel").read_text())
     assert spec["signature"]["inputs"] and spec["saved_input_example_info"]
     assert spec["flavors"]["python_function"]["model_code_path"].endswith("pyfunc_model.py")
@@ -194,8 +227,9 @@ def test_logged_model_the_mlflow3_way(registered):
         answers = mlflow.pyfunc.load_model(ref.model_uri).predict(["Extract the order as JSON:\nKen ordered 3 lamps."])
     assert len(answers) == 1 and isinstance(answers[0], str)
     # A version registered from the LoggedModel finds its adapter there; its description tells the story.
-    mv = client.create_model_version(registered.name, source=ref.model_uri, run_id=registered.run_id,
-                                     model_id=ref.model_id)
+    mv = client.create_model_version(
+        registered.name, source=ref.model_uri, run_id=registered.run_id, model_id=ref.model_id
+    )
     assert find_adapter(client, registered.run_id, mv)
     card = document_version(client, registered.name, mv.version, registered.run_id, stage="sft")
     text = client.get_model_version(registered.name, mv.version).description
@@ -216,8 +250,12 @@ def test_serve_answers_like_generate(registered, exported):
 
     port = _free_port()
     log = (registered.tmp / "serve.log").open("w")
-    proc = subprocess.Popen([sys.executable, "-m", "ftflow.cli", "serve", str(exported), "--port", str(port),
-                             *registered.cli], stdout=log, stderr=subprocess.STDOUT, cwd=registered.tmp)
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "ftflow.cli", "serve", str(exported), "--port", str(port), *registered.cli],
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        cwd=registered.tmp,
+    )
     try:
         deadline = time.time() + 240
         while True:
@@ -230,8 +268,9 @@ def test_serve_answers_like_generate(registered, exported):
                 time.sleep(1)
         messages = [{"role": "user", "content": "Extract the order as JSON:\nKen ordered 3 lamps in Osaka."}]
         client = OpenAI(base_url=f"http://127.0.0.1:{port}/v1", api_key="not-needed")
-        reply = client.chat.completions.create(model=str(exported), messages=messages, temperature=0,
-                                               max_tokens=registered.cfg.eval.max_new_tokens)
+        reply = client.chat.completions.create(
+            model=str(exported), messages=messages, temperature=0, max_tokens=registered.cfg.eval.max_new_tokens
+        )
         served = reply.choices[0].message.content
     finally:
         proc.terminate()
@@ -239,8 +278,13 @@ def test_serve_answers_like_generate(registered, exported):
         log.close()
     model = AutoModelForCausalLM.from_pretrained(exported).eval()
     tokenizer = AutoTokenizer.from_pretrained(exported)
-    ours = generate(model, tokenizer, [messages], EvalConfig(max_new_tokens=registered.cfg.eval.max_new_tokens,
-                                                             batch_size=1), "<|im_end|>")[0]
+    ours = generate(
+        model,
+        tokenizer,
+        [messages],
+        EvalConfig(max_new_tokens=registered.cfg.eval.max_new_tokens, batch_size=1),
+        "<|im_end|>",
+    )[0]
     assert served == ours["answer"]
     assert served  # the tiny model says something, if nothing useful
 
@@ -266,8 +310,9 @@ def test_serve_bad_inputs_fail_with_one_line(registered, exported, tmp_path, cap
 
 def test_promote_needs_a_reason_records_it_and_checks_the_template(registered, tmp_path, capsys):
     client, name = registered.client, registered.name
-    second = client.create_model_version(name, source=f"runs:/{registered.run_id}/registry_model",
-                                         run_id=registered.run_id).version
+    second = client.create_model_version(
+        name, source=f"runs:/{registered.run_id}/registry_model", run_id=registered.run_id
+    ).version
     try:
         assert main(["promote", name, str(second), *registered.cli]) == 2
         assert "needs --reason" in _one_error_line(capsys.readouterr().err)
@@ -282,8 +327,19 @@ def test_promote_needs_a_reason_records_it_and_checks_the_template(registered, t
         assert "chat template" in _one_error_line(capsys.readouterr().err)
         assert str(client.get_model_version_by_alias(name, "champion").version) == "1"
 
-        assert main(["promote", name, str(second), "--reason", "reviewed by hand: better on Japanese orders",
-                     *registered.cli]) == 0
+        assert (
+            main(
+                [
+                    "promote",
+                    name,
+                    str(second),
+                    "--reason",
+                    "reviewed by hand: better on Japanese orders",
+                    *registered.cli,
+                ]
+            )
+            == 0
+        )
         assert str(client.get_model_version_by_alias(name, "champion").version) == str(second)
         record = json.loads(client.get_model_version(name, str(second)).tags["ftflow.manual_promotion"])
         assert record["reason"] == "reviewed by hand: better on Japanese orders" and record["previous"] == "1"

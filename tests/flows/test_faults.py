@@ -1,14 +1,10 @@
 """What goes wrong around a run rather than in its data: folders it cannot write, processes killed under it,
 runs started together, two gates racing for one registered model, credentials on their way to Prefect."""
+
 from __future__ import annotations
 
 import json
-import os
-import signal
-import subprocess
-import sys
 import threading
-import time
 from pathlib import Path
 
 import pytest
@@ -38,14 +34,18 @@ def _recipe(cfg, tmp_path: Path, name: str = "recipe.yaml") -> Path:
 
 # --- an output folder that cannot be written ---------------------------------------------------------
 
+
 def _unwritable(tmp_path: Path) -> Path:
     # chmod does not stop root; a folder "inside" a regular file cannot be made by anyone.
     (tmp_path / "a-file").write_text("")
     return tmp_path / "a-file" / "runs"
 
 
-@pytest.mark.bad_input("runtime", "output_dir that cannot be written (read-only, or under a file)",
-                       "ftflow: error: output_dir <path> is not writable (Not a directory)")
+@pytest.mark.bad_input(
+    "runtime",
+    "output_dir that cannot be written (read-only, or under a file)",
+    "ftflow: error: output_dir <path> is not writable (Not a directory)",
+)
 def test_unwritable_output_dir_is_one_line_before_any_run(prefect_harness, tiny_cfg, tmp_path, capsys):
     from ftflow.cli import main
 
@@ -71,20 +71,41 @@ def test_unwritable_output_dir_inside_a_flow_marks_the_run_failed(prefect_harnes
 
 # --- every row longer than the training window ------------------------------------------------------------
 
-@pytest.mark.bad_input("data", "every row longer than sft.max_length",
-                       "ftflow: error: sft: all <n> rows are longer than sft.max_length (<m> tokens; the shortest has <k>): ...")
+
+@pytest.mark.bad_input(
+    "data",
+    "every row longer than sft.max_length",
+    "ftflow: error: sft: all <n> rows are longer than sft.max_length (<m> tokens; the shortest has <k>): ...",
+)
 def test_every_row_too_long_is_one_data_error_before_training(prefect_harness, tiny_cfg, tmp_path, capsys):
     from ftflow.cli import main
 
-    rows = [{"messages": [{"role": "user", "content": f"Tell me about item {i}: " + "word " * 60},
-                          {"role": "assistant", "content": f"Item {i} is a fine thing to have in the house."}]}
-            for i in range(40)]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": f"Tell me about item {i}: " + "word " * 60},
+                {"role": "assistant", "content": f"Item {i} is a fine thing to have in the house."},
+            ]
+        }
+        for i in range(40)
+    ]
     data = tmp_path / "long.jsonl"
     data.write_text("".join(json.dumps(r) + "\n" for r in rows))
     capsys.readouterr()
-    rc = main(["run", str(_recipe(tiny_cfg, tmp_path)), "data.demo.enabled=false", f"data.sft_path={data}",
-               "sft.max_length=32", "sft.truncation=truncate_left", "quality.max_tokens=512", "quality.min_kept_rows=1",
-               "dpo.enabled=false", "registry.enabled=false"])
+    rc = main(
+        [
+            "run",
+            str(_recipe(tiny_cfg, tmp_path)),
+            "data.demo.enabled=false",
+            f"data.sft_path={data}",
+            "sft.max_length=32",
+            "sft.truncation=truncate_left",
+            "quality.max_tokens=512",
+            "quality.min_kept_rows=1",
+            "dpo.enabled=false",
+            "registry.enabled=false",
+        ]
+    )
     out, err = capsys.readouterr()
     assert rc == 2 and err.count("\n") == 1, err
     assert "are longer than sft.max_length (32 tokens" in err and "num_samples" not in err, err
@@ -94,8 +115,15 @@ def test_every_row_too_long_is_one_data_error_before_training(prefect_harness, t
 
 # --- two gates racing for one registered model ----------------------------------------------------------------
 
-GATE = ["eval.primary_metric=heldout_logprob", "dpo.enabled=false", "sft.learning_rate=0.003",
-        "sft.per_device_batch_size=8", "sft.save_steps=100", "eval.max_examples=4", "eval.few_shot_k=0"]
+GATE = [
+    "eval.primary_metric=heldout_logprob",
+    "dpo.enabled=false",
+    "sft.learning_rate=0.003",
+    "sft.per_device_batch_size=8",
+    "sft.save_steps=100",
+    "eval.max_examples=4",
+    "eval.few_shot_k=0",
+]
 
 
 def _lock():
@@ -164,7 +192,9 @@ def test_racing_gates_leave_the_alias_on_the_better_version_and_record_both(pref
         barrier.wait()
         outcomes[label] = gate((replace(c, run=run), results, trained), race)
 
-    threads = [threading.Thread(target=contend, args=(label, cand)) for label, cand in (("better", better), ("worse", worse))]
+    threads = [
+        threading.Thread(target=contend, args=(label, cand)) for label, cand in (("better", better), ("worse", worse))
+    ]
     for t in threads:
         t.start()
     for t in threads:

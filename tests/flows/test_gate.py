@@ -1,5 +1,6 @@
 """The promotion gate against a real MLflow store: promote a better candidate, refuse a worse one; the candidate
 is chosen on validation; an LLM judge wired through a local OpenAI-compatible server."""
+
 from __future__ import annotations
 
 import json
@@ -12,12 +13,18 @@ from mlflow import MlflowClient
 
 from ftflow.configs.loader import apply_overrides, config_from_dict
 from ftflow.pipeline import pipeline_flow
-from ftflow.tasks.registry.gate import decide, register_candidate
+from ftflow.tasks.registry.gate import register_candidate
 
 # The tiny random model cannot produce exact JSON, so the gate ranks on held-out log-likelihood here;
 # the demo recipe ranks on heldout_exact.
-GATE = ["eval.primary_metric=heldout_logprob", "dpo.enabled=false", "sft.learning_rate=0.003",
-        "sft.per_device_batch_size=8", "sft.save_steps=100", "eval.max_examples=4"]
+GATE = [
+    "eval.primary_metric=heldout_logprob",
+    "dpo.enabled=false",
+    "sft.learning_rate=0.003",
+    "sft.per_device_batch_size=8",
+    "sft.save_steps=100",
+    "eval.max_examples=4",
+]
 
 
 def _cfg(base, *overrides):
@@ -45,8 +52,11 @@ def test_better_candidate_promoted_worse_refused(prefect_harness, tiny_cfg, tmp_
     assert str(client.get_model_version_by_alias(name, "challenger").version) == "2"
     tags = client.get_model_version(name, "2").tags
     assert tags["ftflow.gate"].startswith("REFUSE") and "vs champion" in tags["ftflow.gate"]
-    assert (tags["ftflow.gate.metric"], tags["ftflow.gate.direction"], tags["ftflow.gate.n"]) == \
-        ("heldout_logprob", "higher", "4")
+    assert (tags["ftflow.gate.metric"], tags["ftflow.gate.direction"], tags["ftflow.gate.n"]) == (
+        "heldout_logprob",
+        "higher",
+        "4",
+    )
     run = client.get_run(worse["run_id"])
     assert run.data.metrics["gate/promoted"] == 0.0
     assert run.data.metrics["gate/champion/low"] <= 0.0  # the refusing interval, as a metric too
@@ -68,8 +78,12 @@ def test_better_candidate_promoted_worse_refused(prefect_harness, tiny_cfg, tmp_
         "out = m.predict(['Extract the order as JSON:\\nKen ordered 3 lamps in Osaka.']);"
         "print('GENERATED', len(out), type(out[0]).__name__)"
     )
-    done = subprocess.run([sys.executable, "-c", script, tiny_cfg.tracking.tracking_uri, name],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", script, tiny_cfg.tracking.tracking_uri, name],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert "GENERATED 1 str" in done.stdout, done.stderr[-3000:]
 
 
@@ -100,9 +114,17 @@ def test_candidate_is_chosen_on_validation_never_on_heldout(prefect_harness, tin
         return real(ctx, model, tokenizer, variants, examples, **kw)
 
     monkeypatch.setattr(evaluation, "score_variants", spy)
-    cfg = config_from_dict(apply_overrides(tiny_cfg.model_dump(mode="json"), [
-        "eval.primary_metric=heldout_loss", "registry.enabled=false", "eval.max_examples=4",
-        "eval.validation_max_examples=6"]))
+    cfg = config_from_dict(
+        apply_overrides(
+            tiny_cfg.model_dump(mode="json"),
+            [
+                "eval.primary_metric=heldout_loss",
+                "registry.enabled=false",
+                "eval.max_examples=4",
+                "eval.validation_max_examples=6",
+            ],
+        )
+    )
     out = pipeline_flow(config=cfg)
 
     selection = out["selection"]
@@ -128,9 +150,16 @@ def test_candidate_is_chosen_on_validation_never_on_heldout(prefect_harness, tin
 def test_judge_endpoint_down_fails_before_training(prefect_harness, tiny_cfg):
     from ftflow.tasks.evaluate.judge import JudgeError
 
-    cfg = _cfg(tiny_cfg, "eval.judge.enabled=true", "eval.judge.base_url=http://127.0.0.1:9/v1",
-               "eval.judge.model=judge", "eval.judge.timeout_s=2")
-    with pytest.raises(JudgeError, match=r"^eval.judge.base_url: judge endpoint http://127.0.0.1:9/v1 cannot be reached"):
+    cfg = _cfg(
+        tiny_cfg,
+        "eval.judge.enabled=true",
+        "eval.judge.base_url=http://127.0.0.1:9/v1",
+        "eval.judge.model=judge",
+        "eval.judge.timeout_s=2",
+    )
+    with pytest.raises(
+        JudgeError, match=r"^eval.judge.base_url: judge endpoint http://127.0.0.1:9/v1 cannot be reached"
+    ):
         pipeline_flow(config=cfg)
     client = MlflowClient(tiny_cfg.tracking.tracking_uri)
     run = client.search_runs([client.get_experiment_by_name(cfg.tracking.experiment).experiment_id])[0]
@@ -155,8 +184,12 @@ def test_judge_wiring_through_a_local_openai_compatible_server(prefect_harness, 
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
     log = (tmp_path / "judge-server.log").open("w")
-    proc = subprocess.Popen(serve_command(tiny_model_dir, "127.0.0.1", port, "cpu"), stdout=log,
-                            stderr=subprocess.STDOUT, env={**os.environ, "HF_HUB_OFFLINE": "1"})
+    proc = subprocess.Popen(
+        serve_command(tiny_model_dir, "127.0.0.1", port, "cpu"),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+    )
     try:
         deadline = time.time() + 240
         while True:
@@ -167,9 +200,15 @@ def test_judge_wiring_through_a_local_openai_compatible_server(prefect_harness, 
                 if proc.poll() is not None or time.time() > deadline:
                     raise AssertionError((tmp_path / "judge-server.log").read_text()[-4000:]) from None
                 time.sleep(1)
-        cfg = _cfg(tiny_cfg, "registry.enabled=false", "eval.judge.enabled=true",
-                   f"eval.judge.base_url=http://127.0.0.1:{port}/v1", f"eval.judge.model={tiny_model_dir}",
-                   "eval.judge.max_examples=2", "sft.max_steps=2")
+        cfg = _cfg(
+            tiny_cfg,
+            "registry.enabled=false",
+            "eval.judge.enabled=true",
+            f"eval.judge.base_url=http://127.0.0.1:{port}/v1",
+            f"eval.judge.model={tiny_model_dir}",
+            "eval.judge.max_examples=2",
+            "sft.max_steps=2",
+        )
         out = pipeline_flow(config=cfg)
     finally:
         proc.terminate()

@@ -1,4 +1,5 @@
 """The whole chain as a real Prefect flow on the tiny model, recorded in a real SQLite MLflow store."""
+
 from __future__ import annotations
 
 import json
@@ -23,7 +24,8 @@ def _artifacts(**filters) -> dict:
 
     flt = ArtifactFilter(
         flow_run_id=ArtifactFilterFlowRunId(any_=[filters["flow_run_id"]]) if "flow_run_id" in filters else None,
-        key=ArtifactFilterKey(any_=[filters["key"]]) if "key" in filters else None)
+        key=ArtifactFilterKey(any_=[filters["key"]]) if "key" in filters else None,
+    )
     with get_client(sync_client=True) as client:
         found = client.read_artifacts(artifact_filter=flt)
     return {a.key: a for a in sorted(found, key=lambda a: a.created)}
@@ -45,9 +47,19 @@ def test_pipeline_records_everything(prefect_harness, tiny_cfg):
     assert run.data.tags["git_commit"]
 
     metrics = run.data.metrics
-    for key in ("eval/heldout_exact", "eval/eos_stop_rate", "eval/heldout_loss", "eval/base/heldout_exact",
-                "eval/base_fewshot/heldout_exact", "eval/sft/heldout_perplexity", "eval/dpo/preference_accuracy",
-                "data/kept_ratio", "sft/loss", "dpo/rewards/margins", "sft/trainable_params"):
+    for key in (
+        "eval/heldout_exact",
+        "eval/eos_stop_rate",
+        "eval/heldout_loss",
+        "eval/base/heldout_exact",
+        "eval/base_fewshot/heldout_exact",
+        "eval/sft/heldout_perplexity",
+        "eval/dpo/preference_accuracy",
+        "data/kept_ratio",
+        "sft/loss",
+        "dpo/rewards/margins",
+        "sft/trainable_params",
+    ):
         assert key in metrics, key
     assert 0.0 < metrics["data/kept_ratio"] < 1.0  # the demo data carries injected defects
     sft_curve = client.get_metric_history(run.info.run_id, "sft/loss")
@@ -77,7 +89,12 @@ def test_pipeline_records_everything(prefect_harness, tiny_cfg):
     assert shown["sft-progress"].data == 100.0 and shown["dpo-progress"].data == 100.0
     assert shown["sft-progress"].description == "sft done: 2 steps"
     assert run.info.run_id in shown["fine-tune-summary"].data
-    assert {row["model"] for row in json.loads(shown["heldout-comparison"].data)} == {"base", "base_fewshot", "sft", "dpo"}
+    assert {row["model"] for row in json.loads(shown["heldout-comparison"].data)} == {
+        "base",
+        "base_fewshot",
+        "sft",
+        "dpo",
+    }
 
 
 def _failed_run(cfg):
@@ -108,7 +125,7 @@ def test_missing_data_file_fails_clearly(prefect_harness, tiny_cfg, tmp_path, ca
 def test_malformed_jsonl_names_the_line(prefect_harness, tiny_cfg, tmp_path, capsys):
     bad = tmp_path / "bad.jsonl"
     good = '{"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}'
-    bad.write_text(good + "\n" + good + "\n{\"messages\": [\n")
+    bad.write_text(good + "\n" + good + '\n{"messages": [\n')
     rc = _cli(tiny_cfg, tmp_path, "data.demo.enabled=false", f"data.sft_path={bad}")
     assert rc == 2
     err = capsys.readouterr().err.strip().splitlines()[-1]
@@ -118,8 +135,13 @@ def test_malformed_jsonl_names_the_line(prefect_harness, tiny_cfg, tmp_path, cap
 
 def test_empty_after_filtering_fails(prefect_harness, tiny_cfg, tmp_path, capsys):
     rows = tmp_path / "empty_answers.jsonl"
-    rows.write_text("".join(json.dumps({"messages": [{"role": "user", "content": f"q{i}"},
-                                                     {"role": "assistant", "content": "  "}]}) + "\n" for i in range(5)))
+    rows.write_text(
+        "".join(
+            json.dumps({"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": "  "}]})
+            + "\n"
+            for i in range(5)
+        )
+    )
     rc = _cli(tiny_cfg, tmp_path, "data.demo.enabled=false", f"data.sft_path={rows}")
     assert rc == 2
     assert "no sft rows left after validation" in capsys.readouterr().err

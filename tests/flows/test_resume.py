@@ -1,4 +1,5 @@
 """Kill a training run mid-way, re-run it: training resumes from the last checkpoint, in the same MLflow run."""
+
 from __future__ import annotations
 
 import os
@@ -18,9 +19,20 @@ SAVE_EVERY = 4
 
 
 def test_killed_run_resumes_from_checkpoint(tiny_cfg, tmp_path):
-    cfg = config_from_dict(apply_overrides(tiny_cfg.model_dump(mode="json"), [
-        "sft.max_steps=40", f"sft.save_steps={SAVE_EVERY}", "sft.logging_steps=1", "dpo.enabled=false",
-        "registry.enabled=false", "eval.max_examples=2", "eval.few_shot_k=0"]))
+    cfg = config_from_dict(
+        apply_overrides(
+            tiny_cfg.model_dump(mode="json"),
+            [
+                "sft.max_steps=40",
+                f"sft.save_steps={SAVE_EVERY}",
+                "sft.logging_steps=1",
+                "dpo.enabled=false",
+                "registry.enabled=false",
+                "eval.max_examples=2",
+                "eval.few_shot_k=0",
+            ],
+        )
+    )
     recipe = tmp_path / "recipe.yaml"
     recipe.write_text(yaml.safe_dump(cfg.model_dump(mode="json")))
     cmd = [sys.executable, "-m", "ftflow.cli", "run", str(recipe)]
@@ -46,7 +58,9 @@ def test_killed_run_resumes_from_checkpoint(tiny_cfg, tmp_path):
     killed_at = max(m.step for m in client.get_metric_history(run_id, "sft/loss"))
     assert killed_at < 40
 
-    done = subprocess.run([*cmd, "--resume", run_id], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900)
+    done = subprocess.run(
+        [*cmd, "--resume", run_id], cwd=tmp_path, env=env, capture_output=True, text=True, timeout=900
+    )
     assert done.returncode == 0, done.stderr[-3000:]
     run = client.get_run(run_id)
     assert run.info.status == "FINISHED" and run.data.tags.get("resumed") == "true"
@@ -58,6 +72,7 @@ def test_killed_run_resumes_from_checkpoint(tiny_cfg, tmp_path):
 
 
 # --- what a resume may and may not do to the run it names ------------------------------------------
+
 
 def _recipe(cfg, tmp_path) -> Path:
     recipe = tmp_path / "recipe.yaml"
@@ -89,8 +104,11 @@ def _one_error_line(capsys) -> str:
     return err.strip()
 
 
-@pytest.mark.bad_input("runtime", "--resume with a changed recipe or override",
-                        "ftflow: error: --resume <id>: the config differs from the run's in 2 key(s): lora.r (run: 16, now: 8); ...")
+@pytest.mark.bad_input(
+    "runtime",
+    "--resume with a changed recipe or override",
+    "ftflow: error: --resume <id>: the config differs from the run's in 2 key(s): lora.r (run: 16, now: 8); ...",
+)
 def test_resume_with_a_changed_config_names_the_keys_and_touches_nothing(prefect_harness, tiny_cfg, tmp_path, capsys):
     from ftflow.cli import main
 
@@ -107,9 +125,14 @@ def test_resume_with_a_changed_config_names_the_keys_and_touches_nothing(prefect
     assert after.data.params == before.data.params and "resumed" not in after.data.tags
 
 
-@pytest.mark.bad_input("runtime", "--resume of a FINISHED (registered) run",
-                        "ftflow: error: --resume <id>: the run FINISHED; only an interrupted run ... can be resumed; start a new run instead")
-def test_resume_of_a_finished_registered_run_is_refused_and_leaves_it_alone(prefect_harness, tiny_cfg, tmp_path, capsys):
+@pytest.mark.bad_input(
+    "runtime",
+    "--resume of a FINISHED (registered) run",
+    "ftflow: error: --resume <id>: the run FINISHED; only an interrupted run ... can be resumed; start a new run instead",
+)
+def test_resume_of_a_finished_registered_run_is_refused_and_leaves_it_alone(
+    prefect_harness, tiny_cfg, tmp_path, capsys
+):
     from ftflow.cli import main
     from ftflow.tasks.registry.gate import register_candidate
 
@@ -130,8 +153,9 @@ def test_resume_of_a_finished_registered_run_is_refused_and_leaves_it_alone(pref
     assert str(client.get_model_version_by_alias(name, "champion").version) == version
 
 
-@pytest.mark.bad_input("runtime", "--resume with an id no run has",
-                        "ftflow: error: --resume <id>: no such MLflow run at <tracking uri>")
+@pytest.mark.bad_input(
+    "runtime", "--resume with an id no run has", "ftflow: error: --resume <id>: no such MLflow run at <tracking uri>"
+)
 def test_resume_of_an_unknown_run_id_is_one_line(prefect_harness, tiny_cfg, tmp_path, capsys):
     from ftflow.cli import main
 
@@ -155,7 +179,9 @@ def test_resume_after_a_library_upgrade_records_the_versions_without_touching_pa
     after = client.get_run(run_id)
     assert after.info.status == "RUNNING"
     assert {k: v for k, v in after.data.params.items() if k in params_before} == params_before
-    assert after.data.params["version.transformers"] == "4.0.0" and after.data.params["chat_template.fingerprint"] == "abc"
+    assert (
+        after.data.params["version.transformers"] == "4.0.0" and after.data.params["chat_template.fingerprint"] == "abc"
+    )
     changes = after.data.tags["ftflow.resume.1.version_changes"]
     assert f"transformers 4.0.0 -> {library_versions()['transformers']}" in changes and "trl 0.9.0 -> " in changes
 

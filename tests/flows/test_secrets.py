@@ -6,6 +6,7 @@ URL with a password) and greps everything the run recorded: MLflow params, tags,
 artifact file (zip members included), the registered model version, the Prefect logs and artifacts of
 the flow run, and the process's own stdout/stderr.
 """
+
 from __future__ import annotations
 
 import asyncio
@@ -30,7 +31,7 @@ def find_planted(secret_values: dict[str, str], places: dict[str, bytes]) -> lis
         for name, value in secret_values.items():
             at = blob.find(value.encode())
             while at >= 0:
-                context = blob[max(0, at - 80):at + len(value) + 20].replace(value.encode(), b"<SECRET>")
+                context = blob[max(0, at - 80) : at + len(value) + 20].replace(value.encode(), b"<SECRET>")
                 found.append(f"{name} in {where}: ...{context.decode(errors='replace')}...")
                 at = blob.find(value.encode(), at + len(value))
     return found
@@ -59,14 +60,16 @@ def _prefect_places(flow_run_id) -> dict[str, bytes]:
         async with get_client() as client:
             logs, offset = [], 0
             while True:
-                page = await client.read_logs(LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])),
-                                              limit=200, offset=offset)
+                page = await client.read_logs(
+                    LogFilter(flow_run_id=LogFilterFlowRunId(any_=[flow_run_id])), limit=200, offset=offset
+                )
                 logs += page
                 offset += len(page)
                 if len(page) < 200:
                     break
             artifacts = await client.read_artifacts(
-                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id])))
+                flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[flow_run_id]))
+            )
             return logs, artifacts
 
     logs, artifacts = asyncio.run(read())
@@ -78,15 +81,18 @@ def _prefect_places(flow_run_id) -> dict[str, bytes]:
 
 def test_find_planted_sees_a_leak():
     # The negative case the real test relies on: a planted value is found wherever it sits.
-    assert find_planted({"hf": "hf_abc"}, {"params": b"x=hf_abc", "logs": b"clean"}) == ["hf in params: ...x=<SECRET>..."]
+    assert find_planted({"hf": "hf_abc"}, {"params": b"x=hf_abc", "logs": b"clean"}) == [
+        "hf in params: ...x=<SECRET>..."
+    ]
 
 
 @pytest.mark.slow
 def test_planted_secrets_leave_no_trace(prefect_harness, tiny_cfg, tmp_path, monkeypatch, capfd, mlflow_server_port):
-    from ftflow.configs.loader import apply_overrides, config_from_dict
-    from ftflow.pipeline import pipeline_flow
     from mlflow import MlflowClient
     from prefect.blocks.system import Secret
+
+    from ftflow.configs.loader import apply_overrides, config_from_dict
+    from ftflow.pipeline import pipeline_flow
 
     planted = {
         "HF_TOKEN env": "hf_" + _random(30),
@@ -101,10 +107,18 @@ def test_planted_secrets_leave_no_trace(prefect_harness, tiny_cfg, tmp_path, mon
     Secret(value=planted["Secret block hf-token"]).save(block, overwrite=True)
     tracking = f"http://ftflow:{planted['tracking URL password']}@127.0.0.1:{mlflow_server_port}"
 
-    cfg = config_from_dict(apply_overrides(tiny_cfg.model_dump(mode="json"), [
-        f"model.hf_token_block={block}", f"tracking.tracking_uri={tracking}",
-        "eval.max_examples=2", "eval.few_shot_k=0",
-        f"sft.extra.hub_token={planted['sft.extra.hub_token']}"]))  # a careless user passing a hub token to TRL
+    cfg = config_from_dict(
+        apply_overrides(
+            tiny_cfg.model_dump(mode="json"),
+            [
+                f"model.hf_token_block={block}",
+                f"tracking.tracking_uri={tracking}",
+                "eval.max_examples=2",
+                "eval.few_shot_k=0",
+                f"sft.extra.hub_token={planted['sft.extra.hub_token']}",
+            ],
+        )
+    )  # a careless user passing a hub token to TRL
 
     state = pipeline_flow(config=cfg, return_state=True)
     assert state.is_completed(), state.message
@@ -117,13 +131,17 @@ def test_planted_secrets_leave_no_trace(prefect_harness, tiny_cfg, tmp_path, mon
         "mlflow params": repr(run.data.params).encode(),
         "mlflow tags": repr(run.data.tags).encode(),
         "mlflow metric names": repr(sorted(run.data.metrics)).encode(),
-        "mlflow dataset inputs": repr([(d.dataset.name, d.dataset.source, d.dataset.profile, d.dataset.schema)
-                                       for d in run.inputs.dataset_inputs]).encode(),
+        "mlflow dataset inputs": repr(
+            [(d.dataset.name, d.dataset.source, d.dataset.profile, d.dataset.schema) for d in run.inputs.dataset_inputs]
+        ).encode(),
         "stdout": captured.out.encode(),
         "stderr": captured.err.encode(),
     }
     # Redacted, not dropped: the params still say a token and a password were configured.
-    assert run.data.params["sft.extra.hub_token"] == "***" and "ftflow:***@127.0.0.1" in run.data.params["tracking.tracking_uri"]
+    assert (
+        run.data.params["sft.extra.hub_token"] == "***"
+        and "ftflow:***@127.0.0.1" in run.data.params["tracking.tracking_uri"]
+    )
 
     downloaded = Path(client.download_artifacts(run_id, "", str(tmp_path / "downloaded")))
     files = _file_places(downloaded)
@@ -131,7 +149,8 @@ def test_planted_secrets_leave_no_trace(prefect_harness, tiny_cfg, tmp_path, mon
     places.update(files)
     for version in client.search_model_versions(f"name='{cfg.registry.model_name}'"):
         places[f"registry version {version.version}"] = repr(
-            (version.source, version.tags, version.description, version.run_link)).encode()
+            (version.source, version.tags, version.description, version.run_link)
+        ).encode()
     places.update(_prefect_places(state.state_details.flow_run_id))
     assert b"Finished in state Completed" in places["prefect logs"]
 
@@ -143,16 +162,20 @@ def test_planted_secrets_leave_no_trace(prefect_harness, tiny_cfg, tmp_path, mon
 def test_dead_tracking_server_password_stays_out_of_prefect(prefect_harness, tiny_cfg, tmp_path):
     import socket
 
+    from prefect.client.orchestration import get_client
+
     from ftflow.configs.loader import apply_overrides, config_from_dict
     from ftflow.pipeline import pipeline_flow
-    from prefect.client.orchestration import get_client
 
     password = _random(24)
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         port = s.getsockname()[1]
-    cfg = config_from_dict(apply_overrides(tiny_cfg.model_dump(mode="json"),
-                                           [f"tracking.tracking_uri=http://ftflow:{password}@127.0.0.1:{port}"]))
+    cfg = config_from_dict(
+        apply_overrides(
+            tiny_cfg.model_dump(mode="json"), [f"tracking.tracking_uri=http://ftflow:{password}@127.0.0.1:{port}"]
+        )
+    )
     state = pipeline_flow(config=cfg, return_state=True)
     assert state.is_failed()
 

@@ -1,4 +1,5 @@
 """A tiny rank sweep against a real `mlflow server` on loopback, queried back over HTTP."""
+
 from __future__ import annotations
 
 import json
@@ -15,9 +16,20 @@ from ftflow.tasks.evaluate import sweeps
 
 def test_sweep_lands_as_parent_with_three_children(prefect_harness, tiny_cfg, mlflow_server_port):
     mlflow_server = f"http://127.0.0.1:{mlflow_server_port}"
-    cfg = config_from_dict(apply_overrides(tiny_cfg.model_dump(mode="json"), [
-        f"tracking.tracking_uri={mlflow_server}", "sweep.ranks=[8,16,32]", "sft.max_steps=2", "dpo.max_steps=2",
-        "registry.enabled=false", "eval.max_examples=2", "eval.few_shot_k=0"]))
+    cfg = config_from_dict(
+        apply_overrides(
+            tiny_cfg.model_dump(mode="json"),
+            [
+                f"tracking.tracking_uri={mlflow_server}",
+                "sweep.ranks=[8,16,32]",
+                "sft.max_steps=2",
+                "dpo.max_steps=2",
+                "registry.enabled=false",
+                "eval.max_examples=2",
+                "eval.few_shot_k=0",
+            ],
+        )
+    )
     out = sweep_flow(config=cfg)
 
     client = MlflowClient(mlflow_server)
@@ -61,6 +73,8 @@ def test_arms_and_best_arm_rules():
     assert sweeps.best_arm(outcomes, "heldout_exact")["r"] == 8  # a tie goes to the smaller rank
     assert sweeps.best_arm([outcomes[2]], "heldout_exact") is None
     # Ranked on validation in the metric's direction; the held-out scores play no part.
-    by_loss = [{"r": 8, "status": "FINISHED", "validation": {"heldout_loss": 2.0}, "metrics": {"heldout_loss": 1.0}},
-               {"r": 16, "status": "FINISHED", "validation": {"heldout_loss": 1.5}, "metrics": {"heldout_loss": 3.0}}]
+    by_loss = [
+        {"r": 8, "status": "FINISHED", "validation": {"heldout_loss": 2.0}, "metrics": {"heldout_loss": 1.0}},
+        {"r": 16, "status": "FINISHED", "validation": {"heldout_loss": 1.5}, "metrics": {"heldout_loss": 3.0}},
+    ]
     assert sweeps.best_arm(by_loss, "heldout_loss")["r"] == 16

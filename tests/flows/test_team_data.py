@@ -6,6 +6,7 @@ a system turn, one in Japanese), Anthropic HH multi-turn transcripts, OpenAI cha
 system prompt, Stanford Alpaca, and Self-Instruct's seed tasks (one instruction, nested instances), read
 through data.mapping.
 """
+
 from __future__ import annotations
 
 import json
@@ -20,8 +21,12 @@ from ftflow.tasks.data.formats import load_rows
 from ftflow.tasks.data.formatting import Window, format_data
 
 PUBLISHED = Path(__file__).resolve().parents[1] / "tasks" / "data" / "fixtures" / "published"
-SEED_TASKS_MAPPING = ["data.mapping.prompt=instruction", "data.mapping.input=input", "data.mapping.response=output",
-                      "data.mapping.explode=instances"]
+SEED_TASKS_MAPPING = [
+    "data.mapping.prompt=instruction",
+    "data.mapping.input=input",
+    "data.mapping.response=output",
+    "data.mapping.explode=instances",
+]
 # file, kind, extra overrides, rows the file yields
 CASES = [
     ("sharegpt_multiturn.json", "sft", [], 8),
@@ -34,17 +39,31 @@ CASES = [
 
 
 def config(overrides: list[str], model_dir: str) -> PipelineConfig:
-    return config_from_dict(apply_overrides(PipelineConfig().model_dump(mode="json"),
-                                            [f"model.name_or_path={model_dir}", *overrides]), "test")
+    return config_from_dict(
+        apply_overrides(PipelineConfig().model_dump(mode="json"), [f"model.name_or_path={model_dir}", *overrides]),
+        "test",
+    )
 
 
 @pytest.mark.parametrize("name, kind, overrides, rows", CASES, ids=[f"{c[0]}-{c[1]}" for c in CASES])
-def test_published_shape_validates_whole_and_trains_on_every_answer(name, kind, overrides, rows, tmp_path, capsys,
-                                                                    tiny_model_dir):
+def test_published_shape_validates_whole_and_trains_on_every_answer(
+    name, kind, overrides, rows, tmp_path, capsys, tiny_model_dir
+):
     from transformers import AutoTokenizer
 
-    rc = main(["validate", str(PUBLISHED / name), "--kind", kind, "--out", str(tmp_path),
-               f"model.name_or_path={tiny_model_dir}", "quality.min_kept_rows=1", *overrides])
+    rc = main(
+        [
+            "validate",
+            str(PUBLISHED / name),
+            "--kind",
+            kind,
+            "--out",
+            str(tmp_path),
+            f"model.name_or_path={tiny_model_dir}",
+            "quality.min_kept_rows=1",
+            *overrides,
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     report = json.loads((tmp_path / "report.json").read_text())
@@ -82,9 +101,20 @@ def test_multi_turn_shapes_really_are_multi_turn():
     assert any(r.row["messages"][0]["role"] == "system" for r in sharegpt)
 
 
-def test_the_nested_instances_file_without_a_mapping_fails_with_a_suggestion_that_works(tmp_path, capsys, tiny_model_dir):
-    rc = main(["validate", str(PUBLISHED / "self_instruct_seed_tasks.jsonl"), "--kind", "sft", "--out", str(tmp_path),
-               f"model.name_or_path={tiny_model_dir}"])
+def test_the_nested_instances_file_without_a_mapping_fails_with_a_suggestion_that_works(
+    tmp_path, capsys, tiny_model_dir
+):
+    rc = main(
+        [
+            "validate",
+            str(PUBLISHED / "self_instruct_seed_tasks.jsonl"),
+            "--kind",
+            "sft",
+            "--out",
+            str(tmp_path),
+            f"model.name_or_path={tiny_model_dir}",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2
     assert "unknown row shape with keys 'id', 'name', 'instruction', 'instances', 'is_classification'" in err

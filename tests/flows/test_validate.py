@@ -1,4 +1,5 @@
 """Validation on its own: the CLI on public-style files, injected defects caught, contracts that stop the flow, caching."""
+
 from __future__ import annotations
 
 import json
@@ -8,26 +9,50 @@ import pytest
 from mlflow import MlflowClient
 from prefect import flow
 
+from ftflow import steps
+from ftflow.cli import main
 from ftflow.configs.loader import apply_overrides, config_from_dict
 from ftflow.configs.schema import DemoDataConfig
-from ftflow.cli import main
-from ftflow import steps
 from ftflow.pipeline import pipeline_flow
 from ftflow.tasks import stages
 from ftflow.tasks.data.demo import generate_demo
 from ftflow.tasks.errors import ContractError
 
 FIXTURES = Path(__file__).resolve().parents[1] / "tasks" / "data" / "fixtures" / "importers"
-EXPECTED = {"duplicate": {"exact_duplicate"}, "near_duplicate": {"exact_duplicate", "near_duplicate"},
-            "empty_answer": {"empty_content"}, "overlong": {"too_long"}, "broken_role_order": {"role_order"},
-            "chosen_equals_rejected": {"chosen_equals_rejected"}, "empty_chosen": {"empty_content"}}
+EXPECTED = {
+    "duplicate": {"exact_duplicate"},
+    "near_duplicate": {"exact_duplicate", "near_duplicate"},
+    "empty_answer": {"empty_content"},
+    "overlong": {"too_long"},
+    "broken_role_order": {"role_order"},
+    "chosen_equals_rejected": {"chosen_equals_rejected"},
+    "empty_chosen": {"empty_content"},
+}
 
 
-@pytest.mark.parametrize("name,kind", [("alpaca_tatsu.json", "sft"), ("openai_finetune.jsonl", "sft"),
-                                       ("sharegpt.json", "sft"), ("hh_rlhf.jsonl", "preference")])
+@pytest.mark.parametrize(
+    "name,kind",
+    [
+        ("alpaca_tatsu.json", "sft"),
+        ("openai_finetune.jsonl", "sft"),
+        ("sharegpt.json", "sft"),
+        ("hh_rlhf.jsonl", "preference"),
+    ],
+)
 def test_cli_validate_public_formats(name, kind, tmp_path, capsys, tiny_model_dir):
-    rc = main(["validate", str(FIXTURES / name), "--kind", kind, "--out", str(tmp_path),
-               f"model.name_or_path={tiny_model_dir}", "quality.min_kept_rows=1", "quality.max_dropped_fraction=1.0"])
+    rc = main(
+        [
+            "validate",
+            str(FIXTURES / name),
+            "--kind",
+            kind,
+            "--out",
+            str(tmp_path),
+            f"model.name_or_path={tiny_model_dir}",
+            "quality.min_kept_rows=1",
+            "quality.max_dropped_fraction=1.0",
+        ]
+    )
     out = capsys.readouterr().out
     assert rc == 0, out
     report = json.loads((tmp_path / "report.json").read_text())
@@ -38,8 +63,18 @@ def test_cli_validate_public_formats(name, kind, tmp_path, capsys, tiny_model_di
 
 
 def test_cli_validate_exits_nonzero_when_a_contract_fails(tmp_path, capsys, tiny_model_dir):
-    rc = main(["validate", str(FIXTURES / "openai_finetune.jsonl"), "--kind", "sft", "--out", str(tmp_path),
-               f"model.name_or_path={tiny_model_dir}", "quality.min_kept_rows=1000"])
+    rc = main(
+        [
+            "validate",
+            str(FIXTURES / "openai_finetune.jsonl"),
+            "--kind",
+            "sft",
+            "--out",
+            str(tmp_path),
+            f"model.name_or_path={tiny_model_dir}",
+            "quality.min_kept_rows=1000",
+        ]
+    )
     assert rc == 1
     assert "contract failed" in capsys.readouterr().out
 
@@ -51,8 +86,10 @@ def test_injected_defects_are_caught_at_their_known_lines(tmp_path, tiny_cfg):
     for split in ("sft", "preference"):
         kind = split
         stages.validate_split(made[split], kind, tiny_cfg, None, tmp_path / split)
-        dropped = {json.loads(row)["line"]: json.loads(row)["reason"]
-                   for row in (tmp_path / split / "quarantine.jsonl").read_text().splitlines()}
+        dropped = {
+            json.loads(row)["line"]: json.loads(row)["reason"]
+            for row in (tmp_path / split / "quarantine.jsonl").read_text().splitlines()
+        }
         injected = set()
         for defect, info in manifest["defects"][split].items():
             for line in info["lines"]:

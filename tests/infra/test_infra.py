@@ -4,6 +4,7 @@ secrets only come from the environment, and the Kubernetes pool template passes 
 Docker cannot run on the build machines, so these checks read the files (with Prefect's and MLflow's own
 validators where they exist); `docker compose config` is used as a cross-check when the plugin is installed.
 """
+
 from __future__ import annotations
 
 import json
@@ -73,7 +74,7 @@ def interpolate(text: str, env: dict[str, str]) -> str:
         if op == "-":
             return value if present else arg
         if op in (":?", "?"):
-            if (non_empty if op == ":?" else present):
+            if non_empty if op == ":?" else present:
                 return value
             raise KeyError(f"required variable {name} is missing: {arg}")
         if op == ":+":
@@ -219,7 +220,9 @@ def test_every_yaml_and_json_file_in_infra_parses():
         elif path.suffix == ".json":
             assert isinstance(json.loads(path.read_text()), dict), path
             parsed.append(path.relative_to(INFRA).as_posix())
-    assert {"docker-compose.yml", "k8s/base-job-template.json", "k8s/worker.yaml", "k8s/secret.example.yaml"} <= set(parsed)
+    assert {"docker-compose.yml", "k8s/base-job-template.json", "k8s/worker.yaml", "k8s/secret.example.yaml"} <= set(
+        parsed
+    )
 
 
 # ---------------------------------------------------------------- compose: structure and references
@@ -245,7 +248,9 @@ def test_every_variable_has_a_default_or_a_line_in_env_example(compose_raw, env_
 
 
 def test_an_undeclared_variable_is_caught():
-    snippet = {"services": {"x": {"environment": {"A": "${NOT_IN_EXAMPLE:?boom}", "B": "${HAS_DEFAULT:-1}", "C": "$$LITERAL"}}}}
+    snippet = {
+        "services": {"x": {"environment": {"A": "${NOT_IN_EXAMPLE:?boom}", "B": "${HAS_DEFAULT:-1}", "C": "$$LITERAL"}}}
+    }
     assert undeclared_variables(snippet, {}) == {"NOT_IN_EXAMPLE"}
 
 
@@ -289,8 +294,8 @@ def test_every_named_volume_is_declared_and_used(compose):
 
 def test_published_ports_are_unique_and_match_what_the_process_listens_on(services):
     published = []
-    for _name, service in services.items():
-        for host_ip, port, target, protocol in map(parse_port, service.get("ports", [])):
+    for name, service in services.items():
+        for _host_ip, port, target, protocol in map(parse_port, service.get("ports", [])):
             published.append((port, protocol))
             if "--port" in str(service.get("command", "")):
                 assert target == listening_port(service), f"{name} publishes {target}, listens elsewhere"
@@ -388,12 +393,20 @@ def test_worker_volumes_match_the_image_paths(services):
 def test_deployments_in_prefect_yaml_can_start_inside_the_worker_image():
     instructions = dockerfile_instructions(INFRA / "Dockerfile.worker")
     (workdir,) = [rest for keyword, rest in instructions if keyword == "WORKDIR"]
-    env = {k: v for keyword, rest in instructions if keyword == "ENV" for k, _, v in [i.partition("=") for i in rest.split()]}
+    env = {
+        k: v
+        for keyword, rest in instructions
+        if keyword == "ENV"
+        for k, _, v in [i.partition("=") for i in rest.split()]
+    }
     project = yaml.safe_load((ROOT / "prefect.yaml").read_text())
     for deployment in project["deployments"]:
         steps = deployment.get("pull", project.get("pull")) or []
-        directories = [s["prefect.deployments.steps.set_working_directory"]["directory"] for s in steps
-                       if "prefect.deployments.steps.set_working_directory" in s]
+        directories = [
+            s["prefect.deployments.steps.set_working_directory"]["directory"]
+            for s in steps
+            if "prefect.deployments.steps.set_working_directory" in s
+        ]
         # Pull steps are resolved against the flow run's environment, so $PWD must mean the code folder there.
         resolved = [d.replace("{{ $PWD }}", env.get("PWD", "<unset>")) for d in directories]
         assert resolved in ([], [workdir]), f"{deployment['name']} would start in {resolved}, the code is in {workdir}"
@@ -420,7 +433,9 @@ def init_script_facts() -> tuple[set[str], dict[str, str], dict[str, str]]:
     text = INIT_SCRIPT.read_text()
     owners = dict(re.findall(r"CREATE DATABASE (\w+) OWNER (\w+);", text))
     psql_vars = dict(re.findall(r'-v (\w+)="\$(\w+)"', text))
-    role_password_vars = {role: psql_vars[var] for role, var in re.findall(r"CREATE ROLE (\w+) LOGIN PASSWORD :'(\w+)';", text)}
+    role_password_vars = {
+        role: psql_vars[var] for role, var in re.findall(r"CREATE ROLE (\w+) LOGIN PASSWORD :'(\w+)';", text)
+    }
     return set(owners), owners, role_password_vars
 
 
@@ -456,7 +471,9 @@ def test_mlflow_backend_uri_names_a_driver_its_image_installs(services):
     dialect, _, driver = scheme.partition("+")
     assert dialect == "postgresql" and driver in ("psycopg", "psycopg2"), scheme
     package = {"psycopg": "psycopg", "psycopg2": "psycopg2-binary"}[driver]
-    installs = " ".join(rest for keyword, rest in dockerfile_instructions(INFRA / "Dockerfile.mlflow") if keyword == "RUN")
+    installs = " ".join(
+        rest for keyword, rest in dockerfile_instructions(INFRA / "Dockerfile.mlflow") if keyword == "RUN"
+    )
     assert re.search(rf'"{re.escape(package)}[\[=]', installs), f"Dockerfile.mlflow does not install {package}"
 
 
@@ -489,7 +506,11 @@ def run_compose_config(command: list[str], env_file: Path, names_to_drop: set[st
     clean_env = {k: v for k, v in os.environ.items() if k not in names_to_drop}
     return subprocess.run(
         [*command, "-f", str(COMPOSE_FILE), "--env-file", str(env_file), "config", "--format", "json"],
-        capture_output=True, text=True, env=clean_env, cwd=ROOT, timeout=60,
+        capture_output=True,
+        text=True,
+        env=clean_env,
+        cwd=ROOT,
+        timeout=60,
     )
 
 
@@ -516,7 +537,15 @@ def test_docker_compose_config_agrees(compose_raw, services, env_example, tmp_pa
 
 def test_every_manifest_has_a_kind_api_version_and_name_in_the_namespace():
     docs = k8s_documents()
-    assert {d["kind"] for d in docs} >= {"Namespace", "Secret", "ServiceAccount", "Role", "RoleBinding", "Deployment", "PersistentVolumeClaim"}
+    assert {d["kind"] for d in docs} >= {
+        "Namespace",
+        "Secret",
+        "ServiceAccount",
+        "Role",
+        "RoleBinding",
+        "Deployment",
+        "PersistentVolumeClaim",
+    }
     for doc in docs:
         assert doc.get("apiVersion") and doc.get("kind") and doc["metadata"].get("name"), doc
         if doc["kind"] != "Namespace":
@@ -573,7 +602,9 @@ def test_rendered_job_requests_a_gpu_and_reads_only_existing_secret_keys(base_jo
     keys = secret_keys(docs, "ftflow-secrets")
     refs = set(secret_refs(manifest))
     assert {key for _, key in refs} >= {"HF_TOKEN", "MLFLOW_TRACKING_URI"}
-    assert all(name == "ftflow-secrets" and key in keys for name, key in refs), refs - {("ftflow-secrets", k) for k in keys}
+    assert all(name == "ftflow-secrets" and key in keys for name, key in refs), refs - {
+        ("ftflow-secrets", k) for k in keys
+    }
 
     claims = {d["metadata"]["name"] for d in docs if d["kind"] == "PersistentVolumeClaim"}
     volumes = {v["name"]: v for v in pod["volumes"]}
@@ -586,7 +617,13 @@ def test_job_pod_runs_as_the_image_user_with_its_cache_paths(base_job_template):
     (uid,) = [int(m) for k, rest in instructions if k == "RUN" for m in re.findall(r"useradd .*--uid (\d+)", rest)]
     pod = base_job_template["job_configuration"]["job_manifest"]["spec"]["template"]["spec"]
     assert pod["securityContext"]["runAsUser"] == uid
-    hf_home = next(item.split("=", 1)[1] for k, rest in instructions if k == "ENV" for item in rest.split() if item.startswith("HF_HOME="))
+    hf_home = next(
+        item.split("=", 1)[1]
+        for k, rest in instructions
+        if k == "ENV"
+        for item in rest.split()
+        if item.startswith("HF_HOME=")
+    )
     assert hf_home in {m["mountPath"] for m in pod["containers"][0]["volumeMounts"]}
 
 
@@ -606,7 +643,10 @@ def test_worker_deployment_can_create_jobs_and_polls_the_documented_pool():
     pool = argv[argv.index("--pool") + 1]
     assert argv[argv.index("--type") + 1] == "kubernetes"
     readme = (K8S / "README.md").read_text()
-    assert f"prefect work-pool create {pool} --type kubernetes --base-job-template infra/k8s/base-job-template.json" in readme
+    assert (
+        f"prefect work-pool create {pool} --type kubernetes --base-job-template infra/k8s/base-job-template.json"
+        in readme
+    )
 
     env = {e["name"]: e for e in container["env"]}
     keys = secret_keys(docs, "ftflow-secrets")

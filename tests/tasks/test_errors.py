@@ -1,4 +1,5 @@
 """Errors raised by ftflow carry redacted text, so nothing that prints or stores them can leak a credential."""
+
 from __future__ import annotations
 
 import pickle
@@ -17,8 +18,11 @@ def test_pipeline_error_message_is_redacted():
 
 
 def test_every_subclass_redacts():
-    for err in (DataError(f"cannot read {URI}/data.jsonl", path=f"{URI}/data.jsonl", line=3),
-                ContractError(f"suite failed for {URI}"), ModelLoadError(f"hub_token=hf_{'x' * 30}")):
+    for err in (
+        DataError(f"cannot read {URI}/data.jsonl", path=f"{URI}/data.jsonl", line=3),
+        ContractError(f"suite failed for {URI}"),
+        ModelLoadError(f"hub_token=hf_{'x' * 30}"),
+    ):
         assert PASSWORD not in str(err) and "x" * 30 not in str(err), str(err)
 
 

@@ -1,4 +1,5 @@
 """Stage-level refusals that must promote nothing: an empty held-out set, an overlap with train, a missing adapter."""
+
 from __future__ import annotations
 
 import pytest
@@ -7,8 +8,10 @@ from ftflow.tasks import stages
 from ftflow.tasks.errors import DataError
 from ftflow.tasks.evaluate.evaluation import EvalSets
 
-EXAMPLE = {"prompt": [{"role": "user", "content": "Extract the order as JSON:\nKen ordered 3 lamps."}],
-           "completion": [{"role": "assistant", "content": '{"qty": 3}'}]}
+EXAMPLE = {
+    "prompt": [{"role": "user", "content": "Extract the order as JSON:\nKen ordered 3 lamps."}],
+    "completion": [{"role": "assistant", "content": '{"qty": 3}'}],
+}
 
 
 def _ctx(tiny_cfg, tmp_path) -> stages.StageContext:

@@ -1,7 +1,9 @@
 """The one text normalizer: NFKC and whitespace always, case folding only when the caller asks."""
+
 from __future__ import annotations
 
 import pytest
+
 from ftflow.tasks.text import normalize_text
 
 

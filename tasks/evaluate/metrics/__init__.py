@@ -13,6 +13,7 @@ All scores lie in [0, 1]. Predictions are generations decoded with special token
 takes `eos_token` and the text metrics cut each prediction at its first marker, so the combined
 suite takes one `compute(predictions=..., references=..., eos_token=...)` call.
 """
+
 from __future__ import annotations
 
 from pathlib import Path

@@ -6,6 +6,7 @@ travel with the script. The text normalizer is not here: it is `ftflow.tasks.tex
 shared with the data checks, and json_match imports it absolutely (evaluate only checks that an
 absolute import is installed, and ftflow is wherever its metrics run).
 """
+
 from __future__ import annotations
 
 import re

@@ -18,6 +18,7 @@ Inputs, chosen so the module works alone and under `evaluate.combine`:
   (last generated id in the eos ids, or fewer new tokens than the budget). It wins over `eos_token`
   for this metric; use it when generations were decoded without special tokens.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional, Sequence

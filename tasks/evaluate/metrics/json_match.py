@@ -9,6 +9,7 @@ Predictions may be decoded with special tokens kept; pass `eos_token` (a marker 
 and each prediction is cut at its first marker before scoring, so the metric combines with
 `eos_stop` under `evaluate.combine`, which hands every module the same keyword arguments.
 """
+
 from __future__ import annotations
 
 import json

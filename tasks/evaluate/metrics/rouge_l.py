@@ -9,6 +9,7 @@ as in the default tokenizer.
 `eos_token` (a marker or a list of them) cuts each prediction at its first marker, so the metric
 combines with `eos_stop` under `evaluate.combine`, which forwards the same keywords to every module.
 """
+
 from __future__ import annotations
 
 import re

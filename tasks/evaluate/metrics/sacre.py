@@ -19,6 +19,7 @@ values under different tokenizers are not comparable. chrF works on characters a
 `eos_token` (a marker or a list of them) cuts each prediction at its first marker, so the metric
 combines with `eos_stop` under `evaluate.combine`, which forwards the same keywords to every module.
 """
+
 from __future__ import annotations
 
 from typing import Any, Optional

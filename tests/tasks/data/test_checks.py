@@ -1,13 +1,20 @@
 """Row-level checks that need no other row: structural checks in order, PII detection, the Luhn checksum."""
+
 from __future__ import annotations
 
 import pytest
+
 from ftflow.tasks.data.checks import luhn_valid, pii_kinds, structural_checks
 
 
 def test_structural_checks_run_shape_first_and_pairs_add_chosen_equals_rejected():
     assert [r for r, _ in structural_checks("sft")] == ["malformed", "empty_content", "role_order"]
-    assert [r for r, _ in structural_checks("preference")] == ["malformed", "empty_content", "role_order", "chosen_equals_rejected"]
+    assert [r for r, _ in structural_checks("preference")] == [
+        "malformed",
+        "empty_content",
+        "role_order",
+        "chosen_equals_rejected",
+    ]
 
 
 def test_each_structural_check_passes_a_good_row_and_names_what_is_wrong_with_a_bad_one():
@@ -17,7 +24,8 @@ def test_each_structural_check_passes_a_good_row_and_names_what_is_wrong_with_a_
     assert checks["malformed"]({"prompt": "Sky colour?"}, "preference") == "missing 'prompt' list"
     assert checks["empty_content"]({**good, "chosen": " \n"}, "preference") == "chosen is empty"
     assert checks["chosen_equals_rejected"]({**good, "rejected": "  BLUE. "}, "preference") == (
-        "chosen and rejected are identical after normalization")
+        "chosen and rejected are identical after normalization"
+    )
 
 
 @pytest.mark.parametrize(

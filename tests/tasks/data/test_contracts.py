@@ -1,4 +1,5 @@
 """GX contracts on hand-built QualityResults: a clean set passes, each threshold fails on its own."""
+
 from __future__ import annotations
 
 import json
@@ -44,8 +45,10 @@ def pair_record(i: int, *, chosen: str | None = None, rejected: str | None = Non
 def result_of(kind: str, kept: list[Record], counts_in: int | None = None, token_length: int = 40) -> QualityResult:
     counts_in = len(kept) if counts_in is None else counts_in
     # Dropped as duplicates of kept rows: well-formed input, so the row checks on the input pass as well.
-    dropped = [Dropped("train.jsonl", 10_000 + j, "exact_duplicate", "same as line 1", kept[j % len(kept)].row if kept else {})
-               for j in range(counts_in - len(kept))]
+    dropped = [
+        Dropped("train.jsonl", 10_000 + j, "exact_duplicate", "same as line 1", kept[j % len(kept)].row if kept else {})
+        for j in range(counts_in - len(kept))
+    ]
     reasons = {"exact_duplicate": len(dropped)} if dropped else {}
     return QualityResult(kind, kept, dropped, counts_in, reasons, {}, [token_length] * len(kept))
 
@@ -80,10 +83,17 @@ def test_thresholds_cover_every_task_type_with_the_faq_minimums():
 
 
 def test_load_suite_refuses_an_expectation_gx_cannot_build(tmp_path: Path):
-    (tmp_path / "broken.json").write_text(json.dumps({"name": "broken", "expectations": [
-        {"type": "expect_column_to_exist", "kwargs": {"column": "a"}, "meta": {}},
-        {"type": "expect_column_to_be_lovely", "kwargs": {"column": "a"}, "meta": {}},
-    ]}))
+    (tmp_path / "broken.json").write_text(
+        json.dumps(
+            {
+                "name": "broken",
+                "expectations": [
+                    {"type": "expect_column_to_exist", "kwargs": {"column": "a"}, "meta": {}},
+                    {"type": "expect_column_to_be_lovely", "kwargs": {"column": "a"}, "meta": {}},
+                ],
+            }
+        )
+    )
     with pytest.raises(ContractError, match="expect_column_to_be_lovely"):
         load_suite("broken", tmp_path)
 
@@ -184,8 +194,13 @@ def test_unknown_suite_parameter_in_an_edited_suite_is_reported(tmp_path: Path):
     for name in ("sft_rows", "dataset_summary", "thresholds"):
         (tmp_path / f"{name}.json").write_text((DEFAULT_CONTRACTS_DIR / f"{name}.json").read_text())
     data = json.loads((tmp_path / "sft_rows.json").read_text())
-    data["expectations"].append({"type": "expect_column_values_to_be_between",
-                                 "kwargs": {"column": "text_chars", "max_value": {"$PARAMETER": "max_chars"}}, "meta": {}})
+    data["expectations"].append(
+        {
+            "type": "expect_column_values_to_be_between",
+            "kwargs": {"column": "text_chars", "max_value": {"$PARAMETER": "max_chars"}},
+            "meta": {},
+        }
+    )
     (tmp_path / "sft_rows.json").write_text(json.dumps(data))
     with pytest.raises(ContractError, match="max_chars"):
         run_contracts(clean_sft(), QualityConfig(), tmp_path)
@@ -201,17 +216,25 @@ def test_load_suite_names_the_file_when_it_is_missing_or_not_json(tmp_path: Path
 
 # --- row checks on the input before filtering (quality.contract_mostly) ------------------------------------
 
+
 def _broken_input(n_good: int, n_bad: int) -> QualityResult:
     """What run_quality leaves when n_bad rows end with a user turn: they are dropped, the rest kept."""
     good = [sft_record(i) for i in range(n_good)]
     bad = [sft_record(n_good + j, last_role="user") for j in range(n_bad)]
-    dropped = [Dropped(r.source, r.line, "role_order", "conversation must end with an assistant turn", r.row) for r in bad]
-    return QualityResult("sft", good, dropped, n_good + n_bad, {"role_order": n_bad} if n_bad else {}, {}, [40] * n_good)
+    dropped = [
+        Dropped(r.source, r.line, "role_order", "conversation must end with an assistant turn", r.row) for r in bad
+    ]
+    return QualityResult(
+        "sft", good, dropped, n_good + n_bad, {"role_order": n_bad} if n_bad else {}, {}, [40] * n_good
+    )
 
 
-@pytest.mark.bad_input("data", "40 % of rows broken (the filters would drop them)",
-                       "ftflow: error: data contract failed (sft): sft_rows.ends_with_assistant (... input before filtering, "
-                       "mostly 0.9): observed 80 of 200 rows ...")
+@pytest.mark.bad_input(
+    "data",
+    "40 % of rows broken (the filters would drop them)",
+    "ftflow: error: data contract failed (sft): sft_rows.ends_with_assistant (... input before filtering, "
+    "mostly 0.9): observed 80 of 200 rows ...",
+)
 def test_row_checks_run_on_the_input_so_a_mostly_broken_file_fails_even_though_filtering_would_hide_it():
     # 40 % of the rows are broken; filtering drops them and every kept row is fine, so checks on the kept
     # rows alone could never fail. The dropped share (0.4) is under max_dropped_fraction (0.5) too.
@@ -234,6 +257,7 @@ def test_a_few_broken_input_rows_pass_under_mostly_and_the_threshold_is_the_conf
 def test_rows_that_could_not_be_read_count_as_broken_input():
     good = [sft_record(i) for i in range(60)]
     unreadable = [Dropped("train.jsonl", 100 + j, "schema", "invalid JSON", "{not json") for j in range(40)]
-    report = run_contracts(QualityResult("sft", good, unreadable, 100, {"schema": 40}, {}, [40] * 60),
-                           QualityConfig(contract_mostly=0.9))
+    report = run_contracts(
+        QualityResult("sft", good, unreadable, 100, {"schema": 40}, {}, [40] * 60), QualityConfig(contract_mostly=0.9)
+    )
     assert any("last_role_present" in f and "40 of 100 rows" in f for f in report.failures), report.failures

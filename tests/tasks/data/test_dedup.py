@@ -1,4 +1,5 @@
 """Duplicates: the folded text they are judged on, exact repeats, MinHash estimates, near pairs across two lists."""
+
 from __future__ import annotations
 
 from ftflow.tasks.data.dedup import exact_duplicates, fold, jaccard, minhash_signatures, near_pairs, normalized_views
@@ -15,8 +16,13 @@ def test_fold_ignores_case_width_and_spacing():
 
 
 def test_normalized_views_key_on_roles_but_judge_near_duplicates_without_the_system_turn():
-    row = {"messages": [{"role": "system", "content": "Be Brief."}, {"role": "user", "content": "HI  there"},
-                        {"role": "assistant", "content": "Hello."}]}
+    row = {
+        "messages": [
+            {"role": "system", "content": "Be Brief."},
+            {"role": "user", "content": "HI  there"},
+            {"role": "assistant", "content": "Hello."},
+        ]
+    }
     whole, talk = normalized_views(row)
     assert whole == "system\x1fbe brief.\x1euser\x1fhi there\x1eassistant\x1fhello."
     assert talk == "hi there hello."

@@ -1,4 +1,5 @@
 """The seeded demo task: deterministic, disjoint, checkable, and defective exactly where it says."""
+
 from __future__ import annotations
 
 import json
@@ -6,6 +7,7 @@ import re
 from pathlib import Path
 
 import pytest
+
 from ftflow.configs.schema import DemoDataConfig
 from ftflow.tasks.data.demo import KEYS, PREFERENCE_DEFECTS, SFT_DEFECTS, generate_demo, render_answer
 from ftflow.tasks.evaluate.metrics.json_match import score_example
@@ -60,13 +62,15 @@ def test_return_value_names_the_files_and_the_manifest(demo: dict):
 
 def test_heldout_is_disjoint_from_training(demo: dict):
     heldout = read_jsonl(demo["heldout"]) + [
-        {"messages": [*p["prompt"], {"role": "assistant", "content": p["chosen"]}]} for p in read_jsonl(demo["heldout_preference"])
+        {"messages": [*p["prompt"], {"role": "assistant", "content": p["chosen"]}]}
+        for p in read_jsonl(demo["heldout_preference"])
     ]
     train = read_jsonl(demo["sft"]) + read_jsonl(demo["preference"])
     train_text = "\n".join(m["content"] for r in train for m in (r.get("messages") or r["prompt"]))
     train_prompts = {user_text(r) for r in train if (r.get("messages") or r["prompt"])}
-    train_pairs = {(a["name"], a["city"]) for r in clean_rows(demo, "sft")
-                   for a in [json.loads(r["messages"][1]["content"])]}
+    train_pairs = {
+        (a["name"], a["city"]) for r in clean_rows(demo, "sft") for a in [json.loads(r["messages"][1]["content"])]
+    }
     for row in heldout:
         prompt = row["messages"][0]["content"]
         assert prompt not in train_prompts
@@ -86,7 +90,9 @@ def test_heldout_and_heldout_preference_are_clean(demo: dict):
         assert pair["rejected"] not in ("", pair["chosen"])
 
 
-@pytest.mark.parametrize("cfg", [DemoDataConfig(), SMALL, DemoDataConfig(n_sft=50, n_preference=20, n_heldout=5, defect_rate=0.25)])
+@pytest.mark.parametrize(
+    "cfg", [DemoDataConfig(), SMALL, DemoDataConfig(n_sft=50, n_preference=20, n_heldout=5, defect_rate=0.25)]
+)
 def test_defect_counts_follow_the_rate(cfg: DemoDataConfig, tmp_path: Path):
     out = generate_demo(cfg, tmp_path)
     manifest = out["manifest_content"]
@@ -105,13 +111,18 @@ def test_zero_rate_injects_nothing(tmp_path: Path):
     out = generate_demo(cfg, tmp_path)
     assert len(read_jsonl(out["sft"])) == cfg.n_sft
     assert len(read_jsonl(out["preference"])) == cfg.n_preference
-    assert all(e["count"] == 0 for kind in ("sft", "preference") for e in out["manifest_content"]["defects"][kind].values())
+    assert all(
+        e["count"] == 0 for kind in ("sft", "preference") for e in out["manifest_content"]["defects"][kind].values()
+    )
 
 
 def _well_formed_sft(row: dict) -> bool:
     msgs = row["messages"]
-    return ([m["role"] for m in msgs] == ["user", "assistant"] and msgs[1]["content"].strip() != ""
-            and len(msgs[0]["content"]) < 300)
+    return (
+        [m["role"] for m in msgs] == ["user", "assistant"]
+        and msgs[1]["content"].strip() != ""
+        and len(msgs[0]["content"]) < 300
+    )
 
 
 def test_sft_manifest_lines_point_at_the_defective_rows(demo: dict):
@@ -139,8 +150,11 @@ def test_sft_manifest_lines_point_at_the_defective_rows(demo: dict):
     clean = [r for n, r in enumerate(rows, start=1) if n not in flagged]
     assert all(_well_formed_sft(r) for r in clean)
     assert len({user_text(r) for r in clean}) == len(clean) == demo["manifest_content"]["counts"]["sft_clean"]
-    assert not any(_well_formed_sft(at(n)) for n in flagged
-                   if n not in defects["duplicate"]["lines"] and n not in defects["near_duplicate"]["lines"])
+    assert not any(
+        _well_formed_sft(at(n))
+        for n in flagged
+        if n not in defects["duplicate"]["lines"] and n not in defects["near_duplicate"]["lines"]
+    )
 
 
 def test_preference_manifest_lines_point_at_the_defective_pairs(demo: dict):

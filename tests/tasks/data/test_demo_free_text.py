@@ -1,5 +1,6 @@
 """The free-text demo task: deterministic, multi-turn, bilingual, a house style that follows from the input,
 disjoint held-out, defects exactly where the manifest says, and a recipe whose limits fit it."""
+
 from __future__ import annotations
 
 import json
@@ -17,10 +18,16 @@ from ftflow.tasks.data.formatting import format_data
 from ftflow.tasks.data.quality import chat_token_lengths, check_leakage, run_quality
 
 CFG = DemoDataConfig(task=DemoTask.free_text, seed=0, n_sft=200, n_preference=100, n_heldout=30, defect_rate=0.06)
-EXPECTED = {"duplicate": {"exact_duplicate"}, "near_duplicate": {"exact_duplicate", "near_duplicate"},
-            "empty_answer": {"empty_content"}, "overlong": {"too_long"}, "broken_role_order": {"role_order"},
-            "repetition": {"repetition"}, "chosen_equals_rejected": {"chosen_equals_rejected"},
-            "empty_chosen": {"empty_content"}}
+EXPECTED = {
+    "duplicate": {"exact_duplicate"},
+    "near_duplicate": {"exact_duplicate", "near_duplicate"},
+    "empty_answer": {"empty_content"},
+    "overlong": {"too_long"},
+    "broken_role_order": {"role_order"},
+    "repetition": {"repetition"},
+    "chosen_equals_rejected": {"chosen_equals_rejected"},
+    "empty_chosen": {"empty_content"},
+}
 JAPANESE = re.compile(r"[\u3040-\u30ff\u4e00-\u9fff]")
 
 
@@ -145,7 +152,7 @@ def test_the_recipe_fits_the_task(demo: dict, tokenizer):
 
     rows = [Record(r, "sft", i) for i, r in enumerate(clean_sft(demo) + read_jsonl(demo["heldout"]), 1)]
     formatted = format_data(tokenizer, rows, [], cfg.data.system_prompt, cfg.sft, cfg.dpo)
-    assert formatted.dropped["sft"] == []          # no clean row is near the window
+    assert formatted.dropped["sft"] == []  # no clean row is near the window
     answers = [ex["completion"][0]["content"] for ex in formatted.sft]
     longest = max(len(tokenizer(a, add_special_tokens=False)["input_ids"]) for a in answers)
     assert longest + 1 <= cfg.eval.max_new_tokens  # + the end-of-turn token the EOS-stop metric wants to see

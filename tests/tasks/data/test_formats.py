@@ -1,4 +1,5 @@
 """Row formats: every shape, detection, row-level errors, and fuzzing load_rows for unhandled exceptions."""
+
 from __future__ import annotations
 
 import json
@@ -6,13 +7,14 @@ import os
 from pathlib import Path
 
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
 from ftflow.configs.schema import DataFormat
 from ftflow.tasks.data.formats import RowError, detect_format, load_rows, normalize_row
 from ftflow.tasks.data.rows import Dropped
 from ftflow.tasks.data.sources import write_quarantine
 from ftflow.tasks.errors import DataError
-from hypothesis import HealthCheck, given, settings
-from hypothesis import strategies as st
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
 os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
@@ -26,6 +28,7 @@ CHAT = {"messages": [{"role": "user", "content": "What is 2+2?"}, {"role": "assi
 
 def assert_canonical(row: dict, kind: str) -> None:
     """Independent check of the shapes documented in tasks/rows.py."""
+
     def check_messages(messages):
         assert isinstance(messages, list) and messages
         for m in messages:
@@ -53,20 +56,24 @@ def write_lines(path: Path, rows: list) -> Path:
 
 
 def test_openai_roles_are_normalised_and_extra_keys_dropped():
-    raw = {"messages": [
-        {"role": "system", "content": "Be terse."},
-        {"role": "Human", "content": "hi"},
-        {"role": "gpt", "content": "hello", "weight": 1},
-        {"role": "user", "content": "and?"},
-        {"role": "bot", "content": "bye"},
-    ]}
-    assert normalize_row(raw, "openai", "sft") == {"messages": [
-        {"role": "system", "content": "Be terse."},
-        {"role": "user", "content": "hi"},
-        {"role": "assistant", "content": "hello"},
-        {"role": "user", "content": "and?"},
-        {"role": "assistant", "content": "bye"},
-    ]}
+    raw = {
+        "messages": [
+            {"role": "system", "content": "Be terse."},
+            {"role": "Human", "content": "hi"},
+            {"role": "gpt", "content": "hello", "weight": 1},
+            {"role": "user", "content": "and?"},
+            {"role": "bot", "content": "bye"},
+        ]
+    }
+    assert normalize_row(raw, "openai", "sft") == {
+        "messages": [
+            {"role": "system", "content": "Be terse."},
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "and?"},
+            {"role": "assistant", "content": "bye"},
+        ]
+    }
 
 
 def test_alpaca_joins_instruction_and_input_only_when_input_is_given():
@@ -78,11 +85,17 @@ def test_alpaca_joins_instruction_and_input_only_when_input_is_given():
     for empty in ("", "   ", None):
         row = normalize_row({"instruction": "Say hi.", "input": empty, "output": "hi"}, "alpaca", "sft")
         assert row["messages"][0] == {"role": "user", "content": "Say hi."}
-    assert normalize_row({"instruction": "Say hi.", "output": "hi"}, "alpaca", "sft")["messages"][0]["content"] == "Say hi."
+    assert (
+        normalize_row({"instruction": "Say hi.", "output": "hi"}, "alpaca", "sft")["messages"][0]["content"]
+        == "Say hi."
+    )
 
 
 def test_sharegpt_from_value_and_top_level_system():
-    raw = {"system": "You are kind.", "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}]}
+    raw = {
+        "system": "You are kind.",
+        "conversations": [{"from": "human", "value": "hi"}, {"from": "gpt", "value": "hello"}],
+    }
     assert normalize_row(raw, "sharegpt", "sft")["messages"] == [
         {"role": "system", "content": "You are kind."},
         {"role": "user", "content": "hi"},
@@ -94,21 +107,32 @@ def test_prompt_completion_strings_and_conversational():
     assert normalize_row({"prompt": "2+2=", "completion": "4"}, "prompt_completion", "sft") == {
         "messages": [{"role": "user", "content": "2+2="}, {"role": "assistant", "content": "4"}]
     }
-    conv = {"prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
-            "completion": [{"role": "assistant", "content": "a"}]}
+    conv = {
+        "prompt": [{"role": "system", "content": "s"}, {"role": "user", "content": "q"}],
+        "completion": [{"role": "assistant", "content": "a"}],
+    }
     assert normalize_row(conv, "prompt_completion", "sft")["messages"] == [
-        {"role": "system", "content": "s"}, {"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}
+        {"role": "system", "content": "s"},
+        {"role": "user", "content": "q"},
+        {"role": "assistant", "content": "a"},
     ]
 
 
 def test_preference_strings_messages_and_implicit_prompt():
     expected = {"prompt": [{"role": "user", "content": "sky?"}], "chosen": "blue", "rejected": "green"}
-    assert normalize_row({"prompt": "sky?", "chosen": "blue", "rejected": "green"}, "preference", "preference") == expected
-    conv = {"prompt": [{"role": "user", "content": "sky?"}],
-            "chosen": [{"role": "assistant", "content": "blue"}], "rejected": [{"role": "assistant", "content": "green"}]}
+    assert (
+        normalize_row({"prompt": "sky?", "chosen": "blue", "rejected": "green"}, "preference", "preference") == expected
+    )
+    conv = {
+        "prompt": [{"role": "user", "content": "sky?"}],
+        "chosen": [{"role": "assistant", "content": "blue"}],
+        "rejected": [{"role": "assistant", "content": "green"}],
+    }
     assert normalize_row(conv, "preference", "preference") == expected
-    implicit = {"chosen": [{"role": "user", "content": "sky?"}, {"role": "assistant", "content": "blue"}],
-                "rejected": [{"role": "user", "content": "sky?"}, {"role": "assistant", "content": "green"}]}
+    implicit = {
+        "chosen": [{"role": "user", "content": "sky?"}, {"role": "assistant", "content": "blue"}],
+        "rejected": [{"role": "user", "content": "sky?"}, {"role": "assistant", "content": "green"}],
+    }
     assert normalize_row(implicit, "auto", "preference") == expected
 
 
@@ -118,10 +142,16 @@ def test_preference_row_read_as_sft_is_prompt_plus_chosen():
 
 
 def test_hh_shared_turns_become_the_prompt():
-    raw = {"chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: A pun.",
-           "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: No."}
+    raw = {
+        "chosen": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: A pun.",
+        "rejected": "\n\nHuman: hi\n\nAssistant: hello\n\nHuman: joke?\n\nAssistant: No.",
+    }
     assert normalize_row(raw, "hh", "preference") == {
-        "prompt": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}, {"role": "user", "content": "joke?"}],
+        "prompt": [
+            {"role": "user", "content": "hi"},
+            {"role": "assistant", "content": "hello"},
+            {"role": "user", "content": "joke?"},
+        ],
         "chosen": "A pun.",
         "rejected": "No.",
     }
@@ -131,24 +161,72 @@ def test_hh_shared_turns_become_the_prompt():
 @pytest.mark.parametrize(
     "raw, fmt, kind, reason, expected_detail",
     [
-        ({"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]}, "openai", "sft",
-         "schema", "messages[1].content is null, expected a string"),
-        ({"messages": [{"role": "user", "content": 3}]}, "openai", "sft", "schema", "messages[0].content is a number, expected a string"),
-        ({"messages": [{"role": "user", "content": ["a"]}]}, "openai", "sft", "schema", "messages[0].content is a list, expected a string"),
+        (
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]},
+            "openai",
+            "sft",
+            "schema",
+            "messages[1].content is null, expected a string",
+        ),
+        (
+            {"messages": [{"role": "user", "content": 3}]},
+            "openai",
+            "sft",
+            "schema",
+            "messages[0].content is a number, expected a string",
+        ),
+        (
+            {"messages": [{"role": "user", "content": ["a"]}]},
+            "openai",
+            "sft",
+            "schema",
+            "messages[0].content is a list, expected a string",
+        ),
         ({"messages": "hi"}, "openai", "sft", "schema", "messages is a string, expected a list of messages"),
         ({"messages": [None]}, "openai", "sft", "schema", "messages[0] is null"),
-        ({"messages": [{"role": "tool", "content": "x"}]}, "openai", "sft", "unknown_role", "messages[0].role is 'tool'"),
+        (
+            {"messages": [{"role": "tool", "content": "x"}]},
+            "openai",
+            "sft",
+            "unknown_role",
+            "messages[0].role is 'tool'",
+        ),
         ({"messages": [{"role": "user", "content": "q"}]}, "openai", "sft", "schema", "no assistant turn"),
         ({"conversations": [{"from": "human"}]}, "sharegpt", "sft", "schema", "conversations[0] has no 'value'"),
         ({"instruction": "x", "output": 5}, "alpaca", "sft", "schema", "output is a number, expected a string"),
         ({"instruction": "x"}, "alpaca", "sft", "schema", "missing key 'output' (keys found: 'instruction')"),
-        ({"prompt": "q", "chosen": None, "rejected": "r"}, "preference", "preference", "schema", "chosen is null, expected a string or a list of messages"),
-        ({"prompt": "q", "chosen": [{"role": "user", "content": "c"}], "rejected": "r"}, "preference", "preference",
-         "schema", "expected the assistant answer last"),
-        ({"prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}], "chosen": "c", "rejected": "r"},
-         "preference", "preference", "schema", "expected it to end with a user turn"),
-        ({"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: other\n\nAssistant: c"}, "hh", "preference",
-         "schema", "differ before their final Assistant turn"),
+        (
+            {"prompt": "q", "chosen": None, "rejected": "r"},
+            "preference",
+            "preference",
+            "schema",
+            "chosen is null, expected a string or a list of messages",
+        ),
+        (
+            {"prompt": "q", "chosen": [{"role": "user", "content": "c"}], "rejected": "r"},
+            "preference",
+            "preference",
+            "schema",
+            "expected the assistant answer last",
+        ),
+        (
+            {
+                "prompt": [{"role": "user", "content": "q"}, {"role": "assistant", "content": "a"}],
+                "chosen": "c",
+                "rejected": "r",
+            },
+            "preference",
+            "preference",
+            "schema",
+            "expected it to end with a user turn",
+        ),
+        (
+            {"chosen": "\n\nHuman: a\n\nAssistant: b", "rejected": "\n\nHuman: other\n\nAssistant: c"},
+            "hh",
+            "preference",
+            "schema",
+            "differ before their final Assistant turn",
+        ),
         ({"chosen": "no turns here", "rejected": "none"}, "hh", "preference", "schema", "holds no"),
     ],
 )
@@ -203,14 +281,37 @@ def test_sft_format_cannot_give_preference_pairs():
 @pytest.mark.parametrize(
     "name, kind, n, first",
     [
-        ("openai_finetune.jsonl", "sft", 3, {"role": "system", "content": "Marv is a factual chatbot that is also sarcastic."}),
+        (
+            "openai_finetune.jsonl",
+            "sft",
+            3,
+            {"role": "system", "content": "Marv is a factual chatbot that is also sarcastic."},
+        ),
         ("alpaca_tatsu.json", "sft", 2, {"role": "user", "content": "Give three tips for staying healthy."}),
-        ("sharegpt.json", "sft", 2, {"role": "user", "content": "Summarize the main ideas of Jeff Walker's Product Launch Formula into bullet points."}),
+        (
+            "sharegpt.json",
+            "sft",
+            2,
+            {
+                "role": "user",
+                "content": "Summarize the main ideas of Jeff Walker's Product Launch Formula into bullet points.",
+            },
+        ),
         ("hh_rlhf.jsonl", "preference", 2, {"role": "user", "content": "What kind of noises did dinosaurs make?"}),
         ("hh_rlhf.jsonl", "sft", 2, {"role": "user", "content": "What kind of noises did dinosaurs make?"}),
         ("trl_preference.jsonl", "preference", 2, {"role": "user", "content": "What color is the sky?"}),
-        ("ultrafeedback_binarized.jsonl", "preference", 1, {"role": "user", "content": "how can i develop a habit of drawing daily"}),
-        ("ultrafeedback_binarized.jsonl", "sft", 1, {"role": "user", "content": "how can i develop a habit of drawing daily"}),
+        (
+            "ultrafeedback_binarized.jsonl",
+            "preference",
+            1,
+            {"role": "user", "content": "how can i develop a habit of drawing daily"},
+        ),
+        (
+            "ultrafeedback_binarized.jsonl",
+            "sft",
+            1,
+            {"role": "user", "content": "how can i develop a habit of drawing daily"},
+        ),
     ],
 )
 def test_public_dataset_shapes(name, kind, n, first):
@@ -252,20 +353,28 @@ def data_error(path, kind="sft", **kw) -> str:
 
 
 def test_wrong_types_and_nulls_are_dropped_not_fatal(tmp_path):
-    path = write_lines(tmp_path / "mixed.jsonl", [
-        CHAT,
-        {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]},
-        {"messages": {"role": "user"}},
-        {"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "a"}]},
-        {"text": "no messages here"},
-        [1, 2],
-        {"messages": [{"role": "function", "content": "{}"}]},
-        CHAT,
-    ])
+    path = write_lines(
+        tmp_path / "mixed.jsonl",
+        [
+            CHAT,
+            {"messages": [{"role": "user", "content": "q"}, {"role": "assistant", "content": None}]},
+            {"messages": {"role": "user"}},
+            {"messages": [{"role": "user", "content": 7}, {"role": "assistant", "content": "a"}]},
+            {"text": "no messages here"},
+            [1, 2],
+            {"messages": [{"role": "function", "content": "{}"}]},
+            CHAT,
+        ],
+    )
     records, dropped = load_rows(path, "sft")
     assert [r.line for r in records] == [1, 8]
     assert [(d.line, d.reason) for d in dropped] == [
-        (2, "schema"), (3, "schema"), (4, "schema"), (5, "schema"), (6, "schema"), (7, "unknown_role"),
+        (2, "schema"),
+        (3, "schema"),
+        (4, "schema"),
+        (5, "schema"),
+        (6, "schema"),
+        (7, "unknown_role"),
     ]
     assert dropped[0].detail == f"{path}:2: messages[1].content is null, expected a string"
     assert dropped[1].detail == f"{path}:3: messages is an object, expected a list of messages"
@@ -285,7 +394,9 @@ def test_rows_not_in_the_named_format(tmp_path):
 def test_unknown_shape_names_keys_and_expected_formats(tmp_path):
     path = write_lines(tmp_path / "qa.jsonl", [{"question": "q", "answer": "a"}])
     message = data_error(path)
-    assert f"{path}:1:" in message and "'question', 'answer'" in message and "alpaca (instruction/input/output)" in message
+    assert (
+        f"{path}:1:" in message and "'question', 'answer'" in message and "alpaca (instruction/input/output)" in message
+    )
 
 
 def test_sft_file_read_as_preference(tmp_path):
@@ -301,12 +412,28 @@ def test_unsupported_format_name(tmp_path):
 
 # ------------------------------------------------------------------------------ fuzzing
 
-KEYS = ["messages", "conversations", "role", "content", "from", "value", "instruction", "input", "output",
-        "prompt", "completion", "chosen", "rejected", "system"]
+KEYS = [
+    "messages",
+    "conversations",
+    "role",
+    "content",
+    "from",
+    "value",
+    "instruction",
+    "input",
+    "output",
+    "prompt",
+    "completion",
+    "chosen",
+    "rejected",
+    "system",
+]
 json_scalars = st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=8)
 json_values = st.recursive(
     json_scalars,
-    lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=4), inner, max_size=4),
+    lambda inner: (
+        st.lists(inner, max_size=3) | st.dictionaries(st.sampled_from(KEYS) | st.text(max_size=4), inner, max_size=4)
+    ),
     max_leaves=12,
 )
 # Mostly well-formed values with some wrong ones, so fuzzing reaches both the kept and the dropped paths
@@ -316,9 +443,9 @@ text = st.text(max_size=8)
 content = st.one_of(text, text, text, json_scalars)
 message = st.fixed_dictionaries({"role": role, "content": content})
 sharegpt_message = st.fixed_dictionaries({"from": role, "value": content})
-hh_text = st.lists(st.tuples(st.sampled_from(["\n\nHuman: ", "\n\nAssistant: ", "Human:", "\n\n"]), text), max_size=4).map(
-    lambda turns: "".join(a + b for a, b in turns)
-)
+hh_text = st.lists(
+    st.tuples(st.sampled_from(["\n\nHuman: ", "\n\nAssistant: ", "Human:", "\n\n"]), text), max_size=4
+).map(lambda turns: "".join(a + b for a, b in turns))
 answer = st.one_of(text, st.lists(message, max_size=3), json_scalars)
 families = [
     json_values,
@@ -331,8 +458,10 @@ families = [
 ]
 good_message = st.fixed_dictionaries({"role": valid_role, "content": text})
 good_hh = st.tuples(st.lists(st.tuples(text, text), max_size=2), text, text, text).map(
-    lambda t: {side: "".join(f"\n\nHuman: {q}\n\nAssistant: {a}" for q, a in t[0]) + f"\n\nHuman: {t[1]}\n\nAssistant: {last}"
-               for side, last in (("chosen", t[2]), ("rejected", t[3]))}
+    lambda t: {
+        side: "".join(f"\n\nHuman: {q}\n\nAssistant: {a}" for q, a in t[0]) + f"\n\nHuman: {t[1]}\n\nAssistant: {last}"
+        for side, last in (("chosen", t[2]), ("rejected", t[3]))
+    }
 )
 families += [
     st.fixed_dictionaries({"messages": st.lists(good_message, min_size=1, max_size=4)}),
@@ -386,8 +515,11 @@ def test_fuzz_jsonl_rows(tmp_path, lines, damage, kind):
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(data=st.binary(max_size=300), suffix=st.sampled_from([".jsonl", ".json", ".csv", ".parquet"]),
-       kind=st.sampled_from(["sft", "preference"]))
+@given(
+    data=st.binary(max_size=300),
+    suffix=st.sampled_from([".jsonl", ".json", ".csv", ".parquet"]),
+    kind=st.sampled_from(["sft", "preference"]),
+)
 def test_fuzz_random_bytes(tmp_path, data, suffix, kind):
     path = tmp_path / f"fuzz{suffix}"
     path.write_bytes(data)
@@ -395,8 +527,15 @@ def test_fuzz_random_bytes(tmp_path, data, suffix, kind):
 
 
 @settings(max_examples=100, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
-@given(rows_=st.lists(st.dictionaries(st.sampled_from(KEYS), st.text(max_size=12) | st.just('[{"role": "user", "content": "q"}]'), max_size=5), max_size=5),
-       kind=st.sampled_from(["sft", "preference"]))
+@given(
+    rows_=st.lists(
+        st.dictionaries(
+            st.sampled_from(KEYS), st.text(max_size=12) | st.just('[{"role": "user", "content": "q"}]'), max_size=5
+        ),
+        max_size=5,
+    ),
+    kind=st.sampled_from(["sft", "preference"]),
+)
 def test_fuzz_csv_and_json_lists(tmp_path, rows_, kind):
     import csv
 

@@ -1,6 +1,7 @@
 """Chat-template formatting with SmolLM2's real tokenizer: prompt/completion split, system prompt, EOS, fingerprint.
 
 The loss masks and the training window are tested in test_loss_mask.py."""
+
 from __future__ import annotations
 
 import copy
@@ -29,13 +30,15 @@ def msg(role: str, content: str) -> dict:
     return {"role": role, "content": content}
 
 
-MULTI_TURN = {"messages": [
-    msg("system", "You extract fields."),
-    msg("user", "Name: Ann"),
-    msg("assistant", '{"name": "Ann"}'),
-    msg("user", "Name: Bob"),
-    msg("assistant", '{"name": "Bob"}'),
-]}
+MULTI_TURN = {
+    "messages": [
+        msg("system", "You extract fields."),
+        msg("user", "Name: Ann"),
+        msg("assistant", '{"name": "Ann"}'),
+        msg("user", "Name: Bob"),
+        msg("assistant", '{"name": "Bob"}'),
+    ]
+}
 SINGLE_TURN = {"messages": [msg("user", "What is 2 + 2?"), msg("assistant", "4")]}
 PAIR = {"prompt": [msg("user", "Capital of France?")], "chosen": "Paris", "rejected": "Berlin"}
 
@@ -60,6 +63,7 @@ def without_end_of_turn(tokenizer):
 
 # --- prompt / completion split ---------------------------------------------------------------
 
+
 def test_sft_example_splits_at_final_assistant_turn():
     ex = sft_example(MULTI_TURN, None)
     assert ex["completion"] == [msg("assistant", '{"name": "Bob"}')]
@@ -80,6 +84,7 @@ def test_sft_example_does_not_mutate_the_row():
 
 
 # --- system prompt ---------------------------------------------------------------------------
+
 
 def test_system_prompt_prepended_when_missing():
     ex = sft_example(SINGLE_TURN, SYSTEM)
@@ -108,13 +113,18 @@ def test_preference_example_shape():
 
 # --- end of turn -----------------------------------------------------------------------------
 
+
 def test_end_of_turn_token_is_chatml_im_end(tokenizer):
     assert end_of_turn_token(tokenizer) == "<|im_end|>"
 
 
 def test_every_rendered_example_ends_with_end_of_turn(tokenizer):
-    examples = [sft_example(MULTI_TURN, SYSTEM), sft_example(SINGLE_TURN, SYSTEM), sft_example(SINGLE_TURN, None),
-                preference_example(PAIR, None)]
+    examples = [
+        sft_example(MULTI_TURN, SYSTEM),
+        sft_example(SINGLE_TURN, SYSTEM),
+        sft_example(SINGLE_TURN, None),
+        preference_example(PAIR, None),
+    ]
     for ex in examples:
         text = render(tokenizer, ex)
         assert text.rstrip().endswith("<|im_end|>")
@@ -143,11 +153,14 @@ def test_format_data_refuses_a_template_without_end_token(tokenizer):
 
 # --- fingerprint -----------------------------------------------------------------------------
 
+
 def test_template_fingerprint_stable_across_loads(tokenizer, smollm_path):
     from transformers import AutoTokenizer
 
     again = AutoTokenizer.from_pretrained(smollm_path)
-    assert template_fingerprint(tokenizer) == template_fingerprint(again) == template_fingerprint(copy.deepcopy(tokenizer))
+    assert (
+        template_fingerprint(tokenizer) == template_fingerprint(again) == template_fingerprint(copy.deepcopy(tokenizer))
+    )
     assert len(template_fingerprint(tokenizer)) == 16
 
 
@@ -166,19 +179,23 @@ def test_template_fingerprint_changes_with_special_tokens(tokenizer):
 
 # --- token stats -----------------------------------------------------------------------------
 
+
 def test_format_data_stats_and_examples(tokenizer):
     sft = [Record(SINGLE_TURN, "train.jsonl", 1), Record(MULTI_TURN, "train.jsonl", 2)]
     pref = [Record(PAIR, "pairs.jsonl", 1)]
     data = format_data(tokenizer, sft, pref, SYSTEM)
     # The conversation stays readable as prompt/completion (evaluation reads it) beside the trainer's tokens.
     assert [{k: ex[k] for k in ("prompt", "completion")} for ex in data.sft] == [
-        sft_example(SINGLE_TURN, SYSTEM), sft_example(MULTI_TURN, SYSTEM)]
+        sft_example(SINGLE_TURN, SYSTEM),
+        sft_example(MULTI_TURN, SYSTEM),
+    ]
     assert all(len(ex["input_ids"]) == len(ex["assistant_masks"]) for ex in data.sft)
     assert data.preference == [preference_example(PAIR, SYSTEM)]
     assert data.template_fingerprint == template_fingerprint(tokenizer)
     keys = {"tokens_mean", "tokens_median", "tokens_p95", "tokens_max", "tokens_total"}
     assert set(data.token_stats) == {f"sft_{k}" for k in keys} | {f"preference_{k}" for k in keys} | {
-        "sft_loss_token_share"}
+        "sft_loss_token_share"
+    }
     lengths = token_lengths(tokenizer, data.sft)
     assert lengths == token_lengths(tokenizer, [sft_example(r.row, SYSTEM) for r in sft])
     assert data.token_stats["sft_tokens_total"] == sum(lengths)
@@ -196,7 +213,12 @@ def test_format_data_without_preference_has_no_preference_stats(tokenizer):
 
 def test_length_stats_math():
     stats = length_stats([10, 30, 20, 40])
-    assert stats == {"tokens_mean": 25.0, "tokens_median": 25.0, "tokens_p95": 40.0, "tokens_max": 40.0,
-                     "tokens_total": 100.0}
+    assert stats == {
+        "tokens_mean": 25.0,
+        "tokens_median": 25.0,
+        "tokens_p95": 40.0,
+        "tokens_max": 40.0,
+        "tokens_total": 100.0,
+    }
     assert length_stats([]) == {}
     assert token_lengths(None, []) == []

@@ -1,7 +1,9 @@
 """Token lengths: the chat-template count, batching that refuses lost rows, and the one percentile."""
+
 from __future__ import annotations
 
 import pytest
+
 from ftflow.tasks.data.lengths import chat_token_lengths, estimate_token_lengths, measure_token_lengths, nearest_rank
 
 
@@ -21,8 +23,11 @@ def test_chat_token_lengths_counts_the_templated_conversation():
     offline_env()
     tokenizer = load_tokenizer(resolve_model_path(ModelConfig()), ModelConfig())
     lengths = chat_token_lengths(tokenizer)
-    row = sft("How do I reset the password of my office laptop?", "Open the settings page, choose security, then follow the reset wizard.",
-              system="Be brief.")
+    row = sft(
+        "How do I reset the password of my office laptop?",
+        "Open the settings page, choose security, then follow the reset wizard.",
+        system="Be brief.",
+    )
     p = pair("Which city is the capital of Japan?", "Tokyo is the capital of Japan, and has been since 1868.", "Osaka.")
     expected_sft = len(tokenizer.apply_chat_template(row["messages"], tokenize=True, return_dict=True)["input_ids"])
     longer = p["prompt"] + [{"role": "assistant", "content": p["chosen"]}]

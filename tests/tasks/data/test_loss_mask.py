@@ -3,6 +3,7 @@
 SmolLM2's own template is ChatML. The others are real templates of other model families (fixtures/templates/)
 put on SmolLM2's tokenizer with their special tokens added, so no other model has to be downloaded.
 """
+
 from __future__ import annotations
 
 import copy
@@ -83,6 +84,7 @@ def encode(tok, text: str) -> list[int]:
 
 # --- every assistant turn, token by token ------------------------------------------------------
 
+
 @pytest.mark.parametrize("name", list(FAMILIES))
 def test_three_turns_carry_the_loss_on_exactly_their_answers_and_end_of_turn_tokens(smollm, name):
     tok = family(smollm, name)
@@ -100,14 +102,17 @@ def test_three_turns_carry_the_loss_on_exactly_their_answers_and_end_of_turn_tok
     # (Text, not tokens: alone, the prompt's closing "\n\n" is one token; before the answer, byte-level BPE splits it.)
     for (start, _), k in zip(found, (1, 3, 5)):
         assert tok.decode(ids[:start], clean_up_tokenization_spaces=False) == tok.apply_chat_template(
-            THREE_TURNS[:k], tokenize=False, add_generation_prompt=True)
+            THREE_TURNS[:k], tokenize=False, add_generation_prompt=True
+        )
     assert sum(mask) == sum(len(encode(tok, a)) + 1 for a in ANSWERS)
 
 
 def test_last_turn_only_masks_the_final_answer(smollm):
     example, _ = tokenized_example(smollm, THREE_TURNS, Window(loss_on=LossOn.last_turn))
     eot_id = smollm.convert_tokens_to_ids("<|im_end|>")
-    assert [t for _, t in runs(example["input_ids"], example["assistant_masks"])] == [encode(smollm, ANSWERS[-1]) + [eot_id]]
+    assert [t for _, t in runs(example["input_ids"], example["assistant_masks"])] == [
+        encode(smollm, ANSWERS[-1]) + [eot_id]
+    ]
 
 
 def test_without_assistant_only_loss_every_token_is_trained(smollm):
@@ -129,9 +134,11 @@ def test_a_template_that_renders_earlier_turns_differently_is_refused_with_the_w
 
     tok = copy.deepcopy(smollm)
     # Renders only the latest exchange unless a generation prompt is asked for: not prefix-preserving.
-    tok.chat_template = ("{% for m in messages %}{% if add_generation_prompt or loop.index > messages|length - 2 %}"
-                         "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
-                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}{% if add_generation_prompt or loop.index > messages|length - 2 %}"
+        "<|im_start|>{{ m.role }}\n{{ m.content }}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     with pytest.raises(DataError, match="not prefix-preserving.*loss_on=last_turn"):
         tokenized_example(tok, THREE_TURNS, Window())
 
@@ -141,32 +148,54 @@ def test_a_template_that_rewrites_earlier_answers_still_trains_the_last_turn(smo
 
     tok = copy.deepcopy(smollm)
     # Like reasoning templates that strip earlier answers: an assistant turn renders differently once others follow.
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n"
-                         "{% if m.role == 'assistant' and not loop.last %}[earlier answer]{% else %}{{ m.content }}"
-                         "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
-    with pytest.raises(DataError, match="assistant turn 1 .* use a template with \\{% generation %\\} markers or sft.loss_on=last_turn"):
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n"
+        "{% if m.role == 'assistant' and not loop.last %}[earlier answer]{% else %}{{ m.content }}"
+        "{% endif %}<|im_end|>\n{% endfor %}{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
+    with pytest.raises(
+        DataError, match="assistant turn 1 .* use a template with \\{% generation %\\} markers or sft.loss_on=last_turn"
+    ):
         tokenized_example(tok, THREE_TURNS, Window())
     example, _ = tokenized_example(tok, THREE_TURNS, Window(loss_on=LossOn.last_turn))
     eot_id = tok.convert_tokens_to_ids("<|im_end|>")
-    assert [t for _, t in runs(example["input_ids"], example["assistant_masks"])] == [encode(tok, ANSWERS[-1]) + [eot_id]]
+    assert [t for _, t in runs(example["input_ids"], example["assistant_masks"])] == [
+        encode(tok, ANSWERS[-1]) + [eot_id]
+    ]
 
 
 # --- what TRL makes of it ----------------------------------------------------------------------
 
+
 @pytest.mark.parametrize("completion_only_loss", [True, False])
-def test_trl_trains_on_exactly_the_masked_tokens_and_tokenizes_nothing_itself(tiny_model_dir, tmp_path, completion_only_loss):
+def test_trl_trains_on_exactly_the_masked_tokens_and_tokenizes_nothing_itself(
+    tiny_model_dir, tmp_path, completion_only_loss
+):
     from datasets import Dataset
     from transformers import AutoModelForCausalLM, AutoTokenizer
     from trl import SFTConfig, SFTTrainer
 
     tok = AutoTokenizer.from_pretrained(tiny_model_dir)
-    records = [Record({"messages": THREE_TURNS}, "t.jsonl", 1),
-               Record({"messages": [msg("user", "What is 2 + 2?"), msg("assistant", "4")]}, "t.jsonl", 2)]
+    records = [
+        Record({"messages": THREE_TURNS}, "t.jsonl", 1),
+        Record({"messages": [msg("user", "What is 2 + 2?"), msg("assistant", "4")]}, "t.jsonl", 2),
+    ]
     formatted = format_data(tok, records, [], "Answer briefly.", Window(max_length=256))
-    args = SFTConfig(output_dir=str(tmp_path), max_length=256, completion_only_loss=completion_only_loss, packing=False,
-                     report_to="none", use_cpu=True, dataset_num_proc=None)
-    trainer = SFTTrainer(model=AutoModelForCausalLM.from_pretrained(tiny_model_dir), args=args,
-                         train_dataset=Dataset.from_list(formatted.sft), processing_class=tok)
+    args = SFTConfig(
+        output_dir=str(tmp_path),
+        max_length=256,
+        completion_only_loss=completion_only_loss,
+        packing=False,
+        report_to="none",
+        use_cpu=True,
+        dataset_num_proc=None,
+    )
+    trainer = SFTTrainer(
+        model=AutoModelForCausalLM.from_pretrained(tiny_model_dir),
+        args=args,
+        train_dataset=Dataset.from_list(formatted.sft),
+        processing_class=tok,
+    )
     prepared = trainer.train_dataset
     assert len(prepared) == len(formatted.sft)
     for example, row in zip(formatted.sft, prepared):
@@ -178,9 +207,12 @@ def test_trl_trains_on_exactly_the_masked_tokens_and_tokenizes_nothing_itself(ti
 
 # --- the training window -----------------------------------------------------------------------
 
-LONG_FIRST = [msg("system", "You rewrite and summarize."),
-              msg("user", "Rewrite politely: " + "please note the following background. " * 30 + "Send the file."),
-              msg("assistant", "Could you please send the file? Thank you."), *THREE_TURNS[2:]]
+LONG_FIRST = [
+    msg("system", "You rewrite and summarize."),
+    msg("user", "Rewrite politely: " + "please note the following background. " * 30 + "Send the file."),
+    msg("assistant", "Could you please send the file? Thank you."),
+    *THREE_TURNS[2:],
+]
 
 
 def length(tok, messages) -> int:
@@ -190,36 +222,58 @@ def length(tok, messages) -> int:
 def test_drop_quarantines_a_row_the_window_would_cut_and_counts_it(smollm):
     n = length(smollm, LONG_FIRST)
     short = Record({"messages": THREE_TURNS}, "t.jsonl", 1)
-    data = format_data(smollm, [short, Record({"messages": LONG_FIRST}, "t.jsonl", 2)], [], None,
-                       Window(max_length=n - 1, truncation=Truncation.drop))
+    data = format_data(
+        smollm,
+        [short, Record({"messages": LONG_FIRST}, "t.jsonl", 2)],
+        [],
+        None,
+        Window(max_length=n - 1, truncation=Truncation.drop),
+    )
     assert len(data.sft) == 1 and data.sft[0]["completion"][0]["content"] == ANSWERS[-1]
     [dropped] = data.dropped["sft"]
     assert (dropped.line, dropped.reason) == (2, "truncated_answer")
     assert f"{n} tokens" in dropped.detail and f"sft.max_length {n - 1}" in dropped.detail
-    assert data.window["sft"] == {"in": 2, "kept": 1, "truncated_left": 0, "dropped": {"truncated_answer": 1},
-                                  "max_length": n - 1, "truncation": "drop"}
+    assert data.window["sft"] == {
+        "in": 2,
+        "kept": 1,
+        "truncated_left": 0,
+        "dropped": {"truncated_answer": 1},
+        "max_length": n - 1,
+        "truncation": "drop",
+    }
 
 
 def test_truncate_left_drops_the_earliest_exchange_keeps_the_system_prompt_and_every_later_answer_trained(smollm):
     limit = length(smollm, [LONG_FIRST[0], *LONG_FIRST[3:]])
     assert length(smollm, LONG_FIRST) > limit
-    data = format_data(smollm, [Record({"messages": LONG_FIRST}, "t.jsonl", 1)], [], None,
-                       Window(max_length=limit, truncation=Truncation.truncate_left))
+    data = format_data(
+        smollm,
+        [Record({"messages": LONG_FIRST}, "t.jsonl", 1)],
+        [],
+        None,
+        Window(max_length=limit, truncation=Truncation.truncate_left),
+    )
     [example] = data.sft
-    assert example["prompt"][0] == LONG_FIRST[0]                      # the system prompt stays
+    assert example["prompt"][0] == LONG_FIRST[0]  # the system prompt stays
     assert example["prompt"][1:] + example["completion"] == LONG_FIRST[3:]
     assert len(example["input_ids"]) <= limit
     eot_id = smollm.convert_tokens_to_ids("<|im_end|>")
     # Both answers left in the window still carry the loss, whole, with their end-of-turn tokens.
     assert [t for _, t in runs(example["input_ids"], example["assistant_masks"])] == [
-        encode(smollm, a) + [eot_id] for a in ANSWERS[1:]]
+        encode(smollm, a) + [eot_id] for a in ANSWERS[1:]
+    ]
     assert data.window["sft"]["truncated_left"] == 1 and data.dropped["sft"] == []
 
 
 def test_truncate_left_never_cuts_the_final_exchange(smollm):
     final_alone = length(smollm, [LONG_FIRST[0], *LONG_FIRST[-2:]])
-    data = format_data(smollm, [Record({"messages": LONG_FIRST}, "t.jsonl", 7)], [], None,
-                       Window(max_length=final_alone - 1, truncation=Truncation.truncate_left))
+    data = format_data(
+        smollm,
+        [Record({"messages": LONG_FIRST}, "t.jsonl", 7)],
+        [],
+        None,
+        Window(max_length=final_alone - 1, truncation=Truncation.truncate_left),
+    )
     assert data.sft == []
     [dropped] = data.dropped["sft"]
     assert dropped.reason == "truncated_answer" and "final exchange does not fit" in dropped.detail
@@ -230,8 +284,13 @@ def test_preference_pairs_get_the_window_too(smollm):
     n = max(length(smollm, [*pair["prompt"], msg("assistant", a)]) for a in (pair["chosen"], pair["rejected"]))
     dropped = format_data(smollm, [], [Record(pair, "p.jsonl", 3)], None, dpo_window=Window(max_length=n - 1))
     assert dropped.preference == [] and dropped.dropped["preference"][0].reason == "truncated_answer"
-    kept = format_data(smollm, [], [Record(pair, "p.jsonl", 3)], None,
-                       dpo_window=Window(max_length=n - 1, truncation=Truncation.truncate_left))
+    kept = format_data(
+        smollm,
+        [],
+        [Record(pair, "p.jsonl", 3)],
+        None,
+        dpo_window=Window(max_length=n - 1, truncation=Truncation.truncate_left),
+    )
     [example] = kept.preference
     assert example["prompt"] == [LONG_FIRST[0], *LONG_FIRST[3:-1]]
     assert kept.window["preference"]["truncated_left"] == 1
@@ -245,6 +304,7 @@ def test_window_comes_from_the_config_sections():
 
 
 # --- token limits must agree at load -----------------------------------------------------------
+
 
 def load(overrides: list[str]) -> PipelineConfig:
     return config_from_dict(apply_overrides(PipelineConfig().model_dump(mode="json"), overrides), "test")
@@ -270,9 +330,11 @@ def test_a_template_that_leaves_assistant_turns_open_is_refused_not_mis_masked(s
 
     tok = copy.deepcopy(smollm)
     # Closes user turns only: a naive search for <|im_end|> would run the first answer into the next user turn.
-    tok.chat_template = ("{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
-                         "{% if m.role != 'assistant' %}<|im_end|>\n{% endif %}{% endfor %}"
-                         "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}")
+    tok.chat_template = (
+        "{% for m in messages %}<|im_start|>{{ m.role }}\n{{ m.content }}"
+        "{% if m.role != 'assistant' %}<|im_end|>\n{% endif %}{% endfor %}"
+        "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+    )
     with pytest.raises(DataError, match="does not render assistant turn 1 as its content closed by the end-of-turn"):
         tokenized_example(tok, THREE_TURNS, Window())
     with pytest.raises(DataError) as err:

@@ -1,4 +1,5 @@
 """Degenerate answers: the three measures, the thresholds, and the `repetition` reason in the quality pass."""
+
 from __future__ import annotations
 
 from pathlib import Path
@@ -33,8 +34,8 @@ def test_words_split_latin_runs_cjk_characters_and_punctuation():
 
 def test_dup_line_frac_counts_lines_repeating_an_earlier_one():
     assert dup_line_frac("a\nb\na\na") == pytest.approx(2 / 4)
-    assert dup_line_frac("a\n\n  a  \nb\nc") == pytest.approx(1 / 4)   # blank lines skipped, whitespace stripped
-    assert dup_line_frac("a\na") == 0.0                                 # too few lines to judge
+    assert dup_line_frac("a\n\n  a  \nb\nc") == pytest.approx(1 / 4)  # blank lines skipped, whitespace stripped
+    assert dup_line_frac("a\na") == 0.0  # too few lines to judge
 
 
 def test_dup_ngram_char_frac_follows_gophers_non_overlapping_count():
@@ -51,12 +52,15 @@ def test_longest_run_counts_back_to_back_copies_of_a_unit_and_ignores_punctuatio
     assert longest_run(words("all different words here")) == 1
 
 
-@pytest.mark.parametrize("text, measure_name", [
-    ("The order is ready.\nThe order is ready.\nThe order is ready.", "lines repeat"),
-    ("ありがとうございます。" * 4, "repeated 5-grams"),
-    ("yes " * 12 + "done", "repeated 5-grams"),
-    ("ok " * 10, "repeated 5-grams"),
-])
+@pytest.mark.parametrize(
+    "text, measure_name",
+    [
+        ("The order is ready.\nThe order is ready.\nThe order is ready.", "lines repeat"),
+        ("ありがとうございます。" * 4, "repeated 5-grams"),
+        ("yes " * 12 + "done", "repeated 5-grams"),
+        ("ok " * 10, "repeated 5-grams"),
+    ],
+)
 def test_degenerate_answers_are_caught_with_the_measure_that_fired(text, measure_name):
     assert measure_name in (problem(text) or "")
 
@@ -68,41 +72,65 @@ def test_the_run_threshold_fires_on_its_own():
     assert repetition_problem(text, 1.0, 1.0, 9) is None
 
 
-@pytest.mark.parametrize("text", [
-    '{"name": "Ann Lee", "item": "pen", "qty": 2, "city": "Tokyo", "lang": "en"}',
-    "Could you please send the invoice by Friday? Thank you.",
-    "要するに、佐藤さんは火曜日に倉庫を掃除しました。",
-    "1. Preheat the oven.\n2. Mix the flour.\n3. Bake for 20 minutes.\n4. Let it cool.",
-])
+@pytest.mark.parametrize(
+    "text",
+    [
+        '{"name": "Ann Lee", "item": "pen", "qty": 2, "city": "Tokyo", "lang": "en"}',
+        "Could you please send the invoice by Friday? Thank you.",
+        "要するに、佐藤さんは火曜日に倉庫を掃除しました。",
+        "1. Preheat the oven.\n2. Mix the flour.\n3. Bake for 20 minutes.\n4. Let it cool.",
+    ],
+)
 def test_healthy_answers_pass(text):
     assert problem(text) is None
 
 
 def test_quality_drops_a_looping_sft_answer_in_any_turn_and_either_side_of_a_pair():
     loop = "Sure.\nSure.\nSure.\nSure."
-    rows = [{"messages": [{"role": "user", "content": "hi there friend"}, {"role": "assistant", "content": loop},
-                          {"role": "user", "content": "and then?"}, {"role": "assistant", "content": "Nothing more."}]},
-            {"messages": [{"role": "user", "content": "hello again"}, {"role": "assistant", "content": "Hello, how can I help?"}]}]
+    rows = [
+        {
+            "messages": [
+                {"role": "user", "content": "hi there friend"},
+                {"role": "assistant", "content": loop},
+                {"role": "user", "content": "and then?"},
+                {"role": "assistant", "content": "Nothing more."},
+            ]
+        },
+        {
+            "messages": [
+                {"role": "user", "content": "hello again"},
+                {"role": "assistant", "content": "Hello, how can I help?"},
+            ]
+        },
+    ]
     result = run_quality([Record(r, "t.jsonl", i) for i, r in enumerate(rows, 1)], "sft", DEFAULT)
     [dropped] = result.dropped
     assert (dropped.line, dropped.reason) == (1, "repetition") and dropped.detail.startswith("assistant turn 1:")
-    pairs = [{"prompt": [{"role": "user", "content": f"question number {i}"}], "chosen": c, "rejected": r}
-             for i, (c, r) in enumerate([("A fine answer.", loop), (loop, "A short answer."), ("Good.", "Bad.")])]
+    pairs = [
+        {"prompt": [{"role": "user", "content": f"question number {i}"}], "chosen": c, "rejected": r}
+        for i, (c, r) in enumerate([("A fine answer.", loop), (loop, "A short answer."), ("Good.", "Bad.")])
+    ]
     result = run_quality([Record(p, "p.jsonl", i) for i, p in enumerate(pairs, 1)], "preference", DEFAULT)
     assert [(d.line, d.reason, d.detail.split(":")[0]) for d in result.dropped] == [
-        (1, "repetition", "rejected"), (2, "repetition", "chosen")]
+        (1, "repetition", "rejected"),
+        (2, "repetition", "chosen"),
+    ]
     assert result.stats["repetition_by_answer"] == {"rejected": 1, "chosen": 1}
 
 
 def test_thresholds_at_one_and_a_high_run_limit_turn_the_check_off():
     off = QualityConfig(max_dup_line_frac=1.0, max_dup_ngram_char_frac=1.0, max_repeat_run=1000)
-    row = {"messages": [{"role": "user", "content": "hi there friend"}, {"role": "assistant", "content": "Sure.\n" * 5}]}
+    row = {
+        "messages": [{"role": "user", "content": "hi there friend"}, {"role": "assistant", "content": "Sure.\n" * 5}]
+    }
     assert run_quality([Record(row, "t.jsonl", 1)], "sft", off).dropped == []
 
 
 @pytest.mark.parametrize("task", list(DemoTask))
 def test_the_defaults_keep_every_clean_demo_row(task, tmp_path: Path):
-    made = generate_demo(DemoDataConfig(task=task, n_sft=300, n_preference=150, n_heldout=40, defect_rate=0.0), tmp_path)
+    made = generate_demo(
+        DemoDataConfig(task=task, n_sft=300, n_preference=150, n_heldout=40, defect_rate=0.0), tmp_path
+    )
     for split, kind in (("sft", "sft"), ("preference", "preference"), ("heldout", "sft")):
         records, _ = load_rows(made[split], kind)
         result = run_quality(records, kind, QualityConfig(max_tokens=512))

@@ -1,4 +1,5 @@
 """The quality report: counts, metrics, histogram PNG, quarantine file, markdown and text."""
+
 from __future__ import annotations
 
 import json
@@ -22,19 +23,45 @@ PNG_MAGIC = b"\x89PNG\r\n\x1a\n"
 
 def sft_result() -> QualityResult:
     kept = [
-        Record({"messages": [{"role": "user", "content": f"Translate sentence number {i} into French please."},
-                             {"role": "assistant", "content": "Voici la traduction de la phrase."}]}, "train.jsonl", i + 1)
+        Record(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Translate sentence number {i} into French please."},
+                    {"role": "assistant", "content": "Voici la traduction de la phrase."},
+                ]
+            },
+            "train.jsonl",
+            i + 1,
+        )
         for i in range(10)
     ]
-    dropped = [Dropped("train.jsonl", 100 + j, "too_long", f"{900 + j} tokens > 512", {"messages": [{"role": "user", "content": "x" * 5000}]})
-               for j in range(5)]
-    dropped += [Dropped("train.jsonl", 200, "exact_duplicate", "same as line 3", {"messages": []}),
-                Dropped("train.jsonl", 201, "language", "detected ko", {"messages": [{"role": "user", "content": "안녕하세요"}]}),
-                Dropped("train.jsonl", 202, "invalid_json", "Expecting value", "{not json")]
-    return QualityResult("sft", kept, dropped, counts_in=18,
-                         reasons={"too_long": 5, "exact_duplicate": 1, "language": 1, "invalid_json": 1},
-                         flags={"pii": 2}, token_lengths=[20 + i for i in range(10)],
-                         stats={"length_bias": 0.25, "languages": {"en": 10}})
+    dropped = [
+        Dropped(
+            "train.jsonl",
+            100 + j,
+            "too_long",
+            f"{900 + j} tokens > 512",
+            {"messages": [{"role": "user", "content": "x" * 5000}]},
+        )
+        for j in range(5)
+    ]
+    dropped += [
+        Dropped("train.jsonl", 200, "exact_duplicate", "same as line 3", {"messages": []}),
+        Dropped(
+            "train.jsonl", 201, "language", "detected ko", {"messages": [{"role": "user", "content": "안녕하세요"}]}
+        ),
+        Dropped("train.jsonl", 202, "invalid_json", "Expecting value", "{not json"),
+    ]
+    return QualityResult(
+        "sft",
+        kept,
+        dropped,
+        counts_in=18,
+        reasons={"too_long": 5, "exact_duplicate": 1, "language": 1, "invalid_json": 1},
+        flags={"pii": 2},
+        token_lengths=[20 + i for i in range(10)],
+        stats={"length_bias": 0.25, "languages": {"en": 10}},
+    )
 
 
 def test_build_report_counts_reasons_and_caps_examples():
@@ -125,13 +152,27 @@ def test_markdown_table_and_text_summary_list_every_reason():
 
 # --- after formatting: the training window's drops join the report; held-out accounting -------
 
-WINDOW_TALLY = {"in": 10, "kept": 8, "truncated_left": 1, "dropped": {"truncated_answer": 2}, "max_length": 256,
-                "truncation": "truncate_left"}
+WINDOW_TALLY = {
+    "in": 10,
+    "kept": 8,
+    "truncated_left": 1,
+    "dropped": {"truncated_answer": 2},
+    "max_length": 256,
+    "truncation": "truncate_left",
+}
 
 
 def window_drops() -> list[Dropped]:
-    return [Dropped("train.jsonl", 3 + j, "truncated_answer", f"train.jsonl:{3 + j}: 300 tokens > sft.max_length 256",
-                    {"messages": []}) for j in range(2)]
+    return [
+        Dropped(
+            "train.jsonl",
+            3 + j,
+            "truncated_answer",
+            f"train.jsonl:{3 + j}: 300 tokens > sft.max_length 256",
+            {"messages": []},
+        )
+        for j in range(2)
+    ]
 
 
 def test_window_drops_join_counts_reasons_metrics_and_markdown(tmp_path: Path):
@@ -141,7 +182,7 @@ def test_window_drops_join_counts_reasons_metrics_and_markdown(tmp_path: Path):
     report = build_report(result)
     files = write_report_files(report, result, tmp_path)
     merged = add_window_drops(report, WINDOW_TALLY, window_drops(), files["quarantine"])
-    assert report["counts_out"] == 10 and merged["counts_out"] == 8       # the input report is left alone
+    assert report["counts_out"] == 10 and merged["counts_out"] == 8  # the input report is left alone
     assert merged["dropped"] == report["dropped"] + 2
     assert merged["reasons"]["truncated_answer"] == 2
     assert merged["kept_ratio"] == round(8 / 18, 6)
@@ -164,7 +205,11 @@ def test_heldout_accounting_names_every_exclusion():
     validation = {"counts_in": 12, "counts_out": 10, "reasons": {"exact_duplicate": 1, "too_long": 1}}
     tally = {"in": 10, "kept": 9, "truncated_left": 0, "dropped": {"truncated_answer": 1}}
     assert heldout_accounting(validation, tally) == {
-        "source": "heldout file", "in": 12, "kept": 9, "truncated_left": 0,
-        "dropped": {"exact_duplicate": 1, "too_long": 1, "truncated_answer": 1}}
+        "source": "heldout file",
+        "in": 12,
+        "kept": 9,
+        "truncated_left": 0,
+        "dropped": {"exact_duplicate": 1, "too_long": 1, "truncated_answer": 1},
+    }
     split = heldout_accounting(None, {"in": 6, "kept": 6, "truncated_left": 0, "dropped": {}})
     assert split == {"source": "seeded split of the sft rows", "in": 6, "kept": 6, "truncated_left": 0, "dropped": {}}

@@ -1,4 +1,5 @@
 """Reading files: every source type, encodings, sizes, broken files, and the JSON Lines writers."""
+
 from __future__ import annotations
 
 import json
@@ -8,6 +9,7 @@ from pathlib import Path
 import pyarrow as pa
 import pyarrow.parquet as pq
 import pytest
+
 from ftflow.configs.schema import DataFormat
 from ftflow.tasks.data.formats import load_rows
 from ftflow.tasks.data.sources import write_jsonl, write_quarantine
@@ -66,12 +68,19 @@ def test_json_lines_saved_as_json(tmp_path):
 
 def test_parquet(tmp_path):
     path = tmp_path / "pairs.parquet"
-    pq.write_table(pa.Table.from_pylist([
-        {"prompt": "sky?", "chosen": "blue", "rejected": "green"},
-        {"prompt": "sea?", "chosen": None, "rejected": "red"},
-    ]), path)
+    pq.write_table(
+        pa.Table.from_pylist(
+            [
+                {"prompt": "sky?", "chosen": "blue", "rejected": "green"},
+                {"prompt": "sea?", "chosen": None, "rejected": "red"},
+            ]
+        ),
+        path,
+    )
     records, dropped = load_rows(path, "preference")
-    assert [r.row for r in records] == [{"prompt": [{"role": "user", "content": "sky?"}], "chosen": "blue", "rejected": "green"}]
+    assert [r.row for r in records] == [
+        {"prompt": [{"role": "user", "content": "sky?"}], "chosen": "blue", "rejected": "green"}
+    ]
     assert dropped[0].line == 2 and "chosen is null" in dropped[0].detail
 
 
@@ -112,7 +121,9 @@ def test_csv_preference_with_json_string_prompt(tmp_path):
 def test_hf_dataset_dir(tmp_path):
     import datasets
 
-    datasets.Dataset.from_list([CHAT, CHAT, {"messages": [{"role": "user", "content": "only a question"}]}]).save_to_disk(tmp_path / "ds")
+    datasets.Dataset.from_list(
+        [CHAT, CHAT, {"messages": [{"role": "user", "content": "only a question"}]}]
+    ).save_to_disk(tmp_path / "ds")
     records, dropped = load_rows(tmp_path / "ds", "sft")
     assert [r.row for r in records] == [CHAT, CHAT]
     assert [(d.line, d.reason) for d in dropped] == [(3, "schema")]
@@ -122,16 +133,20 @@ def test_hf_dataset_dict_uses_train_or_the_only_split(tmp_path):
     import datasets
 
     pair = {"prompt": "sky?", "chosen": "blue", "rejected": "green"}
-    datasets.DatasetDict({
-        "train": datasets.Dataset.from_list([pair] * 3),
-        "test": datasets.Dataset.from_list([pair]),
-    }).save_to_disk(tmp_path / "dd")
+    datasets.DatasetDict(
+        {
+            "train": datasets.Dataset.from_list([pair] * 3),
+            "test": datasets.Dataset.from_list([pair]),
+        }
+    ).save_to_disk(tmp_path / "dd")
     assert len(load_rows(tmp_path / "dd", "preference")[0]) == 3
 
     datasets.DatasetDict({"validation": datasets.Dataset.from_list([pair] * 2)}).save_to_disk(tmp_path / "one")
     assert len(load_rows(tmp_path / "one", "preference")[0]) == 2
 
-    datasets.DatasetDict({"a": datasets.Dataset.from_list([pair]), "b": datasets.Dataset.from_list([pair])}).save_to_disk(tmp_path / "two")
+    datasets.DatasetDict(
+        {"a": datasets.Dataset.from_list([pair]), "b": datasets.Dataset.from_list([pair])}
+    ).save_to_disk(tmp_path / "two")
     with pytest.raises(DataError, match="splits a, b and no 'train' split"):
         load_rows(tmp_path / "two", "preference")
 
@@ -150,8 +165,17 @@ def test_missing_file(tmp_path):
     assert "file not found" in data_error(tmp_path / "nope.jsonl")
 
 
-@pytest.mark.parametrize("name, content", [("e.jsonl", ""), ("blank.jsonl", "\n \n\n"), ("e.json", ""), ("e.csv", ""),
-                                           ("header.csv", "instruction,input,output\n"), ("list.json", "[]")])
+@pytest.mark.parametrize(
+    "name, content",
+    [
+        ("e.jsonl", ""),
+        ("blank.jsonl", "\n \n\n"),
+        ("e.json", ""),
+        ("e.csv", ""),
+        ("header.csv", "instruction,input,output\n"),
+        ("list.json", "[]"),
+    ],
+)
 def test_empty_file(tmp_path, name, content):
     path = tmp_path / name
     path.write_text(content, encoding="utf-8")
@@ -160,7 +184,9 @@ def test_empty_file(tmp_path, name, content):
 
 def test_non_utf8_names_the_line_and_byte(tmp_path):
     path = tmp_path / "latin1.jsonl"
-    path.write_bytes(json.dumps(CHAT).encode() + b"\n" + '{"messages": [{"role": "user", "content": "café"}]}\n'.encode("latin-1"))
+    path.write_bytes(
+        json.dumps(CHAT).encode() + b"\n" + '{"messages": [{"role": "user", "content": "café"}]}\n'.encode("latin-1")
+    )
     message = data_error(path)
     assert f"{path}:2:" in message and "not UTF-8" in message and "0xe9" in message
     for suffix in (".csv", ".json"):
@@ -200,7 +226,12 @@ def test_ten_megabyte_row(tmp_path):
 
 def test_max_row_bytes_applies_to_every_source(tmp_path):
     path = tmp_path / "rows.parquet"
-    pq.write_table(pa.Table.from_pylist([CHAT, {"messages": [{"role": "user", "content": "z" * 500}, {"role": "assistant", "content": "a"}]}]), path)
+    pq.write_table(
+        pa.Table.from_pylist(
+            [CHAT, {"messages": [{"role": "user", "content": "z" * 500}, {"role": "assistant", "content": "a"}]}]
+        ),
+        path,
+    )
     records, dropped = load_rows(path, "sft", max_row_bytes=300)
     assert len(records) == 1 and [(d.line, d.reason) for d in dropped] == [(2, "row_too_large")]
 
@@ -219,11 +250,14 @@ def test_jsonl_under_a_parquet_name(tmp_path):
     assert "cannot read as Parquet" in data_error(path)
 
 
-@pytest.mark.parametrize("content, expected", [
-    ('{"messages": []}', "found an object with keys 'messages'"),
-    ("42", "found a number"),
-    ('[{"messages": [}', "not valid JSON"),
-])
+@pytest.mark.parametrize(
+    "content, expected",
+    [
+        ('{"messages": []}', "found an object with keys 'messages'"),
+        ("42", "found a number"),
+        ('[{"messages": [}', "not valid JSON"),
+    ],
+)
 def test_json_that_is_not_a_list_of_rows(tmp_path, content, expected):
     path = tmp_path / "odd.json"
     path.write_text(content, encoding="utf-8")
@@ -277,7 +311,9 @@ def test_write_jsonl_round_trip(tmp_path):
 
 
 def test_write_quarantine(tmp_path):
-    src = write_lines(tmp_path / "in.jsonl", [CHAT, {"messages": [{"role": "user", "content": None}], "note": "壊れた"}])
+    src = write_lines(
+        tmp_path / "in.jsonl", [CHAT, {"messages": [{"role": "user", "content": None}], "note": "壊れた"}]
+    )
     _, dropped = load_rows(src, "sft")
     out = tmp_path / "quarantine.jsonl"
     assert write_quarantine(dropped, out) == 1

@@ -1,4 +1,5 @@
 """Held-out evaluation: few-shot prompts, greedy generation, score math, guards, and all variants end to end."""
+
 from __future__ import annotations
 
 import math
@@ -7,6 +8,7 @@ import pytest
 import torch
 
 from ftflow.configs.schema import EvalConfig, LoraConfig, ModelConfig, PipelineConfig, Quantization, QuantizationConfig
+from ftflow.tasks.data.formatting import template_fingerprint
 from ftflow.tasks.errors import DataError
 from ftflow.tasks.evaluate.evaluation import (
     EvalSets,
@@ -21,7 +23,6 @@ from ftflow.tasks.evaluate.evaluation import (
     generate,
     reward_margins,
 )
-from ftflow.tasks.data.formatting import template_fingerprint
 
 EOS = "<|im_end|>"
 
@@ -35,12 +36,21 @@ def example(question: str, answer: str, system: str | None = None) -> dict:
     return {"prompt": prompt, "completion": [msg("assistant", answer)]}
 
 
-HELDOUT = [example("Extract the city: I live in Paris.", '{"city": "Paris"}'),
-           example("Extract the city: Tokyo is my home town, and I love it.", '{"city": "Tokyo"}')]
-TRAIN = [example("Extract the city: Rome is old.", '{"city": "Rome"}'),
-         example("Extract the city: Oslo in winter.", '{"city": "Oslo"}')]
-PAIRS = [{"prompt": [msg("user", "Extract the city: Lima, Peru.")], "chosen": [msg("assistant", '{"city": "Lima"}')],
-          "rejected": [msg("assistant", "Lima")]}]
+HELDOUT = [
+    example("Extract the city: I live in Paris.", '{"city": "Paris"}'),
+    example("Extract the city: Tokyo is my home town, and I love it.", '{"city": "Tokyo"}'),
+]
+TRAIN = [
+    example("Extract the city: Rome is old.", '{"city": "Rome"}'),
+    example("Extract the city: Oslo in winter.", '{"city": "Oslo"}'),
+]
+PAIRS = [
+    {
+        "prompt": [msg("user", "Extract the city: Lima, Peru.")],
+        "chosen": [msg("assistant", '{"city": "Lima"}')],
+        "rejected": [msg("assistant", "Lima")],
+    }
+]
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +67,9 @@ def peft_model(tiny_model_dir):
 
     from ftflow.tasks.train.model import build_lora_config, load_base_model
 
-    base = load_base_model(tiny_model_dir, ModelConfig(name_or_path=tiny_model_dir),
-                           QuantizationConfig(mode=Quantization.none))
+    base = load_base_model(
+        tiny_model_dir, ModelConfig(name_or_path=tiny_model_dir), QuantizationConfig(mode=Quantization.none)
+    )
     model = get_peft_model(base, build_lora_config(LoraConfig(r=4)), adapter_name="sft")
     torch.manual_seed(1)
     with torch.no_grad():
@@ -77,20 +88,24 @@ def eval_ctx(tmp_path, log, **kw):
     """What evaluation reads from the run: eval settings, DPO beta (reward margins), max_length (log-probs), EOS."""
     from ftflow.tasks.stages import ModelInfo, StageContext
 
-    cfg = PipelineConfig.model_validate({"eval": eval_cfg(**kw).model_dump(), "dpo": {"beta": 0.1},
-                                         "sft": {"max_length": 256}})
+    cfg = PipelineConfig.model_validate(
+        {"eval": eval_cfg(**kw).model_dump(), "dpo": {"beta": 0.1}, "sft": {"max_length": 256}}
+    )
     return StageContext(cfg, ModelInfo("unused", EOS, ""), None, tmp_path, log)
 
 
 # --- few-shot prompt ---------------------------------------------------------------------------
+
 
 def test_few_shot_prompt_orders_system_shots_question():
     question = [msg("system", "Reply in JSON."), msg("user", "Q?")]
     shots = [example("S1?", "A1", system="ignored system"), example("S2?", "A2")]
     assert few_shot_prompt(question, shots) == [
         msg("system", "Reply in JSON."),
-        msg("user", "S1?"), msg("assistant", "A1"),
-        msg("user", "S2?"), msg("assistant", "A2"),
+        msg("user", "S1?"),
+        msg("assistant", "A1"),
+        msg("user", "S2?"),
+        msg("assistant", "A2"),
         msg("user", "Q?"),
     ]
 
@@ -103,6 +118,7 @@ def test_few_shot_prompt_without_shots_is_the_question():
 
 
 # --- generation --------------------------------------------------------------------------------
+
 
 def test_generate_hits_budget_without_stopping(peft_model, tokenizer):
     prompts = [ex["prompt"] for ex in HELDOUT] + [TRAIN[0]["prompt"]]
@@ -138,8 +154,9 @@ def test_generate_stops_at_end_token(peft_model, tokenizer):
 
 # --- score math ---------------------------------------------------------------------------------
 
+
 def test_reward_margins_math():
-    policy = ([-1.0, -2.0], [-3.0, -1.0])     # log p(chosen), log p(rejected)
+    policy = ([-1.0, -2.0], [-3.0, -1.0])  # log p(chosen), log p(rejected)
     reference = ([-2.0, -2.0], [-2.0, -2.0])
     # margins: 0.5 * ((-1 + 2) - (-3 + 2)) = 1.0 and 0.5 * ((-2 + 2) - (-1 + 2)) = -0.5
     assert reward_margins(policy, reference, beta=0.5) == pytest.approx([1.0, -0.5])
@@ -152,8 +169,11 @@ def test_reward_margins_math():
 def test_heldout_loss_is_token_weighted_over_per_example_losses():
     losses = answer_losses([-4.0, -2.0], [2, 2])
     assert losses == [2.0, 1.0]
-    result = VariantResult.of("sft", {"heldout_loss": losses, "heldout_logprob": [-x for x in losses]},
-                              {"heldout_loss": [2, 2], "heldout_logprob": [2, 2]})
+    result = VariantResult.of(
+        "sft",
+        {"heldout_loss": losses, "heldout_logprob": [-x for x in losses]},
+        {"heldout_loss": [2, 2], "heldout_logprob": [2, 2]},
+    )
     assert result.metrics["heldout_loss"] == pytest.approx(1.5)
     assert result.metrics["heldout_perplexity"] == pytest.approx(math.exp(1.5))
     # The same evidence, higher-is-better.
@@ -178,13 +198,14 @@ def test_answer_logps_match_a_manual_forward(peft_model, tokenizer):
             logits = peft_model(input_ids=full_ids).logits[0, :-1].float()
     targets = full_ids[0, 1:]
     per_token = torch.log_softmax(logits, -1).gather(-1, targets[:, None]).squeeze(-1)
-    answer_part = per_token[len(prompt_ids) - 1:]
+    answer_part = per_token[len(prompt_ids) - 1 :]
     # The answer tokens, its end token and the trailing newline are scored; the prompt is not.
     assert counts == [len(full_ids[0]) - len(prompt_ids)]
     assert logps[0] == pytest.approx(answer_part.sum().item(), rel=1e-4)
 
 
 # --- guards --------------------------------------------------------------------------------------
+
 
 def test_check_heldout_accepts_disjoint_sets():
     check_heldout(HELDOUT, TRAIN)
@@ -221,15 +242,29 @@ def test_check_template_refuses_other_fingerprint(tmp_path, tokenizer):
 
 # --- end to end -----------------------------------------------------------------------------------
 
+
 def test_evaluate_variants_end_to_end(peft_model, tokenizer, tmp_path):
     logs: list[str] = []
     # few_shot_k=1: the first train example is the base model's one shot.
-    results = evaluate_variants(eval_ctx(tmp_path, logs.append), peft_model, tokenizer, ["base", "base_fewshot", "sft"],
-                                EvalSets(TRAIN, HELDOUT, PAIRS))
+    results = evaluate_variants(
+        eval_ctx(tmp_path, logs.append),
+        peft_model,
+        tokenizer,
+        ["base", "base_fewshot", "sft"],
+        EvalSets(TRAIN, HELDOUT, PAIRS),
+    )
     assert list(results) == ["base", "base_fewshot", "sft"]
     assert len(logs) == 3 and logs[0].startswith("evaluated base:")
-    generation_keys = {"heldout_exact", "heldout_field_accuracy", "heldout_json_valid", "heldout_rougeL",
-                       "heldout_bleu", "heldout_chrf", "eos_stop_rate", "mean_new_tokens"}
+    generation_keys = {
+        "heldout_exact",
+        "heldout_field_accuracy",
+        "heldout_json_valid",
+        "heldout_rougeL",
+        "heldout_bleu",
+        "heldout_chrf",
+        "eos_stop_rate",
+        "mean_new_tokens",
+    }
     loss_keys = {"heldout_loss", "heldout_perplexity", "heldout_logprob"}
     preference_keys = {"preference_accuracy", "reward_margin"}
     assert set(results["base_fewshot"].metrics) == generation_keys
@@ -249,8 +284,13 @@ def test_evaluate_variants_end_to_end(peft_model, tokenizer, tmp_path):
 
 
 def test_evaluate_variants_without_pairs_has_no_preference_scores(peft_model, tokenizer, tmp_path):
-    results = evaluate_variants(eval_ctx(tmp_path, lambda line: None, max_new_tokens=2, few_shot_k=0), peft_model,
-                                tokenizer, ["base", "sft"], EvalSets([], HELDOUT[:1], []))
+    results = evaluate_variants(
+        eval_ctx(tmp_path, lambda line: None, max_new_tokens=2, few_shot_k=0),
+        peft_model,
+        tokenizer,
+        ["base", "sft"],
+        EvalSets([], HELDOUT[:1], []),
+    )
     assert set(results["sft"].metrics) == set(results["base"].metrics)
     assert "preference_accuracy" not in results["sft"].metrics
 
@@ -258,8 +298,9 @@ def test_evaluate_variants_without_pairs_has_no_preference_scores(peft_model, to
 def test_per_example_scores_average_to_the_logged_metrics(peft_model, tokenizer, tmp_path):
     from ftflow.tasks.evaluate import registry
 
-    results = evaluate_variants(eval_ctx(tmp_path, lambda line: None), peft_model, tokenizer, ["base", "sft"],
-                                EvalSets(TRAIN, HELDOUT, PAIRS))
+    results = evaluate_variants(
+        eval_ctx(tmp_path, lambda line: None), peft_model, tokenizer, ["base", "sft"], EvalSets(TRAIN, HELDOUT, PAIRS)
+    )
     for res in results.values():
         for name, values in res.per_example.items():
             metric = registry.get(name)
@@ -277,8 +318,9 @@ def two_adapters(tiny_model_dir):
 
     from ftflow.tasks.train.model import build_lora_config, load_base_model
 
-    base = load_base_model(tiny_model_dir, ModelConfig(name_or_path=tiny_model_dir),
-                           QuantizationConfig(mode=Quantization.none))
+    base = load_base_model(
+        tiny_model_dir, ModelConfig(name_or_path=tiny_model_dir), QuantizationConfig(mode=Quantization.none)
+    )
     model = get_peft_model(base, build_lora_config(LoraConfig(r=4)), adapter_name="sft")
     model.add_adapter("champion", build_lora_config(LoraConfig(r=4)))
     torch.manual_seed(2)
@@ -295,11 +337,17 @@ def test_decide_reads_real_evaluation_output_and_the_preference_guard_runs(two_a
     log-probs like the trained adapters, so the preference-accuracy guard compares candidate and champion."""
     from ftflow.tasks.registry.gate import decide
 
-    pairs = PAIRS + [{"prompt": [msg("user", "Extract the city: Kyiv, Ukraine.")],
-                      "chosen": [msg("assistant", '{"city": "Kyiv"}')], "rejected": [msg("assistant", "kyiv?")]}]
+    pairs = PAIRS + [
+        {
+            "prompt": [msg("user", "Extract the city: Kyiv, Ukraine.")],
+            "chosen": [msg("assistant", '{"city": "Kyiv"}')],
+            "rejected": [msg("assistant", "kyiv?")],
+        }
+    ]
     ctx = eval_ctx(tmp_path, lambda line: None, few_shot_k=1)
-    results = evaluate_variants(ctx, two_adapters, tokenizer, ["base", "base_fewshot", "sft", "champion"],
-                                EvalSets(TRAIN, HELDOUT, pairs))
+    results = evaluate_variants(
+        ctx, two_adapters, tokenizer, ["base", "base_fewshot", "sft", "champion"], EvalSets(TRAIN, HELDOUT, pairs)
+    )
     assert results["champion"].pair_logps is not None and results["base_fewshot"].pair_logps is None
     assert len(results["champion"].per_example["preference_accuracy"]) == len(pairs)
     assert "preference_accuracy" not in results["base"].metrics  # the base is the common reference

@@ -1,4 +1,5 @@
 """The LLM judge's parsing and position-swap scoring (the server wiring is tested in tests/flows/test_gate.py)."""
+
 from __future__ import annotations
 
 import pytest

@@ -1,4 +1,5 @@
 """The shipped evaluate metrics: known answers on hand-made examples, loaded offline by local path."""
+
 from __future__ import annotations
 
 import json
@@ -10,6 +11,8 @@ from pathlib import Path
 
 import evaluate
 import pytest
+from rouge_score import rouge_scorer
+
 from ftflow.tasks.evaluate.metrics import (
     METRIC_NAMES,
     SCORE_KEYS,
@@ -22,7 +25,6 @@ from ftflow.tasks.evaluate.metrics.eos_stop import stopped_flags
 from ftflow.tasks.evaluate.metrics.json_match import first_json_object, reference_object, score_example
 from ftflow.tasks.evaluate.metrics.rouge_l import CjkAwareTokenizer, rouge_l_f1
 from ftflow.tasks.evaluate.metrics.sacre import bleu_tokenizer_for
-from rouge_score import rouge_scorer
 
 EOS = "<|im_end|>"
 DEAD_ENDPOINT = "http://127.0.0.1:9"  # discard port: any request fails at once
@@ -56,7 +58,7 @@ def loaded():
 def test_json_object_extracted_from_prose_fence_and_eos():
     text = 'Sure:\n```json\n{"city": "東京", "n": [1, {"x": null}]}\n```<|im_end|>'
     assert first_json_object(text) == {"city": "東京", "n": [1, {"x": None}]}
-    assert first_json_object("a {broken and then {\"ok\": true}") == {"ok": True}
+    assert first_json_object('a {broken and then {"ok": true}') == {"ok": True}
     assert first_json_object("[1, 2] no object here") is None
     assert reference_object('```json\n{"a": 1}\n```') == {"a": 1}
     assert reference_object("use {} for sets") is None  # prose around braces is a text reference
@@ -102,10 +104,21 @@ def test_demo_answers_score_with_the_json_match_metric():
     wrapped = 'Sure! ```json\n{"lang": "ja", "city": "Sapporo", "qty": 12, "item": "towel", "name": "佐藤花子"}\n``` done {"x": 1}'
     assert score_example(wrapped, ref) == {"exact_match": True, "field_accuracy": 1.0, "json_valid": True}
     assert score_example('{"name": "佐藤花子", "item": "towel", "qty": "12", "city": "札幌", "lang": "ja"}', ref) == {
-        "exact_match": False, "field_accuracy": 0.6, "json_valid": True}
-    assert score_example('{"name": "佐藤花子", "item": "towel", "qty": 12, "city": "Sapporo", "lang": "ja", "x": 1}', ref)[
-        "exact_match"] is False
-    assert score_example("佐藤花子さんがタオルを12枚", ref) == {"exact_match": False, "field_accuracy": 0.0, "json_valid": False}
+        "exact_match": False,
+        "field_accuracy": 0.6,
+        "json_valid": True,
+    }
+    assert (
+        score_example('{"name": "佐藤花子", "item": "towel", "qty": 12, "city": "Sapporo", "lang": "ja", "x": 1}', ref)[
+            "exact_match"
+        ]
+        is False
+    )
+    assert score_example("佐藤花子さんがタオルを12枚", ref) == {
+        "exact_match": False,
+        "field_accuracy": 0.0,
+        "json_valid": False,
+    }
     assert score_example('{"name": broken', ref) == {"exact_match": False, "field_accuracy": 0.0, "json_valid": False}
 
 

@@ -1,7 +1,7 @@
 """The metric registry and the config checks it drives when a recipe loads."""
+
 from __future__ import annotations
 
-import re
 from pathlib import Path
 
 import pytest
@@ -48,7 +48,10 @@ def test_task_preset_picks_primary_and_follows_the_demo_task():
     assert load_config("demo", ["data.demo.task=free_text", "eval.task=extraction"]).eval.task.value == "extraction"
     assert load_config("demo", ["eval.primary_metric=heldout_loss"]).eval.resolved_primary_metric == "heldout_loss"
     flat = flatten(load_config("demo-chat"))
-    assert flat["eval.primary_metric"] == "heldout_chrf" and flat["eval.guards"] == ["eos_stop_rate", "preference_accuracy"]
+    assert flat["eval.primary_metric"] == "heldout_chrf" and flat["eval.guards"] == [
+        "eos_stop_rate",
+        "preference_accuracy",
+    ]
 
 
 def test_free_text_tables_report_loss_not_exact_match():
@@ -61,7 +64,7 @@ def test_aggregates():
     assert registry.aggregate(registry.get("heldout_exact"), [1, 0, 1, 1]) == 0.75
     assert registry.aggregate(registry.get("heldout_loss"), [1.0, 3.0], [3, 1]) == pytest.approx(1.5)
     out = registry.aggregate_all({"heldout_loss": [1.0, 3.0]}, {"heldout_loss": [3, 1]}, {"heldout_bleu": 0.2})
-    assert out["heldout_perplexity"] == pytest.approx(2.718281828 ** 1.5) and out["heldout_bleu"] == 0.2
+    assert out["heldout_perplexity"] == pytest.approx(2.718281828**1.5) and out["heldout_bleu"] == 0.2
 
 
 def _metric_collections(source: str) -> list[list[str]]:
@@ -70,7 +73,13 @@ def _metric_collections(source: str) -> list[list[str]]:
 
     found = []
     for node in ast.walk(ast.parse(source)):
-        items = node.keys if isinstance(node, ast.Dict) else node.elts if isinstance(node, (ast.List, ast.Tuple, ast.Set)) else []
+        items = (
+            node.keys
+            if isinstance(node, ast.Dict)
+            else node.elts
+            if isinstance(node, (ast.List, ast.Tuple, ast.Set))
+            else []
+        )
         names = [i.value for i in items if isinstance(i, ast.Constant) and i.value in registry.BY_NAME]
         if len(names) >= 2:
             found.append(names)
@@ -79,8 +88,15 @@ def _metric_collections(source: str) -> list[list[str]]:
 
 def test_no_hand_written_metric_lists_outside_the_registry():
     """The registry is the one list: no evaluation, gate, sweep, stage or flow module keeps its own."""
-    modules = [REPO / "tasks/stages.py", REPO / "tasks/registry/gate.py", *(REPO / "flows").glob("*.py"),
-               *[p for p in (REPO / "tasks/evaluate").rglob("*.py") if p.name != "registry.py"]]
-    offenders = {str(p.relative_to(REPO)): found for p in modules
-                 if (found := _metric_collections(p.read_text(encoding="utf-8")))}
+    modules = [
+        REPO / "tasks/stages.py",
+        REPO / "tasks/registry/gate.py",
+        *(REPO / "flows").glob("*.py"),
+        *[p for p in (REPO / "tasks/evaluate").rglob("*.py") if p.name != "registry.py"],
+    ]
+    offenders = {
+        str(p.relative_to(REPO)): found
+        for p in modules
+        if (found := _metric_collections(p.read_text(encoding="utf-8")))
+    }
     assert not offenders, offenders

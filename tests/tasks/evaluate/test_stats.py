@@ -1,4 +1,5 @@
 """Paired intervals: McNemar's exact interval and the bootstrap, oriented by the metric's direction."""
+
 from __future__ import annotations
 
 import random

@@ -1,4 +1,5 @@
 """The model card and the registry version description: pure functions of CardFacts."""
+
 from __future__ import annotations
 
 import yaml
@@ -9,20 +10,41 @@ from ftflow.tasks.registry.packaging import describe_version
 
 def _facts(**over) -> CardFacts:
     facts = dict(
-        base_model="HuggingFaceTB/SmolLM2-135M-Instruct", method="lora", stage="dpo", run_id="abc123",
-        primary_metric="heldout_exact", model_name="ftflow-demo-adapter", version="3", aliases=["champion"],
+        base_model="HuggingFaceTB/SmolLM2-135M-Instruct",
+        method="lora",
+        stage="dpo",
+        run_id="abc123",
+        primary_metric="heldout_exact",
+        model_name="ftflow-demo-adapter",
+        version="3",
+        aliases=["champion"],
         lora={"r": 16, "alpha": 32, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
         quantization="4bit",
-        datasets=[{"name": "sft", "digest": "d1g3st01", "context": "train", "rows": 540},
-                  {"name": "heldout", "digest": "h0ld0ut9", "context": "heldout", "rows": 60}],
-        validation={"sft": {"rows_in": 600.0, "rows_kept": 540.0, "rows_dropped": 60.0, "kept_ratio": 0.9,
-                            "contract_passed": 1.0, "reasons": {"exact_duplicate": 40.0, "empty_content": 20.0}}},
-        heldout=[{"model": "base", "heldout_exact": 0.0, "eos_stop_rate": 0.9},
-                 {"model": "base_fewshot", "heldout_exact": 0.125},
-                 {"model": "dpo", "heldout_exact": 0.375, "eos_stop_rate": 1.0}],
-        few_shot_k=3, gate_summary="PROMOTE: heldout_exact 0.375 > base_fewshot 0.125",
-        template_fingerprint="0123456789abcdef", run_url="http://127.0.0.1:5000/#/experiments/1/runs/abc123",
-        languages=["en", "ja"], library_versions={"peft": "0.21.2"},
+        datasets=[
+            {"name": "sft", "digest": "d1g3st01", "context": "train", "rows": 540},
+            {"name": "heldout", "digest": "h0ld0ut9", "context": "heldout", "rows": 60},
+        ],
+        validation={
+            "sft": {
+                "rows_in": 600.0,
+                "rows_kept": 540.0,
+                "rows_dropped": 60.0,
+                "kept_ratio": 0.9,
+                "contract_passed": 1.0,
+                "reasons": {"exact_duplicate": 40.0, "empty_content": 20.0},
+            }
+        },
+        heldout=[
+            {"model": "base", "heldout_exact": 0.0, "eos_stop_rate": 0.9},
+            {"model": "base_fewshot", "heldout_exact": 0.125},
+            {"model": "dpo", "heldout_exact": 0.375, "eos_stop_rate": 1.0},
+        ],
+        few_shot_k=3,
+        gate_summary="PROMOTE: heldout_exact 0.375 > base_fewshot 0.125",
+        template_fingerprint="0123456789abcdef",
+        run_url="http://127.0.0.1:5000/#/experiments/1/runs/abc123",
+        languages=["en", "ja"],
+        library_versions={"peft": "0.21.2"},
     )
     facts.update(over)
     return CardFacts(**facts)

@@ -1,4 +1,5 @@
 """The gate's decision from per-example scores: noise-aware, direction-aware, guards, exclusions, the record."""
+
 from __future__ import annotations
 
 import re
@@ -26,8 +27,10 @@ def result(variant: str, **per_example: list[float]) -> VariantResult:
 
 
 def baselines(exact_base: int = 10, exact_fewshot: int = 12) -> dict[str, VariantResult]:
-    return {"base": result("base", heldout_exact=right(exact_base), eos_stop_rate=[1.0] * N),
-            "base_fewshot": result("base_fewshot", heldout_exact=right(exact_fewshot), eos_stop_rate=[1.0] * N)}
+    return {
+        "base": result("base", heldout_exact=right(exact_base), eos_stop_rate=[1.0] * N),
+        "base_fewshot": result("base_fewshot", heldout_exact=right(exact_fewshot), eos_stop_rate=[1.0] * N),
+    }
 
 
 def test_candidate_better_by_one_lucky_example_is_refused():
@@ -49,8 +52,11 @@ def test_clearly_better_candidate_is_promoted_and_the_line_says_why():
     assert [c.against for c in d.comparisons] == ["base", "base_fewshot"]
     assert all(c.low > 0 for c in d.comparisons)
     assert (d.metric, d.direction, d.n) == ("heldout_exact", "higher", N)
-    assert re.fullmatch(r"PROMOTE sft: heldout_exact \+0\.500 \[0\.\d{3}, 0\.\d{3}\] vs base, "
-                        r"\+0\.450 \[0\.\d{3}, 0\.\d{3}\] vs base_fewshot \(n=40, higher is better\)", d.summary())
+    assert re.fullmatch(
+        r"PROMOTE sft: heldout_exact \+0\.500 \[0\.\d{3}, 0\.\d{3}\] vs base, "
+        r"\+0\.450 \[0\.\d{3}, 0\.\d{3}\] vs base_fewshot \(n=40, higher is better\)",
+        d.summary(),
+    )
     record = d.as_dict()
     assert record["comparisons"][0]["n"] == N and record["comparisons"][0]["direction"] == "higher"
     assert record["scores"]["sft"]["heldout_exact"] == pytest.approx(0.75)
@@ -69,10 +75,16 @@ def test_dpo_worse_than_sft_on_validation_promotes_sft():
     validation = {"sft": result("sft", heldout_exact=right(9, 16)), "dpo": result("dpo", heldout_exact=right(8, 16))}
     candidate = choose(validation, "heldout_exact")
     assert candidate == "sft"
-    heldout = {**baselines(0, 0), "sft": result("sft", heldout_exact=right(15), eos_stop_rate=[1.0] * N),
-               "dpo": result("dpo", heldout_exact=right(14), eos_stop_rate=[1.0] * N)}
-    selection = {"chosen": candidate, "split": "validation", "scores": {k: v.metrics["heldout_exact"]
-                                                                        for k, v in validation.items()}}
+    heldout = {
+        **baselines(0, 0),
+        "sft": result("sft", heldout_exact=right(15), eos_stop_rate=[1.0] * N),
+        "dpo": result("dpo", heldout_exact=right(14), eos_stop_rate=[1.0] * N),
+    }
+    selection = {
+        "chosen": candidate,
+        "split": "validation",
+        "scores": {k: v.metrics["heldout_exact"] for k, v in validation.items()},
+    }
     d = decide(candidate, heldout, cfg(), selection=selection)
     assert d.promote and d.candidate == "sft" and d.summary().startswith("PROMOTE sft:")
     assert d.as_dict()["selection"]["scores"] == {"sft": 9 / 16, "dpo": 0.5}
@@ -108,8 +120,11 @@ def test_heldout_loss_ranks_lower_is_better():
 
 def test_baseline_without_the_metric_is_named_not_compared():
     base = [2.0] * N
-    results = {"base": _loss("base", base), "base_fewshot": result("base_fewshot", heldout_exact=right(1)),
-               "sft": _loss("sft", [1.0] * N)}
+    results = {
+        "base": _loss("base", base),
+        "base_fewshot": result("base_fewshot", heldout_exact=right(1)),
+        "sft": _loss("sft", [1.0] * N),
+    }
     d = decide("sft", results, cfg("eval.primary_metric=heldout_loss"))
     assert d.promote and [c.against for c in d.comparisons] == ["base"]
     assert "base_fewshot has no heldout_loss: not compared" in d.reasons
@@ -158,8 +173,13 @@ def test_champion_known_only_by_recorded_metrics():
 
 def test_heldout_exclusions_are_named():
     results = {**baselines(), "sft": result("sft", heldout_exact=right(30), eos_stop_rate=[1.0] * N)}
-    accounting = {"source": "heldout file", "in": 42, "kept": 40, "truncated_left": 0,
-                  "dropped": {"exact_duplicate": 1, "too_long": 1}}
+    accounting = {
+        "source": "heldout file",
+        "in": 42,
+        "kept": 40,
+        "truncated_left": 0,
+        "dropped": {"exact_duplicate": 1, "too_long": 1},
+    }
     d = decide("sft", results, cfg(), exclusions=accounting)
     assert d.summary().endswith("; held-out: 40 of 42 scored (dropped: exact_duplicate 1, too_long 1)")
     assert d.as_dict()["heldout_exclusions"] == accounting

@@ -1,4 +1,5 @@
 """The export's pieces that need no model: URI parsing, the target check, the paired bootstrap."""
+
 from __future__ import annotations
 
 import numpy as np
@@ -60,9 +61,12 @@ def test_a_tiny_consistent_shift_is_inside_the_noise():
 
 
 def test_metric_statistic_shapes():
-    side = {"generations": [{"text": "a"}, {"text": "b"}],
-            "scores": [{"exact_match": 1.0}, {"exact_match": 0.0}],
-            "logps": [-2.0, -6.0], "counts": [1, 3]}
+    side = {
+        "generations": [{"text": "a"}, {"text": "b"}],
+        "scores": [{"exact_match": 1.0}, {"exact_match": 0.0}],
+        "logps": [-2.0, -6.0],
+        "counts": [1, 3],
+    }
     idx = np.arange(2)
     assert metric_statistic("heldout_exact", side, ["a", "c"], "<eos>")(idx) == 0.5
     # Token-weighted, as heldout_loss is computed at evaluation: -(−8)/4.

@@ -1,5 +1,6 @@
 """DPO through `trainer.train` on the tiny Llama after a short SFT: reward metrics streamed, the adapter moves,
 the SFT copy stays as reference."""
+
 from __future__ import annotations
 
 import json
@@ -14,30 +15,50 @@ from ftflow.tasks.stages import StageContext, resolve_model
 from ftflow.tasks.train.trainer import train, trainable_model
 
 SFT_EXAMPLES = [
-    {"prompt": [{"role": "user", "content": "Extract the city: I live in Paris."}],
-     "completion": [{"role": "assistant", "content": '{"city": "Paris"}'}]},
-    {"prompt": [{"role": "user", "content": "Extract the city: Tokyo is home."}],
-     "completion": [{"role": "assistant", "content": '{"city": "Tokyo"}'}]},
+    {
+        "prompt": [{"role": "user", "content": "Extract the city: I live in Paris."}],
+        "completion": [{"role": "assistant", "content": '{"city": "Paris"}'}],
+    },
+    {
+        "prompt": [{"role": "user", "content": "Extract the city: Tokyo is home."}],
+        "completion": [{"role": "assistant", "content": '{"city": "Tokyo"}'}],
+    },
 ]
 PAIRS = [
-    {"prompt": [{"role": "user", "content": "Extract the city: I live in Paris."}],
-     "chosen": [{"role": "assistant", "content": '{"city": "Paris"}'}],
-     "rejected": [{"role": "assistant", "content": "Paris is nice."}]},
-    {"prompt": [{"role": "user", "content": "Extract the city: Tokyo is home."}],
-     "chosen": [{"role": "assistant", "content": '{"city": "Tokyo"}'}],
-     "rejected": [{"role": "assistant", "content": "I do not know."}]},
+    {
+        "prompt": [{"role": "user", "content": "Extract the city: I live in Paris."}],
+        "chosen": [{"role": "assistant", "content": '{"city": "Paris"}'}],
+        "rejected": [{"role": "assistant", "content": "Paris is nice."}],
+    },
+    {
+        "prompt": [{"role": "user", "content": "Extract the city: Tokyo is home."}],
+        "chosen": [{"role": "assistant", "content": '{"city": "Tokyo"}'}],
+        "rejected": [{"role": "assistant", "content": "I do not know."}],
+    },
 ]
 
 
 def dpo_config(model_dir: str, out: Path, *overrides: str):
     # A high learning rate and no warmup: QLoRA adapters train in bf16, where the recipe's 5e-6 barely moves a weight.
-    return load_config("tiny", [
-        f"model.name_or_path={model_dir}", f"output_dir={out}", "lora.r=4",
-        "sft.learning_rate=5e-3", "sft.max_steps=2", "sft.per_device_batch_size=2", "sft.warmup_ratio=0.0",
-        "sft.save_steps=1000",
-        "dpo.learning_rate=5e-3", "dpo.per_device_batch_size=2", "dpo.warmup_ratio=0.0", "dpo.logging_steps=1",
-        "dpo.save_steps=1000", *overrides,
-    ])
+    return load_config(
+        "tiny",
+        [
+            f"model.name_or_path={model_dir}",
+            f"output_dir={out}",
+            "lora.r=4",
+            "sft.learning_rate=5e-3",
+            "sft.max_steps=2",
+            "sft.per_device_batch_size=2",
+            "sft.warmup_ratio=0.0",
+            "sft.save_steps=1000",
+            "dpo.learning_rate=5e-3",
+            "dpo.per_device_batch_size=2",
+            "dpo.warmup_ratio=0.0",
+            "dpo.logging_steps=1",
+            "dpo.save_steps=1000",
+            *overrides,
+        ],
+    )
 
 
 def context(cfg, out: Path, logged: list | None = None) -> StageContext:
@@ -46,6 +67,7 @@ def context(cfg, out: Path, logged: list | None = None) -> StageContext:
 
     def progress(label: str, total: int):
         return lambda step, metrics: sink.append((step, metrics))
+
     return StageContext(cfg, resolve_model(cfg), None, out, lambda line: None, progress)
 
 
@@ -93,6 +115,7 @@ def per_step(logged, key):
 
 # --- metrics ----------------------------------------------------------------------------------
 
+
 def test_reward_metrics_logged_every_step(dpo_run):
     logged = dpo_run["logged"]
     for key in ("loss", "rewards/accuracies", "rewards/margins", "rewards/chosen", "rewards/rejected"):
@@ -114,6 +137,7 @@ def test_train_result_fields(dpo_run):
 
 
 # --- adapters ----------------------------------------------------------------------------------
+
 
 def test_dpo_adapter_differs_from_sft_adapter(dpo_run, sft_adapter):
     sft = adapter_weights(sft_adapter)
@@ -144,7 +168,11 @@ def test_reference_adapter_is_the_frozen_sft_adapter(dpo_run, sft_adapter):
         assert not param.requires_grad, name
         assert torch.equal(param.detach().float(), sft[name.replace(".ref.", ".")]), name
     # The trained "default" adapter started from the same weights and moved away from them.
-    moved = [n for n in ref if not torch.equal(params[n.replace(".ref.", ".default.")].detach().float(), ref[n].detach().float())]
+    moved = [
+        n
+        for n in ref
+        if not torch.equal(params[n.replace(".ref.", ".default.")].detach().float(), ref[n].detach().float())
+    ]
     assert moved
 
 
@@ -161,6 +189,7 @@ def test_trainable_model_loads_sft_adapter_trainable(tiny_model_dir, sft_adapter
 
 
 # --- loss types -------------------------------------------------------------------------------
+
 
 @pytest.mark.parametrize("loss_type, first_loss", [("hinge", 1.0), ("ipo", (1 / (2 * 0.1)) ** 2)])
 def test_loss_types_run_and_apply(tmp_path, tiny_model_dir, sft_adapter, loss_type, first_loss):

@@ -1,4 +1,5 @@
 """The multi-process path: `accelerate launch` with 2 CPU processes (gloo), the same code GPUs run under DDP."""
+
 from __future__ import annotations
 
 import json
@@ -11,14 +12,33 @@ from ftflow.tasks.train.trainer import train
 
 
 def _rows(n):
-    return [sft_example({"messages": [{"role": "user", "content": f"Extract the order as JSON:\nKen ordered {i} lamps."},
-                                      {"role": "assistant", "content": f'{{"qty": {i}}}'}]}, None) for i in range(n)]
+    return [
+        sft_example(
+            {
+                "messages": [
+                    {"role": "user", "content": f"Extract the order as JSON:\nKen ordered {i} lamps."},
+                    {"role": "assistant", "content": f'{{"qty": {i}}}'},
+                ]
+            },
+            None,
+        )
+        for i in range(n)
+    ]
 
 
 def test_two_processes_train_one_adapter(tiny_cfg, tmp_path):
-    cfg = config_from_dict(apply_overrides(tiny_cfg.model_dump(mode="json"), [
-        "distributed.num_processes=2", "quantization.mode=none", "sft.max_steps=2", "sft.per_device_batch_size=2",
-        "sft.save_steps=100"]))
+    cfg = config_from_dict(
+        apply_overrides(
+            tiny_cfg.model_dump(mode="json"),
+            [
+                "distributed.num_processes=2",
+                "quantization.mode=none",
+                "sft.max_steps=2",
+                "sft.per_device_batch_size=2",
+                "sft.save_steps=100",
+            ],
+        )
+    )
     reported: list[tuple[str, int, int]] = []
 
     def progress(label: str, total: int):
@@ -37,8 +57,13 @@ def test_two_processes_train_one_adapter(tiny_cfg, tmp_path):
 
 
 def test_launch_command_shapes(tiny_cfg, tmp_path):
-    cfg = config_from_dict(apply_overrides(tiny_cfg.model_dump(mode="json"),
-                                           ["distributed.num_processes=4", "distributed.strategy=fsdp"]))
+    cfg = config_from_dict(
+        apply_overrides(tiny_cfg.model_dump(mode="json"), ["distributed.num_processes=4", "distributed.strategy=fsdp"])
+    )
     cmd = accelerate_command(cfg, tmp_path / "spec.json")
     assert cmd[cmd.index("--num_processes") + 1] == "4"
-    assert "--multi_gpu" in cmd and "--use_fsdp" in cmd and cmd[-2:] == ["ftflow.tasks.train.launch", str(tmp_path / "spec.json")]
+    assert (
+        "--multi_gpu" in cmd
+        and "--use_fsdp" in cmd
+        and cmd[-2:] == ["ftflow.tasks.train.launch", str(tmp_path / "spec.json")]
+    )

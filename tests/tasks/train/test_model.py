@@ -1,4 +1,5 @@
 """Model resolution and building on the tiny Llama: paths, 4-bit NF4 layers, remote code, safetensors only."""
+
 from __future__ import annotations
 
 import json
@@ -12,6 +13,7 @@ from pathlib import Path
 
 import pytest
 import torch
+
 from ftflow.configs.loader import load_config
 from ftflow.configs.schema import LoraConfig, ModelConfig, Quantization, QuantizationConfig
 from ftflow.tasks.errors import ModelLoadError
@@ -36,6 +38,7 @@ def model_cfg(path: str, **kw) -> ModelConfig:
 
 
 # --- resolve_model_path -----------------------------------------------------------------------
+
 
 def test_local_dir_resolves_to_itself(tiny_model_dir):
     assert resolve_model_path(model_cfg(tiny_model_dir)) == tiny_model_dir
@@ -90,6 +93,7 @@ def test_hub_id_is_returned_unchanged(tmp_path, monkeypatch):
 
 # --- quantization -----------------------------------------------------------------------------
 
+
 def _linear4bit_modules(model):
     import bitsandbytes as bnb
 
@@ -135,6 +139,7 @@ def test_bnb_config_for_8bit_and_4bit():
 
 # --- remote code --------------------------------------------------------------------------------
 
+
 def test_trust_remote_code_defaults_off():
     assert ModelConfig().trust_remote_code is False
     assert load_config("demo").model.trust_remote_code is False
@@ -146,15 +151,22 @@ def _custom_code_model(tmp_path: Path, tiny_model_dir: str) -> tuple[Path, Path]
     root.mkdir()
     marker = tmp_path / "EXECUTED"
     config = json.loads(Path(tiny_model_dir, "config.json").read_text())
-    config.update(model_type="ftflow_probe", architectures=["ProbeForCausalLM"],
-                  auto_map={"AutoConfig": "configuration_probe.ProbeConfig",
-                            "AutoModelForCausalLM": "modeling_probe.ProbeForCausalLM"})
+    config.update(
+        model_type="ftflow_probe",
+        architectures=["ProbeForCausalLM"],
+        auto_map={
+            "AutoConfig": "configuration_probe.ProbeConfig",
+            "AutoModelForCausalLM": "modeling_probe.ProbeForCausalLM",
+        },
+    )
     (root / "config.json").write_text(json.dumps(config))
     (root / "configuration_probe.py").write_text(
-        "from transformers import LlamaConfig\n\n\nclass ProbeConfig(LlamaConfig):\n    model_type = 'ftflow_probe'\n")
+        "from transformers import LlamaConfig\n\n\nclass ProbeConfig(LlamaConfig):\n    model_type = 'ftflow_probe'\n"
+    )
     (root / "modeling_probe.py").write_text(
         "from pathlib import Path\nfrom transformers import LlamaForCausalLM\nfrom .configuration_probe import ProbeConfig\n"
-        f"Path({str(marker)!r}).touch()\n\n\nclass ProbeForCausalLM(LlamaForCausalLM):\n    config_class = ProbeConfig\n")
+        f"Path({str(marker)!r}).touch()\n\n\nclass ProbeForCausalLM(LlamaForCausalLM):\n    config_class = ProbeConfig\n"
+    )
     shutil.copy(Path(tiny_model_dir, "model.safetensors"), root / "model.safetensors")
     return root, marker
 
@@ -168,12 +180,15 @@ def test_custom_code_is_refused_by_default(tmp_path, tiny_model_dir):
 
 def test_custom_code_runs_when_trusted(tmp_path, tiny_model_dir):
     root, marker = _custom_code_model(tmp_path, tiny_model_dir)
-    model = load_base_model(str(root), model_cfg(root, trust_remote_code=True), QuantizationConfig(mode=Quantization.none))
+    model = load_base_model(
+        str(root), model_cfg(root, trust_remote_code=True), QuantizationConfig(mode=Quantization.none)
+    )
     assert type(model).__name__ == "ProbeForCausalLM"
     assert marker.exists()
 
 
 # --- safetensors only ---------------------------------------------------------------------------
+
 
 def test_pickle_only_checkpoint_is_refused(tmp_path, tiny_model_dir):
     from safetensors.torch import load_file
@@ -200,6 +215,7 @@ def test_safetensors_checkpoint_loads_with_saved_weights(tiny_model_dir):
 
 
 # --- tokenizer and LoRA builder -------------------------------------------------------------------
+
 
 def test_tokenizer_has_a_pad_token(tiny_model_dir):
     tok = load_tokenizer(tiny_model_dir, model_cfg(tiny_model_dir))
@@ -231,6 +247,7 @@ def test_lora_on_tiny_model_trains_only_adapters(tiny_model_dir):
 
 # --- the hub is the product's default; offline is the environment's choice ------------------------
 
+
 def test_offline_is_not_forced(monkeypatch):
     from ftflow.cli import quiet_env
 
@@ -248,7 +265,11 @@ def test_offline_is_not_forced(monkeypatch):
 
 def test_local_model_loads_online_mode_with_the_hub_unreachable(tiny_model_dir):
     # Online mode, with every hub request going to a closed loopback port: a local directory must not try.
-    env = {k: v for k, v in os.environ.items() if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if k not in ("HF_HUB_OFFLINE", "HF_DATASETS_OFFLINE", "TRANSFORMERS_OFFLINE")
+    }
     env["HF_ENDPOINT"] = "http://127.0.0.1:9"
     code = (
         "import sys, time; t = time.time()\n"
@@ -265,6 +286,7 @@ def test_local_model_loads_online_mode_with_the_hub_unreachable(tiny_model_dir):
 
 
 # --- one process, one GPU ---------------------------------------------------------------------------
+
 
 def test_quantized_model_goes_to_this_process_gpu(monkeypatch):
     monkeypatch.delenv("LOCAL_RANK", raising=False)
@@ -286,6 +308,7 @@ def test_fsdp_stores_4bit_weights_in_the_compute_dtype(monkeypatch):
 
 
 # --- one user-level cache of converted models ---------------------------------------------------------
+
 
 def test_cache_is_per_user_not_per_working_directory(monkeypatch, tmp_path):
     monkeypatch.delenv("FTFLOW_CACHE_DIR", raising=False)
@@ -314,6 +337,7 @@ def _slow_build(calls: list, delay: float = 0.5):
         time.sleep(delay)
         (out / "weights").write_text("w")
         (out / CONVERTED_MARKER).write_text("{}")
+
     return build
 
 
@@ -321,8 +345,9 @@ def test_concurrent_builds_of_one_entry_build_it_once(tmp_path):
     calls: list = []
     results: list = []
     target = tmp_path / "cache" / "model-abc"
-    threads = [threading.Thread(target=lambda: results.append(build_once(target, _slow_build(calls))))
-               for _ in range(3)]
+    threads = [
+        threading.Thread(target=lambda: results.append(build_once(target, _slow_build(calls)))) for _ in range(3)
+    ]
     for t in threads:
         t.start()
     for t in threads:
@@ -358,6 +383,7 @@ def test_an_entry_without_its_marker_is_rebuilt(tmp_path):
 
 
 # --- bad model files are input errors, named, not retried ------------------------------------------------
+
 
 def _copy_model(tmp_path: Path, tiny_model_dir: str) -> Path:
     root = tmp_path / "model"

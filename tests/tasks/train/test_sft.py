@@ -1,5 +1,6 @@
 """QLoRA SFT through `trainer.train` on the tiny Llama: loss streamed and falling, only LoRA weights move,
 answer-only loss, the adapter and its metadata on disk, resume."""
+
 from __future__ import annotations
 
 import json
@@ -14,20 +15,33 @@ from ftflow.tasks.train.trainer import last_checkpoint, train
 
 # Two short rows; with batch 2 every step sees exactly this batch, so the loss must fall step after step.
 EXAMPLES = [
-    {"prompt": [{"role": "user", "content": "Extract the city: I live in Paris."}],
-     "completion": [{"role": "assistant", "content": '{"city": "Paris"}'}]},
-    {"prompt": [{"role": "user", "content": "Extract the city: Tokyo is home."}],
-     "completion": [{"role": "assistant", "content": '{"city": "Tokyo"}'}]},
+    {
+        "prompt": [{"role": "user", "content": "Extract the city: I live in Paris."}],
+        "completion": [{"role": "assistant", "content": '{"city": "Paris"}'}],
+    },
+    {
+        "prompt": [{"role": "user", "content": "Extract the city: Tokyo is home."}],
+        "completion": [{"role": "assistant", "content": '{"city": "Tokyo"}'}],
+    },
 ]
 STEPS = 8
 
 
 def sft_config(model_dir: str, out: Path, *overrides: str):
-    return load_config("tiny", [
-        f"model.name_or_path={model_dir}", f"output_dir={out}",
-        "sft.learning_rate=5e-3", "sft.per_device_batch_size=2", "sft.warmup_ratio=0.0", "sft.logging_steps=1",
-        "sft.save_steps=1000", "lora.r=4", *overrides,
-    ])
+    return load_config(
+        "tiny",
+        [
+            f"model.name_or_path={model_dir}",
+            f"output_dir={out}",
+            "sft.learning_rate=5e-3",
+            "sft.per_device_batch_size=2",
+            "sft.warmup_ratio=0.0",
+            "sft.logging_steps=1",
+            "sft.save_steps=1000",
+            "lora.r=4",
+            *overrides,
+        ],
+    )
 
 
 class Recorder:
@@ -77,6 +91,7 @@ def trained(tmp_path_factory, tiny_model_dir):
 
 # --- metrics ----------------------------------------------------------------------------------
 
+
 def test_loss_reported_every_step_through_callback(trained):
     progress = trained["progress"]
     assert progress.started == [("sft", STEPS)]
@@ -105,6 +120,7 @@ def test_train_result_fields(trained):
 
 # --- what moved ---------------------------------------------------------------------------------
 
+
 def test_lora_weights_changed_and_base_weights_did_not(trained):
     before = trained["before"]
     after = snapshot(trained["trainer"].model)
@@ -132,6 +148,7 @@ def test_base_layers_are_4bit_and_frozen(trained):
 
 
 # --- adapter on disk ----------------------------------------------------------------------------
+
 
 def test_adapter_dir_holds_config_weights_tokenizer_and_meta(trained):
     from safetensors.torch import load_file
@@ -163,6 +180,7 @@ def test_explicit_alpha_reaches_the_adapter(tmp_path, tiny_model_dir):
 
 # --- loss on the answer only --------------------------------------------------------------------
 
+
 def test_loss_only_on_completion_tokens(trained):
     tokenizer = trained["trainer"].processing_class
     dataset = trained["trainer"].train_dataset
@@ -176,10 +194,11 @@ def test_loss_only_on_completion_tokens(trained):
         # Every prompt token (system, user turn, the assistant header) is masked; the answer and its end token are not.
         assert labels[: len(prompt_ids)] == [-100] * len(prompt_ids)
         assert tokenizer.decode(scored).strip() == example["completion"][0]["content"] + "<|im_end|>"
-        assert row["input_ids"][len(prompt_ids):] == scored
+        assert row["input_ids"][len(prompt_ids) :] == scored
 
 
 # --- resume from checkpoint ---------------------------------------------------------------------
+
 
 def test_resume_from_last_checkpoint(tmp_path, tiny_model_dir):
     first_cfg = sft_config(tiny_model_dir, tmp_path, "sft.max_steps=4", "sft.save_steps=2")
@@ -203,8 +222,12 @@ def test_resume_from_last_checkpoint(tmp_path, tiny_model_dir):
 def test_last_checkpoint_ignores_incomplete_and_foreign_dirs(tmp_path):
     assert last_checkpoint(tmp_path / "missing") is None
     assert last_checkpoint(tmp_path) is None
-    for name, complete in [("checkpoint-3", True), ("checkpoint-10", True), ("checkpoint-12", False),
-                           ("checkpoint-best", True)]:
+    for name, complete in [
+        ("checkpoint-3", True),
+        ("checkpoint-10", True),
+        ("checkpoint-12", False),
+        ("checkpoint-best", True),
+    ]:
         (tmp_path / name).mkdir()
         if complete:
             (tmp_path / name / "trainer_state.json").write_text("{}")

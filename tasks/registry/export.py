@@ -436,7 +436,8 @@ def check_equivalence(
 
     from ftflow.tasks.train.model import load_base_model, pick_device
 
-    metric = source.run_cfg.eval.primary_metric
+    # An empty eval.primary_metric means the task preset's choice (free text ranks on chrF, not exact match).
+    metric = getattr(source.run_cfg.eval, "resolved_primary_metric", None) or source.run_cfg.eval.primary_metric
     compared = metric if metric in PER_EXAMPLE or metric in TEACHER_FORCED or metric in CORPUS else "heldout_exact"
     if compared != metric:
         log(f"{metric} has no per-example form here; the bootstrap compares heldout_exact instead")

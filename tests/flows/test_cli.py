@@ -194,10 +194,6 @@ def test_a_run_shows_no_known_library_noise_and_ends_with_the_result(tmp_path, t
     assert last[-1].startswith("Open the MLflow UI: "), last
 
 
-@pytest.mark.xfail(
-    reason="written while the stop neared and not run to the end on the loaded machine; see the closing note",
-    strict=False,
-)
 @pytest.mark.slow
 def test_quiet_run_prints_no_progress(tmp_path, tiny_model_dir):
     done = _tiny_run(tmp_path, tiny_model_dir, "--quiet", "dpo.enabled=false")

@@ -12,13 +12,12 @@ from typing import Any, Optional
 from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
-from ftflow import steps
+from ftflow import lifecycle, steps
 from ftflow.configs.schema import PipelineConfig
 from ftflow.tasks import stages
-from ftflow.tasks.tracking import RunLogger
 
 
-@flow(name="fine-tune")
+@flow(name="fine-tune", on_crashed=[lifecycle.mark_crashed], on_cancellation=[lifecycle.mark_cancelled])
 def pipeline_flow(
     config: PipelineConfig = PipelineConfig(),
     recipe: Optional[str] = None,
@@ -34,9 +33,7 @@ def pipeline_flow(
         resume_run_id: Continue an interrupted run: same MLflow run, training from its last checkpoint.
     """
     cfg = stages.resolve_config(config, recipe, list(overrides))
-    run = (
-        RunLogger.resume(cfg, resume_run_id) if resume_run_id else RunLogger.start(cfg, tags={"pipeline": "fine-tune"})
-    )
+    run = lifecycle.open_run(cfg, {"pipeline": "fine-tune"}, resume_run_id)
     explains_failure: list[Path] = []
     try:
         run.log_config(cfg)

@@ -16,7 +16,7 @@ from prefect import flow, get_run_logger, task
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 from prefect.cache_policies import NO_CACHE
 
-from ftflow import steps
+from ftflow import lifecycle, steps
 from ftflow.configs.schema import PipelineConfig
 from ftflow.tasks import stages
 from ftflow.tasks.data.formatting import FormattedData
@@ -80,7 +80,7 @@ def sweep_arm(
         return sweeps.outcome(cfg, run.run_id, "FAILED", error=f"{type(err).__name__}: {err}")
 
 
-@flow(name="rank-sweep")
+@flow(name="rank-sweep", on_crashed=[lifecycle.mark_crashed], on_cancellation=[lifecycle.mark_cancelled])
 def sweep_flow(
     config: PipelineConfig = PipelineConfig(),
     recipe: Optional[str] = None,
@@ -94,7 +94,7 @@ def sweep_flow(
         overrides: key.sub=value edits applied last, e.g. sweep.ranks=[8,16].
     """
     cfg = stages.resolve_config(config, recipe, list(overrides))
-    parent = RunLogger.start(cfg, run_name=f"sweep-r{'-'.join(map(str, cfg.sweep.ranks))}", tags={"pipeline": "sweep"})
+    parent = lifecycle.open_run(cfg, {"pipeline": "sweep"}, run_name=f"sweep-r{'-'.join(map(str, cfg.sweep.ranks))}")
     explains_failure: list[Path] = []
     try:
         parent.log_config(cfg)

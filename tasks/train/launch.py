@@ -8,6 +8,7 @@ Each rank calls the same builder as a single process, `trainer.train`; rank 0 lo
 from __future__ import annotations
 
 import json
+import os
 import subprocess
 import sys
 from dataclasses import asdict
@@ -49,6 +50,50 @@ def accelerate_command(cfg: PipelineConfig, spec_path: Path) -> list[str]:
     return cmd + ["-m", "ftflow.tasks.train.launch", str(spec_path)]
 
 
+SECRETS_ENV = "FTFLOW_LAUNCH_SECRETS"
+
+
+def spec_config(cfg: PipelineConfig) -> tuple[dict[str, Any], dict[str, str]]:
+    """(the config as the spec file holds it, the workers' environment).
+
+    The spec is a file on disk: its config has no credentials. A tracking or registry URI loses its
+    `user:password@` (the workers get them as MLFLOW_TRACKING_USERNAME/PASSWORD, as MLflow reads them);
+    any other secret-named value is redacted there and passed to the workers in FTFLOW_LAUNCH_SECRETS."""
+    from ftflow.tasks.secrets import is_secret_key
+    from ftflow.tasks.tracking import credentials_to_env, redact_config_dict
+
+    env_before = dict(os.environ)
+    stripped = credentials_to_env(cfg)  # sets the two MLFLOW_TRACKING_* variables in this process
+    env = dict(os.environ)
+    os.environ.clear()
+    os.environ.update(env_before)  # this process keeps what it had
+    raw = stripped.model_dump(mode="json")
+    hidden: dict[str, Any] = {}
+
+    def collect(node: Any, path: tuple[str, ...]) -> None:
+        if isinstance(node, dict):
+            for k, v in node.items():
+                if is_secret_key(str(k)) and v not in (None, "", [], {}):
+                    hidden[".".join((*path, str(k)))] = v
+                else:
+                    collect(v, (*path, str(k)))
+
+    collect(raw, ())
+    env[SECRETS_ENV] = json.dumps(hidden)
+    return redact_config_dict(raw), env
+
+
+def with_secrets(config: dict[str, Any], hidden_json: str) -> dict[str, Any]:
+    """The spec's config with the values spec_config hid put back (in a worker)."""
+    for dotted, value in json.loads(hidden_json or "{}").items():
+        node = config
+        *parents, leaf = dotted.split(".")
+        for part in parents:
+            node = node.setdefault(part, {})
+        node[leaf] = value
+    return config
+
+
 def launch(ctx: StageContext, kind: Kind, examples: list[dict], start_adapter: Optional[str] = None) -> TrainResult:
     """`train` in cfg.distributed.num_processes processes; returns rank 0's result."""
     out_dir = ctx.work_dir / kind
@@ -58,9 +103,10 @@ def launch(ctx: StageContext, kind: Kind, examples: list[dict], start_adapter: O
         for ex in examples:
             fh.write(json.dumps(ex, ensure_ascii=False) + "\n")
     result_path = out_dir / "launch_result.json"
+    config, launch_env = spec_config(ctx.cfg)
     spec = {
         "kind": kind,
-        "config": ctx.cfg.model_dump(mode="json"),
+        "config": config,
         "model": asdict(ctx.model),
         "work_dir": str(ctx.work_dir),
         "run_id": ctx.run.run_id if ctx.run else None,
@@ -74,9 +120,13 @@ def launch(ctx: StageContext, kind: Kind, examples: list[dict], start_adapter: O
     # The workers print their own progress; the caller's progress hook hears only the start and the end.
     update = ctx.start_progress(kind, getattr(ctx.cfg, kind).max_steps)
     root = Path(__file__).resolve().parents[2]
-    done = subprocess.run(accelerate_command(ctx.cfg, spec_path), cwd=root, capture_output=True, text=True)
+    done = subprocess.run(
+        accelerate_command(ctx.cfg, spec_path), cwd=root, capture_output=True, text=True, env=launch_env
+    )
     if done.returncode != 0 or not result_path.exists():
-        tail = "\n".join((done.stderr or done.stdout).strip().splitlines()[-15:])
+        from ftflow.tasks.secrets import redact_text
+
+        tail = redact_text("\n".join((done.stderr or done.stdout).strip().splitlines()[-15:]))
         raise RuntimeError(
             f"accelerate launch of {kind} with {ctx.cfg.distributed.num_processes} processes failed "
             f"(exit {done.returncode}):\n{tail}"
@@ -90,7 +140,7 @@ def main(spec_path: str) -> None:
     from accelerate import PartialState
 
     spec: dict[str, Any] = json.loads(Path(spec_path).read_text())
-    cfg = PipelineConfig.model_validate(spec["config"])
+    cfg = PipelineConfig.model_validate(with_secrets(spec["config"], os.environ.pop(SECRETS_ENV, "{}")))
     examples = [json.loads(line) for line in Path(spec["examples"]).read_text(encoding="utf-8").splitlines()]
     state = PartialState()
     run = None

@@ -4,7 +4,12 @@ runs started together, two gates racing for one registered model, credentials on
 from __future__ import annotations
 
 import json
+import os
+import signal
+import subprocess
+import sys
 import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -147,10 +152,6 @@ def _candidate(cfg, model, train_set, sets, max_steps: int):
     return ctx, results, trained
 
 
-@pytest.mark.xfail(
-    reason="written while the stop neared and not run to the end on the loaded machine; see the closing note",
-    strict=False,
-)
 @pytest.mark.slow
 def test_racing_gates_leave_the_alias_on_the_better_version_and_record_both(prefect_harness, tiny_cfg, tmp_path):
     from dataclasses import replace
@@ -214,3 +215,236 @@ def test_racing_gates_leave_the_alias_on_the_better_version_and_record_both(pref
     with get_client(sync_client=True) as prefect:
         limit = prefect.read_global_concurrency_limit_by_name(steps.registry_limit_name(race))
     assert limit.limit == 1 and limit.active_slots == 0
+
+
+# --- killed runs: the MLflow run, the Prefect server, the next run --------------------------------------------
+
+
+def _cli_env(tmp_path: Path) -> dict[str, str]:
+    """A user's shell: no Prefect server configured (so the ephemeral API), Prefect's state in its own home."""
+    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "HF_HUB_OFFLINE": "1"}
+    for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
+        env.pop(name, None)
+    return env
+
+
+def _start_cli(args: list[str], tmp_path: Path, log_name: str, env: dict[str, str] | None = None) -> subprocess.Popen:
+    log = open(tmp_path / log_name, "w")
+    return subprocess.Popen(
+        [sys.executable, "-m", "ftflow.cli", *args],
+        cwd=tmp_path,
+        env=env or _cli_env(tmp_path),
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+
+
+def _stat(pid: int) -> list[str] | None:
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[-1].split()
+    except OSError:
+        return None
+
+
+def _alive(pid: int) -> bool:
+    stat = _stat(pid)
+    return stat is not None and stat[0] != "Z"  # a zombie has exited; only its parent has not reaped it
+
+
+def _prefect_servers_of(pid: int) -> list[int]:
+    """Prefect API server processes (uvicorn running prefect.server.api.server) started by `pid`."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        if not entry.name.isdigit():
+            continue
+        stat = _stat(int(entry.name))
+        try:
+            cmdline = (entry / "cmdline").read_bytes().replace(b"\0", b" ")
+        except OSError:
+            continue
+        if stat and stat[1] == str(pid) and b"prefect.server.api.server" in cmdline:
+            found.append(int(entry.name))
+    return found
+
+
+def _wait_until(predicate, timeout: float, what: str, proc: subprocess.Popen | None = None, log: Path | None = None):
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        value = predicate()
+        if value:
+            return value
+        if proc is not None and proc.poll() is not None:
+            tail = log.read_text()[-3000:] if log else ""
+            raise AssertionError(f"the run ended ({proc.returncode}) before {what}:\n{tail}")
+        time.sleep(1)
+    raise TimeoutError(f"{what}: not within {timeout:g} s" + (f"\n{log.read_text()[-3000:]}" if log else ""))
+
+
+def _long_run(tiny_cfg, tmp_path: Path) -> Path:
+    cfg = _with(
+        tiny_cfg,
+        "sft.max_steps=400",
+        "sft.logging_steps=1",
+        "sft.save_steps=1000",
+        "dpo.enabled=false",
+        "registry.enabled=false",
+        "eval.max_examples=2",
+        "eval.few_shot_k=0",
+    )
+    return _recipe(cfg, tmp_path, "long.yaml")
+
+
+def _training(tiny_cfg):
+    def started():
+        runs = [r for r in _runs(tiny_cfg) if r.info.status == "RUNNING"]
+        return runs[0] if runs and "sft/loss" in runs[0].data.metrics else None
+
+    return started
+
+
+@pytest.mark.slow
+@pytest.mark.bad_input(
+    "runtime",
+    "a run killed with SIGKILL (a lost machine), then the next run",
+    "(no error: the next run marks the killed run FAILED, tag ftflow.reconciled = 'its process <pid> on <host> is gone ...')",
+)
+def test_sigkill_takes_the_prefect_server_along_and_the_next_run_reconciles(tiny_cfg, tmp_path):
+    recipe = _long_run(tiny_cfg, tmp_path)
+    proc = _start_cli(["run", str(recipe)], tmp_path, "killed.log")
+    servers: list[int] = []
+    try:
+        run = _wait_until(_training(tiny_cfg), 900, "training started", proc, tmp_path / "killed.log")
+        servers = _prefect_servers_of(proc.pid)
+        assert servers, "the run should have started a local Prefect server"
+        os.kill(proc.pid, signal.SIGKILL)  # only the run: its server must go by itself
+        proc.wait()
+        _wait_until(lambda: not any(_alive(p) for p in servers), 60, "the orphaned Prefect server exited")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in servers:  # what this test started, should it still be there
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    client = MlflowClient(tiny_cfg.tracking.tracking_uri)
+    assert client.get_run(run.info.run_id).info.status == "RUNNING"  # nobody was left to say otherwise
+
+    # The next run of the experiment (here one that fails fast on its data) notices and says why.
+    nxt = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "ftflow.cli",
+            "run",
+            str(recipe),
+            "data.demo.enabled=false",
+            f"data.sft_path={tmp_path / 'none.jsonl'}",
+        ],
+        cwd=tmp_path,
+        env=_cli_env(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=900,
+    )
+    assert nxt.returncode == 2, nxt.stdout[-2000:] + nxt.stderr[-2000:]
+    killed = client.get_run(run.info.run_id)
+    assert killed.info.status == "FAILED"
+    assert f"its process {proc.pid} on " in killed.data.tags["ftflow.reconciled"]
+    assert "is gone" in killed.data.tags["failure_reason"]
+
+
+@pytest.mark.slow
+def test_sigterm_ends_the_run_failed_and_stops_the_prefect_server(tiny_cfg, tmp_path):
+    proc = _start_cli(["run", str(_long_run(tiny_cfg, tmp_path))], tmp_path, "terminated.log")
+    servers: list[int] = []
+    try:
+        run = _wait_until(_training(tiny_cfg), 900, "training started", proc, tmp_path / "terminated.log")
+        servers = _prefect_servers_of(proc.pid)
+        assert servers
+        os.kill(proc.pid, signal.SIGTERM)  # what `docker stop`, systemd or a Prefect worker sends first
+        proc.wait(timeout=300)
+        _wait_until(lambda: not any(_alive(p) for p in servers), 60, "the Prefect server stopped")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        for pid in servers:
+            if _alive(pid):
+                os.kill(pid, signal.SIGKILL)
+    log = (tmp_path / "terminated.log").read_text()
+    assert proc.returncode == 128 + signal.SIGTERM, log[-3000:]
+    assert log.rstrip().endswith("ftflow: terminated (SIGTERM)"), log[-3000:]
+    ended = MlflowClient(tiny_cfg.tracking.tracking_uri).get_run(run.info.run_id)
+    assert ended.info.status == "FAILED" and "TerminationSignal" in ended.data.tags["failure_reason"]
+
+
+@pytest.mark.slow
+@pytest.mark.bad_input(
+    "runtime",
+    "runs started at the same moment (one ephemeral Prefect database)",
+    "(no error: each waits its turn to start its Prefect server; all run)",
+)
+def test_runs_started_together_all_finish(tiny_cfg, tmp_path):
+    # Three at once, on a Prefect database none has made yet: with Prefect's own ephemeral server they raced
+    # each other's start-up (block type registration: UNIQUE constraint failed) and timed out after 20 s;
+    # two at once did so often, three reliably.
+    cfg = _with(
+        tiny_cfg,
+        "sft.max_steps=1",
+        "dpo.enabled=false",
+        "registry.enabled=false",
+        "eval.max_examples=2",
+        "eval.few_shot_k=0",
+    )
+    MlflowClient(cfg.tracking.tracking_uri).search_experiments()  # the store exists; Prefect's does not, yet
+    procs = [
+        _start_cli(
+            ["run", str(_recipe(cfg, tmp_path)), f"output_dir={tmp_path / f'runs-{i}'}"], tmp_path, f"run-{i}.log"
+        )
+        for i in (1, 2, 3)
+    ]
+    try:
+        codes = [p.wait(timeout=1500) for p in procs]
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                os.killpg(p.pid, signal.SIGKILL)
+    logs = [(tmp_path / f"run-{i}.log").read_text() for i in (1, 2, 3)]
+    assert codes == [0, 0, 0], "\n---\n".join(log[-3000:] for log in logs)
+    assert sorted(r.info.status for r in _runs(cfg)) == ["FINISHED"] * 3
+
+
+# --- credentials on their way to Prefect ----------------------------------------------------------------------
+
+
+@pytest.mark.slow
+def test_tracking_password_never_becomes_a_flow_run_parameter(
+    prefect_harness, tiny_cfg, tmp_path, capsys, monkeypatch, mlflow_server_port
+):
+    import secrets
+
+    from prefect.client.orchestration import get_client
+    from prefect.client.schemas.sorting import FlowRunSort
+
+    from ftflow.cli import main
+
+    password = "pw" + secrets.token_hex(12)
+    for name in ("MLFLOW_TRACKING_USERNAME", "MLFLOW_TRACKING_PASSWORD"):
+        monkeypatch.setenv(name, "restored-after-the-test")
+    uri = f"http://bob:{password}@127.0.0.1:{mlflow_server_port}"
+    rc = main(
+        [
+            "run",
+            str(_recipe(tiny_cfg, tmp_path)),
+            f"tracking.tracking_uri={uri}",
+            "data.demo.enabled=false",
+            f"data.sft_path={tmp_path / 'none.jsonl'}",
+        ]
+    )
+    assert rc == 2  # the run stops at its data; by then Prefect has stored the flow run's parameters
+    with get_client(sync_client=True) as client:
+        [flow_run] = client.read_flow_runs(sort=FlowRunSort.START_TIME_DESC, limit=1)
+    stored = json.dumps(flow_run.parameters, default=str)
+    assert password not in stored, stored[:2000]
+    assert f"http://127.0.0.1:{mlflow_server_port}" in stored  # the URI itself is kept, without its credentials
+    assert os.environ["MLFLOW_TRACKING_PASSWORD"] == password  # where MLflow's client reads it from
+    assert password not in capsys.readouterr().err

@@ -104,10 +104,6 @@ def _one_error_line(capsys) -> str:
     return err.strip()
 
 
-@pytest.mark.xfail(
-    reason="written while the stop neared and not run to the end on the loaded machine; see the closing note",
-    strict=False,
-)
 @pytest.mark.bad_input(
     "runtime",
     "--resume with a changed recipe or override",
@@ -129,10 +125,6 @@ def test_resume_with_a_changed_config_names_the_keys_and_touches_nothing(prefect
     assert after.data.params == before.data.params and "resumed" not in after.data.tags
 
 
-@pytest.mark.xfail(
-    reason="written while the stop neared and not run to the end on the loaded machine; see the closing note",
-    strict=False,
-)
 @pytest.mark.bad_input(
     "runtime",
     "--resume of a FINISHED (registered) run",
@@ -161,10 +153,6 @@ def test_resume_of_a_finished_registered_run_is_refused_and_leaves_it_alone(
     assert str(client.get_model_version_by_alias(name, "champion").version) == version
 
 
-@pytest.mark.xfail(
-    reason="written while the stop neared and not run to the end on the loaded machine; see the closing note",
-    strict=False,
-)
 @pytest.mark.bad_input(
     "runtime", "--resume with an id no run has", "ftflow: error: --resume <id>: no such MLflow run at <tracking uri>"
 )
@@ -177,10 +165,6 @@ def test_resume_of_an_unknown_run_id_is_one_line(prefect_harness, tiny_cfg, tmp_
     assert rc == 2 and f"--resume {'0' * 32}: no such MLflow run" in line, line
 
 
-@pytest.mark.xfail(
-    reason="written while the stop neared and not run to the end on the loaded machine; see the closing note",
-    strict=False,
-)
 def test_resume_after_a_library_upgrade_records_the_versions_without_touching_params(tiny_cfg):
     from ftflow.tasks.tracking import RunLogger, library_versions
 

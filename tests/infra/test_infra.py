@@ -345,8 +345,17 @@ def test_worker_build_context_lets_the_project_through():
         for line in (INFRA / "Dockerfile.worker.dockerignore").read_text().splitlines()
         if line.strip().startswith("!")
     }
-    packages = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]["packages"]
-    assert {p.split(".")[0] for p in packages} <= allowed
+    setuptools = tomllib.loads((ROOT / "pyproject.toml").read_text())["tool"]["setuptools"]
+    # Each package's folder: its own package-dir entry, else its parent's folder joined with its last name.
+    mapping = setuptools.get("package-dir", {})
+
+    def folder(package: str) -> str:
+        if package in mapping:
+            return mapping[package]
+        parent, _, name = package.rpartition(".")
+        return f"{folder(parent)}/{name}" if parent else package
+
+    assert {folder(p).split("/")[0] for p in setuptools["packages"]} <= allowed
     assert {"pyproject.toml", "prefect.yaml", "data_contracts"} <= allowed
 
 
@@ -660,3 +669,65 @@ def test_kubernetes_worker_runs_the_same_prefect_version_as_the_compose_server(c
     image = deployment["spec"]["template"]["spec"]["containers"][0]["image"]
     server_image = interpolate(compose_raw["services"]["prefect-server"]["image"], env_example)
     assert image.startswith(server_image) and image.endswith("-kubernetes")
+
+
+# ---------------------------------------------------------------- compose: Prefect results in the shared bucket
+
+RESULTS_SCRIPT = INFRA / "prefect" / "results_storage.py"
+
+
+def test_prefect_results_go_to_a_bucket_minio_init_creates_with_keys_only_the_worker_holds(services):
+    from prefect.filesystems import RemoteFileSystem
+
+    worker, init, results = services["worker"], services["minio-init"], services["prefect-results-init"]
+    env, init_env, results_env = environment(worker), environment(init), environment(results)
+    block_type, _, block_name = env["PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK"].partition("/")
+    assert block_type == RemoteFileSystem.get_block_type_slug() and block_name == results_env["FTFLOW_RESULTS_BLOCK"]
+    assert env["PREFECT_RESULTS_PERSIST_BY_DEFAULT"] == "true"
+    assert urlsplit(results_env["FTFLOW_RESULTS_BASEPATH"]).hostname == init_env["PREFECT_RESULTS_BUCKET"]
+    assert init_env["PREFECT_RESULTS_BUCKET"] != init_env["MLFLOW_BUCKET"]
+    endpoint = urlsplit(results_env["FTFLOW_RESULTS_ENDPOINT"])
+    assert endpoint.hostname == "minio" and endpoint.port == MINIO_S3_PORT
+    # The worker's results key pair is the one minio-init scopes to the results bucket, not MLflow's.
+    assert (
+        env["AWS_ACCESS_KEY_ID"]
+        == init_env["PREFECT_S3_ACCESS_KEY"]
+        != environment(services["mlflow"])["AWS_ACCESS_KEY_ID"]
+    )
+    assert env["AWS_SECRET_ACCESS_KEY"] == init_env["PREFECT_S3_SECRET_KEY"]
+    script = " ".join(init["command"])
+    assert "$$PREFECT_RESULTS_BUCKET" in script.replace("${", "$") or "PREFECT_RESULTS_BUCKET" in script
+    assert depends_on(worker)["prefect-results-init"]["condition"] == "service_completed_successfully"
+    assert depends_on(results)["prefect-server"]["condition"] == "service_healthy"
+    # The worker image can reach s3:// at all.
+    runs = " ".join(rest for keyword, rest in dockerfile_instructions(INFRA / "Dockerfile.worker") if keyword == "RUN")
+    assert "s3fs" in runs
+
+
+def test_the_results_block_script_makes_a_block_prefect_loads(services, monkeypatch, tmp_path):
+    # Run the one-shot's script against a real (temporary) Prefect API: the block it saves loads back.
+    import runpy
+
+    from prefect.filesystems import RemoteFileSystem
+    from prefect.testing.utilities import prefect_test_harness
+
+    results = services["prefect-results-init"]
+    command = results["command"]
+    assert command[-1].endswith(RESULTS_SCRIPT.name)
+    assert any(str(v).startswith("./prefect/results_storage.py:") for v in results["volumes"])
+    for key, value in environment(results).items():
+        if key.startswith("FTFLOW_"):
+            monkeypatch.setenv(key, value)
+    with prefect_test_harness(server_startup_timeout=120):
+        runpy.run_path(str(RESULTS_SCRIPT), run_name="__main__")
+        block = RemoteFileSystem.load(environment(results)["FTFLOW_RESULTS_BLOCK"])
+    assert block.basepath == environment(results)["FTFLOW_RESULTS_BASEPATH"]
+    assert block.settings["client_kwargs"]["endpoint_url"] == environment(results)["FTFLOW_RESULTS_ENDPOINT"]
+    assert "key" not in block.settings and "secret" not in block.settings  # keys stay in the worker's env
+
+
+def test_the_local_default_keeps_results_in_a_local_folder():
+    # Nothing outside the compose stack names a results block: `ftflow run` and `make serve` keep Prefect's
+    # default, a folder (PREFECT_LOCAL_STORAGE_PATH, ~/.prefect/storage).
+    for path in (ROOT / "infra" / "local" / "serve.sh", ROOT / "Makefile", ROOT / "prefect.yaml"):
+        assert "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK" not in path.read_text(), path

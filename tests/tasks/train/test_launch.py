@@ -67,3 +67,41 @@ def test_launch_command_shapes(tiny_cfg, tmp_path):
         and "--use_fsdp" in cmd
         and cmd[-2:] == ["ftflow.tasks.train.launch", str(tmp_path / "spec.json")]
     )
+
+
+def test_launch_keeps_credentials_out_of_its_spec_file_and_its_error(tiny_cfg, tmp_path, monkeypatch):
+    import secrets
+    import socket
+
+    import pytest
+
+    from ftflow.tasks.tracking import RunLogger
+
+    password, token = "pw" + secrets.token_hex(12), "hf_" + secrets.token_hex(16)
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = s.getsockname()[1]  # closed once the block ends: the workers' first metric fails
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0")
+    monkeypatch.setenv("MLFLOW_HTTP_REQUEST_TIMEOUT", "5")
+    cfg = config_from_dict(
+        apply_overrides(
+            tiny_cfg.model_dump(mode="json"),
+            [
+                "distributed.num_processes=2",
+                "quantization.mode=none",
+                "sft.max_steps=2",
+                "sft.logging_steps=1",
+                "sft.per_device_batch_size=2",
+                "sft.save_steps=100",
+                f"tracking.tracking_uri=http://bob:{password}@127.0.0.1:{port}",
+                f"sft.extra.hub_token={token}",
+            ],
+        )
+    )
+    ctx = StageContext(cfg, resolve_model(cfg), RunLogger(cfg, "0" * 32), tmp_path, lambda line: None)
+    with pytest.raises(RuntimeError) as err:
+        train(ctx, "sft", _rows(16))
+    spec = (tmp_path / "sft" / "launch_spec.json").read_text()
+    assert password not in spec and token not in spec
+    assert password not in str(err.value) and token not in str(err.value)
+    assert f"127.0.0.1:{port}" in spec and "accelerate launch of sft" in str(err.value)

@@ -33,7 +33,6 @@ import contextlib
 import dataclasses
 import gc
 import json
-import math
 import os
 import platform
 import random
@@ -103,19 +102,9 @@ def sync(device: str) -> None:
 
 def matmul_rate(dtype: torch.dtype, sizes: tuple[int, ...], reps: int, device: str = "cpu") -> dict[str, Any]:
     """Median FLOP/s of n x n @ n x n per size; the best size is what a GEMM-bound step could reach."""
-    per_size = {}
-    for n in sizes:
-        a = torch.randn(n, n, dtype=dtype, device=device)
-        b = torch.randn(n, n, dtype=dtype, device=device)
-        a @ b  # first call builds the oneDNN/MKL plan
-        times = []
-        for _ in range(reps):
-            sync(device)
-            t0 = time.perf_counter()
-            a @ b
-            sync(device)
-            times.append(time.perf_counter() - t0)
-        per_size[n] = 2 * n**3 / statistics.median(times)
+    from gpu_check import matmul_rate as one_size  # bench/, this script's folder, is on sys.path
+
+    per_size = {n: one_size(device, n, reps, dtype) for n in sizes}
     return {"per_size": per_size, "best": max(per_size.values())}
 
 
@@ -177,27 +166,12 @@ def load_peft(cfg, path: str):
 
 def common_args(section, out: Path, seed: int, device: str, steps: int) -> dict[str, Any]:
     """The pipeline's trainer arguments (tasks/train common_args), minus checkpoints: saves are not steps."""
-    return dict(
-        output_dir=str(out),
-        max_steps=steps,
-        learning_rate=section.learning_rate,
-        per_device_train_batch_size=section.per_device_batch_size,
-        gradient_accumulation_steps=section.gradient_accumulation_steps,
-        warmup_steps=math.ceil(section.warmup_ratio * section.max_steps),
-        lr_scheduler_type="cosine",
-        logging_steps=section.logging_steps,
-        save_strategy="no",
-        seed=seed,
-        data_seed=seed,
-        max_length=section.max_length,
-        activation_checkpointing=section.gradient_checkpointing,
-        report_to="none",
-        disable_tqdm=True,
-        bf16=device == "cuda",
-        use_cpu=device == "cpu",
-        dataloader_num_workers=0,
-        remove_unused_columns=True,
-    )
+    from ftflow.tasks.train.trainer import common_args as pipeline_args
+
+    args = pipeline_args(section, out, seed, device)
+    for key in ("save_steps", "save_total_limit"):
+        del args[key]
+    return {**args, "max_steps": steps, "save_strategy": "no"}
 
 
 class StepTimer:
@@ -351,6 +325,15 @@ def med(xs: list[float]) -> float:
 # --- the rows ----------------------------------------------------------------------------------------
 
 
+@dataclasses.dataclass(frozen=True)
+class Measure:
+    """One timed piece of work: its wall times (one per repeat), the real tokens it processed, its model FLOPs."""
+
+    seconds: list[float]
+    tokens: int
+    flops: float
+
+
 @dataclasses.dataclass
 class Row:
     section: str
@@ -429,8 +412,10 @@ class Bench:
 
         return load_config("demo", [*self.model_overrides, f"quantization.mode={mode}", *overrides])
 
-    def add(self, section, mode, what, seconds, tokens, flops, note="", cpu=None) -> Row:
-        row = Row(section, mode, what, list(seconds), tokens, flops, self.peak, note, list(cpu or []))
+    def add(self, section: str, mode: str, what: str, measure: Measure, note: str = "", cpu=None) -> Row:
+        row = Row(
+            section, mode, what, list(measure.seconds), measure.tokens, measure.flops, self.peak, note, list(cpu or [])
+        )
         self.rows.append(row)
         self.log(f"{mode:5s} {section:6s} {what}: {row.s:.2f} s, {row.tok_s:.0f} tok/s, MFU {row.mfu:.1%}")
         return row
@@ -512,14 +497,12 @@ class Bench:
                 "sft",
                 mode,
                 "bare fwd+bwd (HF loss)",
-                light_s["b"],
-                tokens,
-                sft_flops,
+                Measure(light_s["b"], tokens, sft_flops),
                 f"{batch['input_ids'].shape[0]} rows, {tokens} real / {padded} padded tokens; light mode: "
                 "no trainer/DPO rows (--full-8bit adds them)",
                 cpu=light_s.cpu["b"],
             )
-            self.gen_rows(mode, model, cfg, n, n_lora, with_levers=False, reps=1, light=True)
+            self.gen_rows(mode, model, cfg, with_levers=False, reps=1, light=True)
             return
         trainer.train()
         train_steps = timer.steps()[1:]  # the first step builds kernels and optimizer state
@@ -537,23 +520,19 @@ class Bench:
             "sft",
             mode,
             "SFTTrainer step (train loop)",
-            train_steps,
-            tokens,
-            sft_flops,
+            Measure(train_steps, tokens, sft_flops),
             pad_note + f", LoRA {dtype_name(lora_dtype)}",
         )
         if with_levers:
             # The lever mode's bare step is timed alternating with the trainer path (sft_levers), not alone.
-            self.sft_levers(mode, model, trainer, batch, tokens, sft_flops, reps, steps, lora_dtype)
+            self.sft_levers(mode, model, trainer, batch, reps, steps)
         else:
             bare_s = side_by_side({"bare": (noop, bare, noop)}, max(steps, 1), self.device)
             self.add(
                 "sft",
                 mode,
                 "bare fwd+bwd (HF loss)",
-                bare_s["bare"],
-                tokens,
-                sft_flops,
+                Measure(bare_s["bare"], tokens, sft_flops),
                 pad_note,
                 cpu=bare_s.cpu["bare"],
             )
@@ -583,20 +562,19 @@ class Bench:
             "dpo",
             mode,
             "DPOTrainer step (train loop)",
-            timer.steps()[1:],
-            dtokens,
-            (6 * n + 8 * n_lora) * dtokens,
+            Measure(timer.steps()[1:], dtokens, (6 * n + 8 * n_lora) * dtokens),
             f"{len(self.pairs)} pairs = {dbatch['input_ids'].shape[0]} sequences, {dtokens} real tokens",
         )
 
-        self.gen_rows(mode, model, cfg, n, n_lora, with_levers, reps)
+        self.gen_rows(mode, model, cfg, with_levers, reps)
 
-    def gen_rows(self, mode, model, cfg, n, n_lora, with_levers, reps, light=False) -> None:
+    def gen_rows(self, mode, model, cfg, with_levers, reps, light=False) -> None:
         """Evaluation generation: greedy, left padding, batch = eval.batch_size, as tasks/evaluate does.
 
         Each run records the time after every decode step, so one run gives the prefill, the per-step decode time
         and the time any shorter max_new_tokens would have taken: greedy decoding's first k steps are the same
         work whatever the limit, and both limits then come from the same run under the same load."""
+        n, n_lora = self.n_params
         model.eval()
         if "default" in getattr(model, "peft_config", {}):
             model.set_adapter("default")
@@ -609,9 +587,7 @@ class Bench:
             "gen",
             mode,
             f"prefill, {r['rows']} prompts",
-            [x["prefill_s"] for x in runs],
-            r["prompt_tokens"],
-            per_flop * r["prompt_tokens"],
+            Measure([x["prefill_s"] for x in runs], r["prompt_tokens"], per_flop * r["prompt_tokens"]),
             f"{r['prompt_tokens']} real prompt tokens (left-padded to {r['rows']} x {r['prompt_len']})",
         )
         decode = [statistics.median(x["step_s"]) for x in runs]
@@ -619,9 +595,7 @@ class Bench:
             "gen",
             mode,
             f"decode step, batch {r['rows']} (median of {len(r['step_s'])} steps)",
-            decode,
-            r["rows"],
-            per_flop * r["rows"],
+            Measure(decode, r["rows"], per_flop * r["rows"]),
             f"{r['stopped']}/{r['rows']} rows emitted EOS within {limit} tokens; "
             "finished rows keep computing until the batch ends",
         )
@@ -630,9 +604,7 @@ class Bench:
             "gen",
             mode,
             f"generate {r['steps']} new tokens, end to end",
-            total,
-            r["rows"] * r["steps"],
-            per_flop * (r["prompt_tokens"] + r["rows"] * r["steps"]),
+            Measure(total, r["rows"] * r["steps"], per_flop * (r["prompt_tokens"] + r["rows"] * r["steps"])),
             "prefill + decode + sampling bookkeeping",
         )
         if with_levers:
@@ -702,8 +674,14 @@ class Bench:
         }
 
     # -- levers on the SFT step
-    def sft_levers(self, mode, model, trainer, batch, tokens, sft_flops, reps, steps, lora_dtype) -> None:
+    def sft_levers(self, mode, model, trainer, batch, reps, steps) -> None:
+        """What costs the SFT step beyond a bare forward+backward, on the batch and model trainer.train() left."""
         from torch import nn
+
+        n, n_lora = self.n_params
+        tokens = real_tokens(batch)
+        sft_flops = (4 * n + 6 * n_lora) * tokens
+        lora_dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
 
         model.train()
         keys = ("input_ids", "attention_mask", "labels")
@@ -751,7 +729,9 @@ class Bench:
             self.device,
         )
         for name, secs in step.items():
-            self.add("sft", mode, name, secs, tokens, sft_flops, "phase-timed, same batch, ABBA", cpu=step.cpu[name])
+            self.add(
+                "sft", mode, name, Measure(secs, tokens, sft_flops), "phase-timed, same batch, ABBA", cpu=step.cpu[name]
+            )
         self.phases = {k: med(v) for k, v in phase_s.items()}
 
         # 2. torch.profiler: which ops take the time, bare vs trainer path

@@ -30,6 +30,7 @@ import os
 import statistics
 import sys
 import time
+from dataclasses import dataclass
 from typing import Any, Optional
 
 os.environ.setdefault("HF_HUB_OFFLINE", "1")
@@ -53,9 +54,8 @@ LLAMA_8B = dict(
     rms_norm_eps=1e-5,
     tie_word_embeddings=False,
 )
-# The dry run keeps the 8B vocabulary (the LM head is a large share of a small model's work) and shrinks the rest.
-TINY = dict(
-    LLAMA_8B,
+# A 2-layer, hidden-64 Llama: the dry run's blocks, and the test suite's tiny model (tests/conftest.py).
+TINY_BLOCKS = dict(
     hidden_size=64,
     intermediate_size=128,
     num_hidden_layers=2,
@@ -63,6 +63,21 @@ TINY = dict(
     num_key_value_heads=2,
     max_position_embeddings=1024,
 )
+# The dry run keeps the 8B vocabulary (the LM head is a large share of a small model's work) and shrinks the rest.
+TINY = dict(LLAMA_8B, **TINY_BLOCKS)
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How every row runs: the device, the model's LlamaConfig sizes, the batch shape, the steps, the matmul peak."""
+
+    device: str
+    sizes: dict
+    seq: int
+    batch: int
+    steps: int
+    warmup: int
+    peak_flops: float
 
 
 def sync(device: str) -> None:
@@ -70,9 +85,10 @@ def sync(device: str) -> None:
         torch.cuda.synchronize()
 
 
-def matmul_rate(device: str, n: int, reps: int) -> float:
-    a = torch.randn(n, n, device=device, dtype=torch.bfloat16)
-    b = torch.randn(n, n, device=device, dtype=torch.bfloat16)
+def matmul_rate(device: str, n: int, reps: int, dtype: torch.dtype = torch.bfloat16) -> float:
+    """Median FLOP/s of an n x n @ n x n product, after three untimed ones (they build the BLAS/cuBLAS plan)."""
+    a = torch.randn(n, n, device=device, dtype=dtype)
+    b = torch.randn(n, n, device=device, dtype=dtype)
     for _ in range(3):
         a @ b
     times = []
@@ -96,22 +112,44 @@ def flop_params(cfg) -> tuple[int, int]:
     return n, layers * sum(16 * (a + b) for a, b in shapes)
 
 
-def build(kind: str, sizes: dict, device: str):
+def random_llama(sizes: dict, device: str = "cpu", dtype: Optional[torch.dtype] = None):
+    """A LlamaForCausalLM of the given LlamaConfig fields with seeded random weights, built on `device` in `dtype`
+    (torch's default when None). The one builder of random Llamas: this script and the tests import it, and this
+    script must run where neither ftflow nor its tracking stack is installed."""
     from transformers import LlamaConfig, LlamaForCausalLM
 
     config = LlamaConfig(**sizes)
     torch.manual_seed(0)
     previous = torch.get_default_dtype()
-    torch.set_default_dtype(torch.bfloat16)
+    torch.set_default_dtype(dtype or previous)
     try:
         with torch.device(device):
-            model = LlamaForCausalLM(config)
+            return LlamaForCausalLM(config)
     finally:
         torch.set_default_dtype(previous)
+
+
+def save_random_llama(out, tokenizer, sizes: dict) -> str:
+    """A random Llama of `sizes` with `tokenizer`'s vocabulary and special tokens (tied embeddings), saved with the
+    tokenizer to the folder `out`, which from_pretrained then loads like any checkpoint."""
+    tokens = dict(
+        vocab_size=len(tokenizer),
+        bos_token_id=tokenizer.bos_token_id,
+        eos_token_id=tokenizer.eos_token_id,
+        pad_token_id=tokenizer.pad_token_id,
+        tie_word_embeddings=True,
+    )
+    random_llama({**sizes, **tokens}).save_pretrained(out, safe_serialization=True)
+    tokenizer.save_pretrained(out)
+    return str(out)
+
+
+def build(kind: str, sizes: dict, device: str):
+    model = random_llama(sizes, device, torch.bfloat16)
     model.config.use_cache = False
     if kind == "qlora":
         quantize_blocks_nf4(model, device)
-    return model, config
+    return model, model.config
 
 
 def quantize_blocks_nf4(model, device: str) -> None:
@@ -185,14 +223,13 @@ def optimizer_for(kind: str, params, device: str) -> tuple[Any, str]:
     ), "AdamW (bf16 states)" if kind == "full" else "AdamW (fp32 adapter)"
 
 
-def run_row(
-    kind: str, sizes: dict, device: str, seq: int, batch: int, steps: int, warmup: int, peak_flops: float
-) -> dict[str, Any]:
+def run_row(kind: str, plan: Plan) -> dict[str, Any]:
+    device, seq, batch, steps, warmup = plan.device, plan.seq, plan.batch, plan.steps, plan.warmup
     row: dict[str, Any] = {"row": kind, "seq": seq, "batch": batch, "steps": steps}
     model = opt = None
     try:
         t0 = time.perf_counter()
-        model, config = build(kind, sizes, device)
+        model, config = build(kind, plan.sizes, device)
         model = with_lora(model, kind)
         params = [p for p in model.parameters() if p.requires_grad]
         opt, row["optimizer"] = optimizer_for(kind, params, device)
@@ -223,7 +260,7 @@ def run_row(
             row["loss"] = float(loss.detach())
         step_s = statistics.median(times)
         row.update(step_s=step_s, tokens_per_s=batch * seq / step_s, flop_per_s=flops_per_token * batch * seq / step_s)
-        row["mfu"] = row["flop_per_s"] / peak_flops
+        row["mfu"] = row["flop_per_s"] / plan.peak_flops
         if device == "cuda":
             row["peak_alloc_gb"] = torch.cuda.max_memory_allocated() / 1e9
             row["peak_reserved_gb"] = torch.cuda.max_memory_reserved() / 1e9
@@ -285,12 +322,13 @@ def main(argv: Optional[list[str]] = None) -> int:
     device_name = torch.cuda.get_device_name() if device == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     peak = matmul_rate(device, *mm)
     print(f"bf16 matmul {mm[0]}^2: {peak / 1e12:.2f} TFLOP/s", flush=True)
+    plan = Plan(device, sizes, seq, args.batch, steps, warmup, peak)
     rows = []
     for kind in [r.strip() for r in args.rows.split(",") if r.strip()]:
         if kind not in ROWS:
             ap.error(f"unknown row {kind!r}; choose from {ROWS}")
         t0 = time.perf_counter()
-        rows.append(run_row(kind, sizes, device, seq, args.batch, steps, warmup, peak))
+        rows.append(run_row(kind, plan))
         print(f"{kind}: done in {time.perf_counter() - t0:.1f} s: {json.dumps(rows[-1])}", flush=True)
     print(table(rows, device_name, peak, args.dry_run))
     if args.json:

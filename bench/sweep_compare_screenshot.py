@@ -8,6 +8,7 @@ Needs Debian's chromium (apt-get install chromium). Starts `mlflow ui` on a free
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import shutil
 import socket
@@ -25,6 +26,72 @@ def free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+@contextlib.contextmanager
+def mlflow_ui(tracking_uri: str):
+    """`mlflow ui` on a free loopback port for the block; yields its base URL."""
+    port = free_port()
+    server = subprocess.Popen(
+        [
+            sys.executable,
+            "-m",
+            "mlflow",
+            "ui",
+            "--backend-store-uri",
+            tracking_uri,
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(port),
+        ],
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.DEVNULL,
+    )
+    try:
+        base = f"http://127.0.0.1:{port}"
+        for _ in range(120):
+            try:
+                urllib.request.urlopen(f"{base}/health", timeout=2)
+                break
+            except OSError:
+                time.sleep(1)
+        yield base
+    finally:
+        server.terminate()
+        server.wait(timeout=30)
+
+
+def screenshot(url: str, out: Path, window_size: str = "1600,1400", budget_ms: int = 20000) -> Path:
+    """Headless Chromium renders `url` into the PNG `out`; the virtual-time budget lets the MLflow SPA fetch and draw."""
+    out.parent.mkdir(parents=True, exist_ok=True)
+    chromium = shutil.which("chromium") or shutil.which("chromium-browser")
+    if chromium is None:
+        raise SystemExit("chromium not found: apt-get install chromium")
+    profile = Path("/tmp") / f"chromium-profile-{free_port()}"
+    subprocess.run(
+        [
+            chromium,
+            "--headless",
+            "--no-sandbox",
+            "--disable-gpu",
+            "--disable-quic",
+            "--no-first-run",
+            "--disable-background-networking",
+            "--disable-component-update",
+            "--disable-sync",
+            f"--user-data-dir={profile}",
+            "--hide-scrollbars",
+            f"--window-size={window_size}",
+            f"--virtual-time-budget={budget_ms}",
+            f"--screenshot={out}",
+            url,
+        ],
+        check=True,
+        capture_output=True,
+        timeout=180,
+    )
+    return out
 
 
 def main() -> int:
@@ -47,65 +114,11 @@ def main() -> int:
             f"heldout_exact={c.data.metrics.get('eval/heldout_exact')} wall_s={c.data.metrics.get('arm/wall_s')}"
         )
 
-    port = free_port()
-    server = subprocess.Popen(
-        [
-            sys.executable,
-            "-m",
-            "mlflow",
-            "ui",
-            "--backend-store-uri",
-            args.tracking_uri,
-            "--host",
-            "127.0.0.1",
-            "--port",
-            str(port),
-        ],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        for _ in range(120):
-            try:
-                urllib.request.urlopen(f"{base}/health", timeout=2)
-                break
-            except OSError:
-                time.sleep(1)
+    with mlflow_ui(args.tracking_uri) as base:
         query = urllib.parse.urlencode({"runs": json.dumps(ids), "experiments": json.dumps([exp.experiment_id])})
         url = f"{base}/#/compare-runs?{query}"
-        out = Path(args.out)
-        out.parent.mkdir(parents=True, exist_ok=True)
-        chromium = shutil.which("chromium") or shutil.which("chromium-browser")
-        if chromium is None:
-            raise SystemExit("chromium not found: apt-get install chromium")
-        profile = Path("/tmp") / f"chromium-profile-{port}"
-        subprocess.run(
-            [
-                chromium,
-                "--headless",
-                "--no-sandbox",
-                "--disable-gpu",
-                "--disable-quic",
-                "--no-first-run",
-                "--disable-background-networking",
-                "--disable-component-update",
-                "--disable-sync",
-                f"--user-data-dir={profile}",
-                "--hide-scrollbars",
-                "--window-size=1600,1400",
-                "--virtual-time-budget=20000",
-                f"--screenshot={out}",
-                url,
-            ],
-            check=True,
-            capture_output=True,
-            timeout=180,
-        )
+        out = screenshot(url, Path(args.out))
         print(f"screenshot: {out} ({out.stat().st_size} bytes) of {url}")
-    finally:
-        server.terminate()
-        server.wait(timeout=30)
     return 0
 
 

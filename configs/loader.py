@@ -136,6 +136,8 @@ def flatten(cfg: PipelineConfig) -> dict[str, Any]:
 
     walk("", cfg.model_dump(mode="json"))
     out["lora.alpha"] = cfg.lora.resolved_alpha
+    # Empty means "follows quantization.mode": the run records the method that trained.
+    out["method"] = cfg.resolved_method.value
     # Empty means "the task preset's": the run records what was actually ranked and guarded on.
     out["eval.primary_metric"] = cfg.eval.resolved_primary_metric
     out["eval.guards"] = cfg.eval.resolved_guards

@@ -120,6 +120,21 @@ class LoraConfig(Strict):
         return self.alpha if self.alpha is not None else 2 * self.r
 
 
+class Method(str, Enum):
+    qlora = "qlora"
+    lora = "lora"
+    full = "full"
+    prompt_tuning = "prompt_tuning"
+
+
+class PromptTuningConfig(Strict):
+    num_virtual_tokens: int = Field(20, ge=1, le=512, description="Trainable virtual tokens put before every input.")
+    init_text: Optional[str] = Field(
+        "Answer the request exactly as the examples do.",
+        description="Text whose token embeddings initialise the virtual tokens; empty initialises them at random.",
+    )
+
+
 class DemoDataConfig(Strict):
     enabled: bool = Field(True, description="Generate the seeded demo task instead of reading files.")
     task: DemoTask = Field(
@@ -317,6 +332,41 @@ class DPOConfig(TrainCommon, DPOFields):
     per_device_batch_size: int = Field(4, ge=1, description="Pairs per device per step.")
 
 
+class Alignment(str, Enum):
+    dpo = "dpo"
+    rlhf = "rlhf"
+    none = "none"
+
+
+class RewardModelConfig(Strict):
+    """The reward model of `alignment: rlhf`: the same base, a LoRA and a sequence-classification head."""
+
+    learning_rate: float = Field(1e-4, gt=0, description="Peak learning rate.")
+    max_steps: int = Field(20, ge=1, description="Optimizer steps (TRL RewardTrainer) on the preference pairs.")
+    per_device_batch_size: int = Field(4, ge=1, description="Pairs per device per step.")
+    max_length: int = Field(256, ge=16, description="Tokens per prompt + answer.")
+
+
+class RLHFConfig(TrainCommon):
+    """`alignment: rlhf`: a reward model, then online RL from the SFT adapter (TRL has no PPO trainer; GRPO or RLOO)."""
+
+    trainer: Literal["grpo", "rloo"] = Field("grpo", description="TRL online trainer: GRPO or RLOO.")
+    learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate of the policy.")
+    max_steps: int = Field(10, ge=1, description="Policy optimizer steps.")
+    per_device_batch_size: int = Field(4, ge=1, description="Completions per device per step.")
+    num_generations: int = Field(
+        4, ge=2, description="Completions sampled per prompt (the group / leave-one-out size)."
+    )
+    max_completion_length: int = Field(64, ge=1, description="Tokens per sampled completion.")
+    beta: float = Field(0.04, ge=0, description="KL penalty towards the SFT policy.")
+    verifiable_weight: float = Field(
+        1.0,
+        ge=0,
+        description="Weight of the task's own metric (eval.primary_metric on the reference) as a reward; 0: off.",
+    )
+    reward: RewardModelConfig = Field(default_factory=RewardModelConfig, description="The reward model.")
+
+
 class JudgeConfig(Strict):
     """An LLM judge behind any OpenAI-compatible endpoint; off unless enabled."""
 
@@ -430,6 +480,22 @@ class RegistryConfig(Strict):
     guard_tolerance: float = Field(
         0.05, ge=0.0, description="Allowed regression on guard metrics (EOS-stop rate, preference accuracy)."
     )
+    license: Optional[str] = Field(
+        None,
+        pattern=r"^[a-z0-9][a-z0-9.\-]*$",
+        description=(
+            "License of the released weights as a Hugging Face license id (`apache-2.0`, `mit`, `llama3.1`, "
+            "`other`); written to the model card's front matter. It must allow what the base model's license "
+            "allows; empty leaves the card without one."
+        ),
+    )
+    intended_use: Optional[str] = Field(
+        None, description="One paragraph for the card's 'Intended use' section; empty uses the generic text."
+    )
+    limitations: list[str] = Field(
+        default_factory=list,
+        description="Extra bullet points for the card's 'Limitations' section, after the generic ones.",
+    )
 
 
 class SweepConfig(Strict):
@@ -437,6 +503,89 @@ class SweepConfig(Strict):
     alphas: Optional[list[int]] = Field(None, description="Explicit alphas, one per rank; empty uses alpha_multiplier.")
     alpha_multiplier: float = Field(2.0, gt=0, description="alpha = multiplier * r when alphas is empty.")
     concurrent: bool = Field(False, description="Run arms as concurrent subflows instead of one after another.")
+    fan_out: Literal["inline", "deployment"] = Field(
+        "inline",
+        description=(
+            "inline: the arms run inside the sweep's flow run (see concurrent); deployment: each arm is a flow "
+            "run of `arm_deployment`, placed by its work pool's workers, with its inputs passed by reference."
+        ),
+    )
+    arm_deployment: str = Field(
+        "sweep-arm/arm", description="Deployment (flow name/deployment name) each arm runs as with fan_out=deployment."
+    )
+    store: Optional[str] = Field(
+        None,
+        description=(
+            "Content-addressed store the arms read their inputs from: a folder every worker sees, or an fsspec "
+            "URL (s3://bucket/prefix); empty uses <output_dir>/shared."
+        ),
+    )
+    store_block: Optional[str] = Field(
+        None,
+        description="Name of a Prefect filesystem block (e.g. infra's S3 results block) used as the store; wins over store.",
+    )
+    arm_timeout_s: float = Field(
+        86400.0, gt=0, description="With fan_out=deployment: seconds the sweep waits for its arms before failing them."
+    )
+
+
+class FloatRange(Strict):
+    low: float = Field(..., gt=0, description="Smallest value tried.")
+    high: float = Field(..., gt=0, description="Largest value tried.")
+    log: bool = Field(True, description="Sample on a log scale (learning rates, betas).")
+
+    @model_validator(mode="after")
+    def _ordered(self) -> "FloatRange":
+        if self.low > self.high:
+            raise ValueError(f"low ({self.low}) must not exceed high ({self.high})")
+        return self
+
+
+class SearchSpace(Strict):
+    """What a search may vary; an empty entry keeps the recipe's value. Optuna's parameter names are the keys."""
+
+    r: list[int] = Field(default_factory=lambda: [8, 16, 32], description="LoRA ranks to choose from.")
+    alpha_multiplier: list[float] = Field(
+        default_factory=lambda: [1.0, 2.0], description="alpha = multiplier * r, one of these."
+    )
+    learning_rate: Optional[FloatRange] = Field(
+        default_factory=lambda: FloatRange(low=5e-5, high=5e-4), description="SFT peak learning rate range."
+    )
+    max_steps: list[int] = Field(default_factory=list, description="SFT optimizer steps to choose from.")
+    dpo_beta: Optional[FloatRange] = Field(None, description="DPO beta range.")
+    dpo_loss_type: list[DPOLoss] = Field(default_factory=list, description="DPO loss types to choose from.")
+
+
+class SearchConfig(Strict):
+    """`ftflow search`: an Optuna study over `space`, one MLflow child run per trial, the best trial gated."""
+
+    n_trials: int = Field(8, ge=1, description="Trials this search runs (its budget).")
+    space: SearchSpace = Field(default_factory=SearchSpace, description="What the trials vary.")
+    enqueue: list[dict[str, Any]] = Field(
+        default_factory=list,
+        description="Trials to run first, as {parameter: value} (space keys), e.g. the recipe's own settings.",
+    )
+    pruner: Literal["median", "successive_halving", "none"] = Field(
+        "median",
+        description=(
+            "Stops weak trials early from the intermediate validation metric: median (below the median of "
+            "earlier trials at the same step), successive_halving (ASHA), or none."
+        ),
+    )
+    eval_every: int = Field(
+        2, ge=1, description="Training steps between intermediate validation scores (reported to the pruner)."
+    )
+    startup_trials: int = Field(1, ge=0, description="median: trials that run to the end before any is pruned.")
+    warmup_steps: int = Field(0, ge=0, description="median: steps of each trial before it may be pruned.")
+    min_resource: int = Field(2, ge=1, description="successive_halving: steps before the first rung.")
+    storage: Optional[str] = Field(
+        None,
+        description=(
+            "Optuna storage URL (sqlite:///..., postgresql://...) that trials on several workers share; "
+            "empty uses sqlite:///<output_dir>/optuna.db."
+        ),
+    )
+    study_name: Optional[str] = Field(None, description="Study to create or continue; empty: search-<MLflow run id>.")
 
 
 class DistributedConfig(Strict):
@@ -448,6 +597,91 @@ class DistributedConfig(Strict):
     )
     main_process_port: int = Field(
         29500, ge=1024, le=65535, description="Rendezvous port for the processes (loopback)."
+    )
+
+
+class Backend(str, Enum):
+    local = "local"
+    openai = "openai"
+
+
+class OpenAIMethod(str, Enum):
+    supervised = "supervised"
+    dpo = "dpo"
+
+
+# USD per 1M training tokens, from OpenAI's published pricing page (2025); billed tokens are the file's tokens
+# times the epochs. Edit `openai.prices` when the page changes: the estimate is only as good as this table.
+OPENAI_TRAINING_PRICES = {
+    "gpt-4o-mini-2024-07-18": 3.0,
+    "gpt-4o-2024-08-06": 25.0,
+    "gpt-4.1-2025-04-14": 25.0,
+    "gpt-4.1-mini-2025-04-14": 5.0,
+    "gpt-4.1-nano-2025-04-14": 1.5,
+}
+
+
+class OpenAIConfig(Strict):
+    """`backend: openai`: fine-tune through OpenAI's API (upload, job, poll), then score and gate through it."""
+
+    model: str = Field("gpt-4o-mini-2024-07-18", description="Base model to fine-tune (a snapshot name).")
+    method: OpenAIMethod = Field(
+        OpenAIMethod.supervised,
+        description="supervised: the SFT rows as chat JSONL; dpo: the preference pairs in the API's DPO format.",
+    )
+    n_epochs: Optional[int] = Field(
+        None, ge=1, le=50, description="Epochs; empty lets the API choose (estimated with the API's documented rule)."
+    )
+    learning_rate_multiplier: Optional[float] = Field(None, gt=0, description="Learning-rate multiplier; empty: auto.")
+    batch_size: Optional[int] = Field(None, ge=1, description="Batch size; empty: auto.")
+    beta: Optional[float] = Field(None, gt=0, description="method=dpo: the DPO beta; empty: auto.")
+    suffix: Optional[str] = Field(
+        "ftflow", max_length=64, description="Up to 64 characters added to the fine-tuned model's name."
+    )
+    base_url: Optional[str] = Field(None, description="API endpoint; empty is OpenAI's (https://api.openai.com/v1).")
+    key_env: str = Field("OPENAI_API_KEY", description="Environment variable holding the API key.")
+    key_block: Optional[str] = Field(None, description="Prefect Secret block holding the API key; wins over key_env.")
+    max_tokens_per_example: int = Field(
+        65536, ge=1, description="Longest example the API trains on (tokens); longer ones are refused by the check."
+    )
+    min_examples: int = Field(10, ge=1, description="Fewest examples the API accepts in a training file.")
+    prices: dict[str, float] = Field(
+        default_factory=lambda: dict(OPENAI_TRAINING_PRICES),
+        description="USD per 1M training tokens, per base model, for the cost estimate.",
+    )
+    dry_run: bool = Field(
+        False, description="Check the files and estimate tokens and cost, then stop: nothing is uploaded."
+    )
+    poll_interval_s: float = Field(30.0, gt=0, description="Seconds between job status polls.")
+    job_timeout_s: float = Field(86400.0, gt=0, description="Seconds to wait for the job before failing the run.")
+    request_timeout_s: float = Field(60.0, gt=0, description="Seconds per API request.")
+    max_new_tokens: int = Field(256, ge=1, description="Answer length limit when scoring held-out prompts.")
+
+
+class CompareConfig(Strict):
+    """`ftflow compare-methods`: the methods side by side on one validated data set, one MLflow child run each."""
+
+    methods: list[Method] = Field(
+        default_factory=lambda: [Method.qlora, Method.lora, Method.full, Method.prompt_tuning],
+        description="Local methods to train and score; each gets its own child run.",
+    )
+    alignments: list[Alignment] = Field(
+        default_factory=lambda: [Alignment.dpo, Alignment.rlhf],
+        description="The seed's table 2: these alignments after QLoRA SFT, side by side (empty: no table 2).",
+    )
+    learning_rates: dict[Method, float] = Field(
+        default_factory=lambda: {Method.full: 2e-5, Method.prompt_tuning: 3e-2},
+        description=(
+            "SFT learning rate per method where the recipe's (tuned for LoRA) does not fit: full fine-tuning wants "
+            "~10x less, prompt tuning ~100x more. DPO's is scaled by the same ratio."
+        ),
+    )
+    run_api: bool = Field(
+        False,
+        description=(
+            "Also fine-tune through OpenAI's API (needs a key; costs money). Off: the API row shows the offline "
+            "format check and the estimated tokens and dollars, marked not run."
+        ),
     )
 
 
@@ -471,7 +705,55 @@ class PipelineConfig(Strict):
         default_factory=RegistryConfig, description="MLflow Model Registry and promotion gate."
     )
     sweep: SweepConfig = Field(default_factory=SweepConfig, description="LoRA rank sweep.")
+    search: SearchConfig = Field(default_factory=SearchConfig, description="Hyperparameter search (Optuna).")
     distributed: DistributedConfig = Field(default_factory=DistributedConfig, description="Multi-process training.")
+    method: Optional[Method] = Field(
+        None,
+        description=(
+            "qlora: LoRA on a 4/8-bit base; lora: LoRA on a 16/32-bit base; full: every weight trains (no "
+            "quantization); prompt_tuning: only virtual tokens train. Empty: qlora when quantization.mode is "
+            "4bit/8bit, lora when none."
+        ),
+    )
+    prompt_tuning: PromptTuningConfig = Field(
+        default_factory=PromptTuningConfig, description="Prompt tuning (method: prompt_tuning)."
+    )
+    alignment: Alignment = Field(
+        Alignment.dpo,
+        description="After SFT: dpo (DPOTrainer on the pairs), rlhf (a reward model, then GRPO/RLOO), or none.",
+    )
+    rlhf: RLHFConfig = Field(default_factory=RLHFConfig, description="RLHF (alignment: rlhf).")
+    compare: CompareConfig = Field(default_factory=CompareConfig, description="Method comparison (compare-methods).")
+    backend: Backend = Field(
+        Backend.local,
+        description="local: train here (QLoRA/LoRA SFT, DPO); openai: fine-tune through OpenAI's API (see openai).",
+    )
+    openai: OpenAIConfig = Field(default_factory=OpenAIConfig, description="OpenAI fine-tuning (backend: openai).")
+
+    @property
+    def resolved_method(self) -> Method:
+        if self.method is not None:
+            return self.method
+        return Method.lora if self.quantization.mode == Quantization.none else Method.qlora
+
+    @model_validator(mode="after")
+    def _method_fits_quantization(self) -> "PipelineConfig":
+        quantized = self.quantization.mode != Quantization.none
+        if self.method == Method.lora and quantized:
+            raise ValueError(
+                f"method=lora trains on a 16/32-bit base but quantization.mode={self.quantization.mode.value}: "
+                "set quantization.mode=none, or method=qlora"
+            )
+        if self.method in (Method.qlora,) and not quantized:
+            raise ValueError(
+                "method=qlora needs a quantized base: set quantization.mode=4bit (or 8bit), or method=lora"
+            )
+        if self.method == Method.full and quantized:
+            raise ValueError(
+                f"method=full trains every weight, which 4/8-bit weights cannot: quantization.mode="
+                f"{self.quantization.mode.value} must be none"
+            )
+        return self
 
     @model_validator(mode="after")
     def _token_limits_agree(self) -> "PipelineConfig":

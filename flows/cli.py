@@ -21,7 +21,7 @@ import traceback
 from pathlib import Path
 from typing import Optional, Sequence
 
-DEFAULT_RECIPE = {"run": "demo", "sweep": "sweep"}
+DEFAULT_RECIPE = {"run": "demo", "sweep": "sweep", "search": "search", "compare-methods": "compare-methods"}
 
 
 def quiet_env() -> None:
@@ -163,6 +163,19 @@ def _parser() -> argparse.ArgumentParser:
     sweep.add_argument("recipe", nargs="?", default="sweep")
     sweep.add_argument("overrides", nargs="*")
 
+    search = sub.add_parser(
+        "search", help="Hyperparameter search on Optuna (search.*): trials pruned early, the best one gated."
+    )
+    search.add_argument("recipe", nargs="?", default="search")
+    search.add_argument("overrides", nargs="*")
+
+    cmp = sub.add_parser(
+        "compare-methods",
+        help="QLoRA, LoRA, full fine-tuning, prompt tuning (and OpenAI's API) on the same data: a measured table.",
+    )
+    cmp.add_argument("recipe", nargs="?", default="compare-methods")
+    cmp.add_argument("overrides", nargs="*")
+
     val = sub.add_parser("validate", help="Validate a data file without training; non-zero exit when a contract fails.")
     val.add_argument("file")
     val.add_argument("--kind", choices=["sft", "preference"], default="sft")
@@ -214,9 +227,9 @@ def _parser() -> argparse.ArgumentParser:
 
 def _registry_command(args, cfg) -> int:
     if args.command == "export":
-        from ftflow.tasks.registry.export import export_model
+        from ftflow.tasks.registry.export import ExportOptions, export_model
 
-        export_model(cfg, args.model, args.to, fmt=args.format, dtype=args.dtype)
+        export_model(cfg, args.model, args.to, ExportOptions(fmt=args.format, dtype=args.dtype))
     elif args.command == "serve":
         from ftflow.tasks.registry.serve import serve
 
@@ -255,7 +268,7 @@ def _preflight(cfg, command: str) -> None:
     from ftflow.tasks.tracking import check_tracking_store, tracking_uri
 
     check_tracking_store(tracking_uri(cfg))
-    if command in ("run", "sweep"):
+    if command in ("run", "sweep", "search", "compare-methods"):
         from ftflow.tasks.stages import writable_dir
 
         writable_dir(Path(cfg.output_dir), "output_dir")
@@ -292,6 +305,16 @@ def _dispatch(args: argparse.Namespace) -> int:
 
             _route_logs(args.verbosity)
             pipeline_flow(config=cfg, resume_run_id=args.resume)
+        elif args.command == "compare-methods":
+            from ftflow.compare import compare_flow
+
+            _route_logs(args.verbosity)
+            compare_flow(config=cfg)
+        elif args.command == "search":
+            from ftflow.search import search_flow
+
+            _route_logs(args.verbosity)
+            search_flow(config=cfg)
         else:
             from ftflow.sweep import sweep_flow
 

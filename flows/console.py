@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import logging
 import os
+import re
 import sys
 import time
 import warnings
@@ -35,6 +36,7 @@ QUIET_LOGGERS = {
     "bitsandbytes.backends.cpu.ops": logging.ERROR,  # the optional `kernels` package; CPU falls back by itself
     "great_expectations.data_context.types.base": logging.WARNING,  # "ephemeral docs site" temp folders
     "mlflow.store.db.utils": logging.WARNING,
+    "mlflow.pyfunc": logging.WARNING,  # "Validating input example against model signature" on every registration
 }
 
 
@@ -112,7 +114,7 @@ Update = Callable[[int, dict[str, float]], None]
 def progress_line(label: str, rate: Rate, metrics: dict[str, float]) -> str:
     from ftflow.tasks.stages import progress_line as base
 
-    return f"{base(label, rate.step, rate.total, metrics)} {rate.describe()}".rstrip()
+    return " ".join(part for part in (base(label, rate.step, rate.total, metrics).rstrip(), rate.describe()) if part)
 
 
 def periodic(
@@ -125,12 +127,15 @@ def periodic(
     """Log lines for a non-terminal (a Prefect worker, CI): the first, then at most one per `every_s`, and the last."""
     rate = Rate(total, started=clock())
     last: list[Optional[float]] = [None]
+    done = [False]
 
     def update(step: int, metrics: dict[str, float]) -> None:
+        if done[0]:
+            return  # the trainer's closing log (runtime, mean loss) comes after the last step: no second last line
         now = clock()
         rate.update(step, metrics, now)
-        final = bool(total) and step >= total
-        if last[0] is None or final or now - last[0] >= every_s:
+        done[0] = bool(total) and step >= total
+        if last[0] is None or done[0] or now - last[0] >= every_s:
             last[0] = now
             log(progress_line(label, rate, metrics))
 
@@ -169,7 +174,8 @@ def _terminal_bar(label: str, total: int) -> Update:
             return  # the trainer's closing log (runtime, mean loss) comes after the last step
         rate.update(step, metrics)
         loss = f"loss {metrics['loss']:.4f} " if "loss" in metrics else ""
-        _live.update(task, completed=step, info=loss + rate.describe())
+        # Drawn now, not at the next 10 Hz tick: a fast step (or the last, removed below) would otherwise never show.
+        _live.update(task, completed=step, info=loss + rate.describe(), refresh=True)
         if total and step >= total:
             done[0] = True
             _live.remove_task(task)
@@ -189,13 +195,25 @@ def progress(label: str, total: int, log: Callable[[str], None]) -> Update:
     return periodic(label, total, log)
 
 
+def _known_warning(record: logging.LogRecord) -> bool:
+    """A KNOWN_WARNINGS entry that reached logging through captureWarnings anyway: mlflow's model logging runs in
+    its own `catch_warnings` with a "once" filter in front of ours. The record's text names the warning's file."""
+    if record.name != "py.warnings":
+        return False
+    text = record.getMessage()
+    return any(
+        re.search(message, text) and re.search(module.replace(r"\.", "/"), text) for message, module in KNOWN_WARNINGS
+    )
+
+
 class DropCompleted(logging.Filter):
     """Prefect's "Finished in state Completed()" per task and flow: the bars and the final table already say so,
-    and the flow's own line would otherwise come after the table, which must end the output."""
+    and the flow's own line would otherwise come after the table, which must end the output. Known library
+    warnings and setup lines go too."""
 
     def filter(self, record: logging.LogRecord) -> bool:
         # QUIET_LOGGERS again at the handler: Prefect's logging setup resets some of those loggers' levels.
-        if record.levelno < QUIET_LOGGERS.get(record.name, 0):
+        if record.levelno < QUIET_LOGGERS.get(record.name, 0) or _known_warning(record):
             return False
         return not (
             record.name.startswith("prefect.") and record.getMessage().endswith("Finished in state Completed()")

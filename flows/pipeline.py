@@ -13,7 +13,7 @@ from prefect import flow
 from prefect.artifacts import create_markdown_artifact, create_table_artifact
 
 from ftflow import lifecycle, steps
-from ftflow.configs.schema import PipelineConfig
+from ftflow.configs.schema import Backend, PipelineConfig
 from ftflow.tasks import stages
 
 
@@ -33,6 +33,10 @@ def pipeline_flow(
         resume_run_id: Continue an interrupted run: same MLflow run, training from its last checkpoint.
     """
     cfg = stages.resolve_config(config, recipe, list(overrides))
+    if cfg.backend == Backend.openai:
+        from ftflow.openai_ft import openai_flow
+
+        return openai_flow(cfg)
     run = lifecycle.open_run(cfg, {"pipeline": "fine-tune"}, resume_run_id)
     explains_failure: list[Path] = []
     try:
@@ -43,11 +47,9 @@ def pipeline_flow(
         champion = steps.find_champion(ctx)
 
         sft = steps.train(ctx, "sft", train_set.sft)
-        dpo = (
-            steps.train(ctx, "dpo", train_set.preference, sft.adapter_dir) if stages.runs_dpo(ctx, train_set) else None
-        )
-        # SFT or DPO, chosen on the validation split; the held-out split only reports and gates.
-        trained = steps.select_candidate(ctx, sets, stages.Trained.of(sft, dpo))
+        aligned = steps.align(ctx, train_set.sft, train_set.preference, sft.adapter_dir)
+        # SFT or its aligned successor (DPO or RLHF), chosen on the validation split; held-out only reports and gates.
+        trained = steps.select_candidate(ctx, sets, stages.Trained.of(sft, aligned))
 
         results = steps.evaluate(ctx, sets, trained.scored(champion), trained.candidate)
         stages.log_losses(ctx, trained)

@@ -131,6 +131,14 @@ def prepare(ctx: stages.StageContext, explains_failure: list[Path]) -> tuple[For
     validation for selection, held-out for the report and the gate).
 
     The validated folder joins `explains_failure` first: its reports say why a contract stopped the run."""
+    _, train_set, sets = prepare_data(ctx, explains_failure)
+    return train_set, sets
+
+
+def prepare_data(
+    ctx: stages.StageContext, explains_failure: list[Path]
+) -> tuple[stages.CleanData, FormattedData, EvalSets]:
+    """`prepare`, with the validated rows too (the OpenAI backend exports those, not the formatted ones)."""
     paths = collect_data(ctx)
     data_dir = stages.validated_dir(ctx, paths)
     explains_failure.append(data_dir)
@@ -143,7 +151,7 @@ def prepare(ctx: stages.StageContext, explains_failure: list[Path]) -> tuple[For
         key="data-validation",
         description="Rows in and out per reason, contracts, quarantine counts",
     )
-    return train_set, stages.eval_sets(data, train_set, heldout_set, validation_set)
+    return data, train_set, stages.eval_sets(data, train_set, heldout_set, validation_set)
 
 
 def fail(run: RunLogger, err: BaseException, keep: list[Path], label: str = "Fine-tune run") -> None:
@@ -179,6 +187,9 @@ find_champion = task(
 )(stages.find_champion)
 train = task(name="train", retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only, cache_policy=NO_CACHE)(
     trainer.train
+)
+align = task(name="align", retries=1, retry_delay_seconds=5, retry_condition_fn=transient_only, cache_policy=NO_CACHE)(
+    trainer.align
 )
 select_candidate = task(name="select-candidate", cache_policy=NO_CACHE)(stages.select_candidate)
 evaluate = task(name="evaluate", cache_policy=NO_CACHE)(stages.evaluate)

@@ -22,8 +22,16 @@ def validate_file(
     from ftflow.tasks.data.report import print_report
     from ftflow.tasks.train.model import load_tokenizer
 
-    model = stages.resolve_model(cfg)
-    token_length = chat_token_lengths(load_tokenizer(model.path, cfg.model))
+    measure = None
+
+    def token_length(rows):
+        # The tokenizer is needed only once the file has parsed: a malformed file fails at once, without
+        # resolving (perhaps converting) the model first.
+        nonlocal measure
+        if measure is None:
+            measure = chat_token_lengths(load_tokenizer(stages.resolve_model(cfg).path, cfg.model))
+        return measure(rows)
+
     out_dir = Path(out or Path(cfg.output_dir) / "validate" / Path(path).stem)
     try:
         _, report, files = stages.validate_split(path, kind, cfg, token_length, out_dir)

@@ -93,16 +93,22 @@ def install_log_redaction() -> None:
                 handler.addFilter(_REDACTING_FILTER)
 
 
-def hf_token(cfg: "ModelConfig") -> Optional[str]:
+def secret(block: Optional[str], block_key: str, env_names: tuple[str, ...] = ()) -> Optional[str]:
+    """A credential from the Prefect Secret block `block` (named in the config at `block_key`), else the first set
+    environment variable of `env_names`; None when neither has it. A block that cannot be loaded is an error."""
     from ftflow.tasks.errors import PipelineError
 
-    if cfg.hf_token_block:
+    if block:
         try:
             from prefect.blocks.system import Secret
 
-            return Secret.load(cfg.hf_token_block).get()
+            return Secret.load(block).get()
         except Exception as err:
             raise PipelineError(
-                f"model.hf_token_block: cannot load Prefect Secret block {cfg.hf_token_block!r} ({type(err).__name__})"
+                f"{block_key}: cannot load Prefect Secret block {block!r} ({type(err).__name__})"
             ) from None
-    return os.environ.get("HF_TOKEN") or os.environ.get("HUGGING_FACE_HUB_TOKEN")
+    return next((os.environ[name] for name in env_names if os.environ.get(name)), None)
+
+
+def hf_token(cfg: "ModelConfig") -> Optional[str]:
+    return secret(cfg.hf_token_block, "model.hf_token_block", ("HF_TOKEN", "HUGGING_FACE_HUB_TOKEN"))

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import json
 import traceback
-from contextlib import nullcontext
+from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Optional
@@ -55,6 +55,8 @@ class StageContext:
     # lock(name) -> a context manager held by one holder at a time across processes (in a flow: a Prefect
     # global concurrency limit); None locks nothing, for a single caller.
     lock: Optional[Lock] = None
+    # Extra transformers TrainerCallbacks for SFT and DPO (a search's pruning callback); in-process training only.
+    callbacks: tuple[Any, ...] = ()
 
     def start_progress(self, label: str, total: int) -> Update:
         return (self.progress or logged_progress(self.log))(label, total)
@@ -402,10 +404,6 @@ def log_data(ctx: StageContext, data: CleanData, train_set: FormattedData) -> st
     return "# Data validation\n\n" + "\n\n".join(sections)
 
 
-def runs_dpo(ctx: StageContext, train_set: FormattedData) -> bool:
-    return ctx.cfg.dpo.enabled and bool(train_set.preference)
-
-
 @dataclass
 class Trained:
     """What training produced, in training order (SFT, then DPO when it ran). The candidate is the one
@@ -417,8 +415,9 @@ class Trained:
     selection: dict[str, Any] = field(default_factory=dict)
 
     @classmethod
-    def of(cls, sft: TrainResult, dpo: Optional[TrainResult] = None) -> "Trained":
-        return cls({"sft": sft, **({"dpo": dpo} if dpo is not None else {})})
+    def of(cls, sft: TrainResult, aligned: Optional[TrainResult] = None) -> "Trained":
+        """`aligned`: the DPO or RLHF result, under its kind (a result made before kinds were recorded is DPO)."""
+        return cls({"sft": sft, **({aligned.kind or "dpo": aligned} if aligned is not None else {})})
 
     @property
     def candidate(self) -> str:
@@ -448,28 +447,68 @@ class Trained:
 
 
 def _scoring_model(ctx: StageContext, adapters: dict[str, str]):
-    """(model, tokenizer): the base loaded once with every adapter beside it under its own name."""
+    """(model, tokenizer): the base loaded once with every adapter beside it under its own name; or, when the
+    folders are full fine-tunes or adapters of different kinds (one peft model cannot hold those), a ModelSet."""
     from peft import PeftModel
 
     from ftflow.tasks.evaluate.evaluation import check_template
+    from ftflow.tasks.registry.packaging import adapter_method
     from ftflow.tasks.train.model import load_base_model, load_tokenizer
 
     cfg = ctx.cfg
     tokenizer = load_tokenizer(ctx.model.path, cfg.model)
-    for name, adapter_dir in adapters.items():
-        if not Path(adapter_dir, "adapter_config.json").exists():
-            raise DataError(f"{name} adapter is missing (no adapter_config.json)", adapter_dir)
-        check_template(adapter_dir, ctx.model.template_fingerprint, tokenizer)
+    methods = {name: adapter_method(folder) for name, folder in adapters.items()}
+    for name, folder in adapters.items():
+        if methods[name] != "full" and not Path(folder, "adapter_config.json").exists():
+            raise DataError(f"{name} adapter is missing (no adapter_config.json)", folder)
+        if methods[name] == "full" and not Path(folder, "config.json").exists():
+            raise DataError(f"{name} model is missing (no config.json)", folder)
+        check_template(folder, ctx.model.template_fingerprint, tokenizer)
     base = load_base_model(ctx.model.path, cfg.model, cfg.quantization)
     base.eval()
     names = list(adapters)
     if not names:
         return base, tokenizer
+    if "full" in methods.values() or len(set(methods.values())) > 1:
+        models = {
+            name: (
+                load_base_model(folder, cfg.model, cfg.quantization)
+                if methods[name] == "full"
+                else PeftModel.from_pretrained(load_base_model(ctx.model.path, cfg.model, cfg.quantization), folder)
+            ).eval()
+            for name, folder in adapters.items()
+        }
+        return ModelSet(base, models), tokenizer
     model = PeftModel.from_pretrained(base, adapters[names[0]], adapter_name=names[0])
     for name in names[1:]:
         model.load_adapter(adapters[name], adapter_name=name)
     model.eval()
     return model, tokenizer
+
+
+class ModelSet:
+    """Separate models behind the adapter interface evaluation switches with (`set_adapter`, `disable_adapter`):
+    a full fine-tune is a whole model, not an adapter on the base. Everything else goes to the active model."""
+
+    def __init__(self, base, models: dict[str, Any]):
+        self._base, self._models, self._active = base, models, base
+
+    def set_adapter(self, name: str) -> None:
+        self._active = self._models[name]
+
+    @contextmanager
+    def disable_adapter(self):
+        previous, self._active = self._active, self._base
+        try:
+            yield
+        finally:
+            self._active = previous
+
+    def __call__(self, *args, **kwargs):
+        return self._active(*args, **kwargs)
+
+    def __getattr__(self, name: str):
+        return getattr(self._active, name)
 
 
 def select_candidate(ctx: StageContext, sets: EvalSets, trained: Trained) -> Trained:

@@ -52,29 +52,14 @@ def smollm_path() -> str:
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory, smollm_path) -> str:
     """A 2-layer, hidden-64 random Llama with SmolLM2's tokenizer and chat template: seconds, not minutes."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    from transformers import AutoTokenizer
+
+    # bench/gpu_check.py holds the one random-Llama builder; it is a script, not part of the ftflow package.
+    sys.path.insert(0, str(REPO / "bench"))
+    from gpu_check import TINY_BLOCKS, save_random_llama
 
     tokenizer = AutoTokenizer.from_pretrained(smollm_path)
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    model = LlamaForCausalLM(config)
-    out = tmp_path_factory.mktemp("tiny-llama")
-    model.save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return str(out)
+    return save_random_llama(tmp_path_factory.mktemp("tiny-llama"), tokenizer, TINY_BLOCKS)
 
 
 @pytest.fixture

@@ -23,12 +23,13 @@ from pathlib import Path
 from typing import Any, Callable
 
 from ftflow.configs.schema import DemoDataConfig, DemoTask
-from ftflow.tasks.data.sources import write_jsonl
+from ftflow.tasks.data import demo_defects
+from ftflow.tasks.data.demo_defects import defect_count, interleave
 
 KEYS = ("name", "item", "qty", "city", "lang")
 INSTRUCTION = {"en": "Extract the order as JSON:\n", "ja": "注文をJSONで抽出:\n"}
 SFT_DEFECTS = ("duplicate", "near_duplicate", "empty_answer", "overlong", "broken_role_order")
-PREFERENCE_DEFECTS = ("chosen_equals_rejected", "empty_chosen")
+PREFERENCE_DEFECTS = demo_defects.PREFERENCE_DEFECTS
 
 EN_FIRST = (
     "Alice",
@@ -354,10 +355,6 @@ def _unique_examples(rng: random.Random, count: int, taken: set, banned_pairs: s
     return out
 
 
-def defect_count(rate: float, n: int) -> int:
-    return round(rate * n)
-
-
 def _overlong(ex: Example, rng: random.Random) -> dict[str, Any]:
     lines: list[str] = []
     while sum(len(s) for s in lines) < OVERLONG_CHARS:
@@ -382,31 +379,6 @@ def _near_duplicate(row: dict[str, Any]) -> dict[str, Any]:
     text = "  ".join(text.split(" ")) if " " in text else text.replace("、", "、 ")
     text = text.lower() + " \n"
     return {"messages": [{**user, "content": text}, dict(assistant)]}
-
-
-def _interleave(rng: random.Random, clean: list[dict], extras: list[tuple[str, dict, int | None]]):
-    """Scatter defect rows among clean rows; a duplicate always lands after its original.
-
-    Returns the final rows and, per defect kind, the 1-based lines (and for copies the original's line).
-    """
-    slots: list[tuple[float, int, dict, str | None, int | None]] = [
-        (i + 0.5, i, r, None, None) for i, r in enumerate(clean)
-    ]
-    for j, (kind, row, original) in enumerate(extras):
-        low = original + 0.5 if original is not None else 0.0
-        slots.append((rng.uniform(low, len(clean)), len(clean) + j, row, kind, original))
-    slots.sort(key=lambda s: (s[0], s[1]))
-    line_of_clean = {s[1]: n for n, s in enumerate(slots, start=1) if s[3] is None}
-    report: dict[str, dict[str, Any]] = {}
-    for n, (_, _, _, kind, original) in enumerate(slots, start=1):
-        if kind is None:
-            continue
-        entry = report.setdefault(kind, {"count": 0, "lines": []})
-        entry["count"] += 1
-        entry["lines"].append(n)
-        if original is not None:
-            entry.setdefault("original_lines", []).append(line_of_clean[original])
-    return [s[2] for s in slots], report
 
 
 def _lang_counts(examples: list[Example]) -> dict[str, int]:
@@ -444,68 +416,31 @@ def generate_demo(cfg: DemoDataConfig, out_dir: Path) -> dict[str, Any]:
     fresh = iter(train[cfg.n_sft + cfg.n_preference :])
 
     sft_clean = [sft_row(ex) for ex in sft_examples]
-    originals = rng.sample(range(cfg.n_sft), min(cfg.n_sft, 2 * n_dup))
-    dup_of, near_of = originals[:n_dup], originals[n_dup:]
-    # Fewer originals than asked for (tiny n_sft): near-duplicates reuse the exact-duplicate originals.
-    near_of = near_of + dup_of[: n_dup - len(near_of)]
-    sft_extras: list[tuple[str, dict, int | None]] = []
-    sft_extras += [("duplicate", json.loads(json.dumps(sft_clean[i])), i) for i in dup_of]
-    sft_extras += [("near_duplicate", _near_duplicate(sft_clean[i]), i) for i in near_of]
-    for k in range(n_dup):
-        row = sft_row(next(fresh))
-        row["messages"][1]["content"] = ("", "   ", "\n")[k % 3]
-        sft_extras.append(("empty_answer", row, None))
+    sft_extras = demo_defects.copies(rng, sft_clean, n_dup, _near_duplicate)
+    sft_extras += demo_defects.empty_answers(sft_row(next(fresh)) for _ in range(n_dup))
     sft_extras += [("overlong", _overlong(next(fresh), rng), None) for _ in range(n_dup)]
     sft_extras += [("broken_role_order", _broken_roles(next(fresh), k), None) for k in range(n_dup)]
-    sft_rows, sft_defects = _interleave(rng, sft_clean, sft_extras)
-
-    pref_clean, mistakes = [], {}
-    for ex in pref_examples:
-        pair, kind = preference_pair(ex, rng)
-        pref_clean.append(pair)
-        mistakes[kind] = mistakes.get(kind, 0) + 1
-    pref_extras: list[tuple[str, dict, int | None]] = []
-    for i in rng.sample(range(cfg.n_preference), min(cfg.n_preference, n_pref_defect)):
-        pref_extras.append(("chosen_equals_rejected", {**pref_clean[i], "rejected": pref_clean[i]["chosen"]}, None))
-    for i in rng.sample(range(cfg.n_preference), min(cfg.n_preference, n_pref_defect)):
-        pref_extras.append(("empty_chosen", {**pref_clean[i], "chosen": ""}, None))
-    pref_rows, pref_defects = _interleave(rng, pref_clean, pref_extras)
-
-    paths = {
-        "sft": out_dir / "sft.jsonl",
-        "preference": out_dir / "preference.jsonl",
-        "heldout": out_dir / "heldout.jsonl",
-        "heldout_preference": out_dir / "heldout_preference.jsonl",
-        "manifest": out_dir / "manifest.json",
-    }
-    write_jsonl(sft_rows, paths["sft"])
-    write_jsonl(pref_rows, paths["preference"])
-    write_jsonl([sft_row(ex) for ex in heldout], paths["heldout"])
-    write_jsonl(heldout_pairs, paths["heldout_preference"])
+    sft_rows, sft_defects = interleave(rng, sft_clean, sft_extras)
+    pref_rows, pref_defects, mistakes = demo_defects.preference_rows(rng, pref_examples, preference_pair, n_pref_defect)
 
     manifest = {
         "task": "order extraction to JSON (en/ja)",
         "keys": list(KEYS),
         "seed": cfg.seed,
         "defect_rate": cfg.defect_rate,
-        "counts": {
-            "sft": len(sft_rows),
-            "sft_clean": cfg.n_sft,
-            "preference": len(pref_rows),
-            "preference_clean": cfg.n_preference,
-            "heldout": cfg.n_heldout,
-            "heldout_preference": cfg.n_heldout,
-        },
+        "counts": demo_defects.counts(cfg, sft_rows, pref_rows),
         "languages": {
             "sft_clean": _lang_counts(sft_examples),
             "preference_clean": _lang_counts(pref_examples),
             "heldout": _lang_counts(heldout),
         },
         "rejected_mistakes": dict(sorted(mistakes.items())),
-        "defects": {
-            "sft": {k: sft_defects.get(k, {"count": 0, "lines": []}) for k in SFT_DEFECTS},
-            "preference": {k: pref_defects.get(k, {"count": 0, "lines": []}) for k in PREFERENCE_DEFECTS},
-        },
+        "defects": demo_defects.defect_lines(sft_defects, SFT_DEFECTS, pref_defects),
     }
-    paths["manifest"].write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    return {**{k: str(v) for k, v in paths.items()}, "manifest_content": manifest}
+    files = {
+        "sft": sft_rows,
+        "preference": pref_rows,
+        "heldout": [sft_row(ex) for ex in heldout],
+        "heldout_preference": heldout_pairs,
+    }
+    return demo_defects.write_files(out_dir, files, manifest)

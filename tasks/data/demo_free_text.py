@@ -22,18 +22,18 @@ with one more: `repetition` (an answer looping on itself), which the repetition 
 
 from __future__ import annotations
 
-import json
 import random
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Callable
 
 from ftflow.configs.schema import DemoDataConfig
-from ftflow.tasks.data.demo import FILLER, OVERLONG_CHARS, _interleave, defect_count
-from ftflow.tasks.data.sources import write_jsonl
+from ftflow.tasks.data import demo_defects
+from ftflow.tasks.data.demo import FILLER, OVERLONG_CHARS
+from ftflow.tasks.data.demo_defects import defect_count, interleave
 
 SFT_DEFECTS = ("duplicate", "near_duplicate", "empty_answer", "overlong", "broken_role_order", "repetition")
-PREFERENCE_DEFECTS = ("chosen_equals_rejected", "empty_chosen")
+PREFERENCE_DEFECTS = demo_defects.PREFERENCE_DEFECTS
 
 # (English verb, Japanese te-form): the polite Japanese form is always te-form + いただけますか.
 VERBS = (
@@ -338,39 +338,13 @@ def generate_free_text(cfg: DemoDataConfig, out_dir: Path) -> dict[str, Any]:
     fresh = iter(train[cfg.n_sft + cfg.n_preference :])
 
     sft_clean = [{"messages": conversation(turns)} for turns in sft_convs]
-    originals = rng.sample(range(cfg.n_sft), min(cfg.n_sft, 2 * n_dup))
-    dup_of, near_of = originals[:n_dup], originals[n_dup:]
-    near_of = near_of + dup_of[: n_dup - len(near_of)]
-    extras: list[tuple[str, dict, int | None]] = []
-    extras += [("duplicate", json.loads(json.dumps(sft_clean[i])), i) for i in dup_of]
-    extras += [("near_duplicate", _near_duplicate(sft_clean[i]), i) for i in near_of]
-    for k in range(n_dup):
-        row = {"messages": conversation(next(fresh))}
-        row["messages"][-1]["content"] = ("", "   ", "\n")[k % 3]
-        extras.append(("empty_answer", row, None))
+    extras = demo_defects.copies(rng, sft_clean, n_dup, _near_duplicate)
+    extras += demo_defects.empty_answers({"messages": conversation(next(fresh))} for _ in range(n_dup))
     extras += [("overlong", _overlong(next(fresh), rng), None) for _ in range(n_dup)]
     extras += [("broken_role_order", _broken_roles(next(fresh), k), None) for k in range(n_dup)]
     extras += [("repetition", _looping(next(fresh)), None) for _ in range(n_dup)]
-    sft_rows, sft_defects = _interleave(rng, sft_clean, extras)
-
-    pref_clean, mistakes = [], {}
-    for turns in pref_convs:
-        pair, kind = _pair(turns, rng)
-        pref_clean.append(pair)
-        mistakes[kind] = mistakes.get(kind, 0) + 1
-    pref_extras: list[tuple[str, dict, int | None]] = []
-    for i in rng.sample(range(cfg.n_preference), min(cfg.n_preference, n_pref_defect)):
-        pref_extras.append(("chosen_equals_rejected", {**pref_clean[i], "rejected": pref_clean[i]["chosen"]}, None))
-    for i in rng.sample(range(cfg.n_preference), min(cfg.n_preference, n_pref_defect)):
-        pref_extras.append(("empty_chosen", {**pref_clean[i], "chosen": ""}, None))
-    pref_rows, pref_defects = _interleave(rng, pref_clean, pref_extras)
-
-    paths = {name: out_dir / f"{name}.jsonl" for name in ("sft", "preference", "heldout", "heldout_preference")}
-    paths["manifest"] = out_dir / "manifest.json"
-    write_jsonl(sft_rows, paths["sft"])
-    write_jsonl(pref_rows, paths["preference"])
-    write_jsonl([{"messages": conversation(turns)} for turns in heldout], paths["heldout"])
-    write_jsonl(heldout_pairs, paths["heldout_preference"])
+    sft_rows, sft_defects = interleave(rng, sft_clean, extras)
+    pref_rows, pref_defects, mistakes = demo_defects.preference_rows(rng, pref_convs, _pair, n_pref_defect)
 
     def lang_counts(convs: list[list[Turn]]) -> dict[str, int]:
         return {lang: sum(c[0].lang == lang for c in convs) for lang in ("en", "ja")}
@@ -379,14 +353,7 @@ def generate_free_text(cfg: DemoDataConfig, out_dir: Path) -> dict[str, Any]:
         "task": "free text: polite rewriting and one-sentence summaries, 2-3 turns (en/ja)",
         "seed": cfg.seed,
         "defect_rate": cfg.defect_rate,
-        "counts": {
-            "sft": len(sft_rows),
-            "sft_clean": cfg.n_sft,
-            "preference": len(pref_rows),
-            "preference_clean": cfg.n_preference,
-            "heldout": cfg.n_heldout,
-            "heldout_preference": cfg.n_heldout,
-        },
+        "counts": demo_defects.counts(cfg, sft_rows, pref_rows),
         "turns": {"sft_clean": sum(len(c) for c in sft_convs), "heldout": sum(len(c) for c in heldout)},
         "languages": {
             "sft_clean": lang_counts(sft_convs),
@@ -394,10 +361,12 @@ def generate_free_text(cfg: DemoDataConfig, out_dir: Path) -> dict[str, Any]:
             "heldout": lang_counts(heldout),
         },
         "rejected_mistakes": dict(sorted(mistakes.items())),
-        "defects": {
-            "sft": {k: sft_defects.get(k, {"count": 0, "lines": []}) for k in SFT_DEFECTS},
-            "preference": {k: pref_defects.get(k, {"count": 0, "lines": []}) for k in PREFERENCE_DEFECTS},
-        },
+        "defects": demo_defects.defect_lines(sft_defects, SFT_DEFECTS, pref_defects),
     }
-    paths["manifest"].write_text(json.dumps(manifest, ensure_ascii=False, indent=2) + "\n", encoding="utf-8")
-    return {**{k: str(v) for k, v in paths.items()}, "manifest_content": manifest}
+    files = {
+        "sft": sft_rows,
+        "preference": pref_rows,
+        "heldout": [{"messages": conversation(turns)} for turns in heldout],
+        "heldout_preference": heldout_pairs,
+    }
+    return demo_defects.write_files(out_dir, files, manifest)

@@ -270,28 +270,36 @@ def _pair_logps(model, tokenizer, pairs: list[dict], cfg: EvalConfig, max_length
     return chosen, rejected
 
 
+@dataclass(frozen=True)
+class Scoring:
+    """What `score_variants` scores: the examples, their preference pairs, the few-shot examples of `base_fewshot`,
+    and the metric sources to compute (the validation choice needs only its primary metric's)."""
+
+    examples: Sequence[dict]
+    pairs: Sequence[dict] = ()
+    few_shots: Sequence[dict] = ()
+    sources: frozenset[str] = ALL_SOURCES
+
+
 def score_variants(
     ctx: StageContext,
     model,
     tokenizer,
     variants: list[str],
-    examples: list[dict],
-    *,
-    pairs: Sequence[dict] = (),
-    sources: frozenset[str] = ALL_SOURCES,
-    few_shots: Sequence[dict] = (),
+    scoring: Scoring,
     precomputed: Optional[dict[str, VariantResult]] = None,
 ) -> dict[str, VariantResult]:
-    """Score `variants` on `examples` (and `pairs`), computing only what the metrics of `sources` need.
+    """Score `variants` on `scoring.examples` (and its pairs), computing only what the metrics of its sources need.
 
     `model` is a PeftModel holding adapters named after the variants; base variants disable them."""
     from ftflow.tasks.evaluate.metrics import load_suite
 
     cfg, eos_token, max_length = ctx.cfg.eval, ctx.model.eos_token, ctx.cfg.sft.max_length
+    sources, pairs, few_shots = scoring.sources, scoring.pairs, scoring.few_shots
     suite = load_suite() if "generation" in sources else None
-    prompts = [ex["prompt"] for ex in examples]
-    references = [reference_text(ex) for ex in examples]
-    answers = [ex["completion"] for ex in examples]
+    prompts = [ex["prompt"] for ex in scoring.examples]
+    references = [reference_text(ex) for ex in scoring.examples]
+    answers = [ex["completion"] for ex in scoring.examples]
     results: dict[str, VariantResult] = dict(precomputed or {})
     for variant in [v for v in variants if v not in results]:
         with active_variant(model, variant):
@@ -349,16 +357,12 @@ def evaluate_variants(
     """Every variant on the held-out (test) prompts and pairs, every metric source; `precomputed` results (the base
     variants a sweep scores once for all arms) are reused, not recomputed."""
     cfg = ctx.cfg.eval
-    return score_variants(
-        ctx,
-        model,
-        tokenizer,
-        variants,
+    scoring = Scoring(
         sets.heldout[: cfg.max_examples],
         pairs=sets.heldout_pairs[: cfg.max_examples],
         few_shots=sets.train_sft[: cfg.few_shot_k],
-        precomputed=precomputed,
     )
+    return score_variants(ctx, model, tokenizer, variants, scoring, precomputed)
 
 
 def validation_scores(
@@ -371,7 +375,7 @@ def validation_scores(
         raise DataError(
             "the validation split is empty; set data.validation_path or keep data.validation_fraction > 0", "validation"
         )
-    return score_variants(ctx, model, tokenizer, variants, examples, sources=frozenset({metric.source}))
+    return score_variants(ctx, model, tokenizer, variants, Scoring(examples, sources=frozenset({metric.source})))
 
 
 def choose(results: dict[str, VariantResult], metric_name: str) -> str:

@@ -16,7 +16,6 @@ fails the run before anything is trained. Verdicts, raw replies included, go to 
 
 from __future__ import annotations
 
-import os
 import re
 from typing import TYPE_CHECKING, Any, Optional
 
@@ -69,17 +68,14 @@ class JudgeError(PipelineError):
 
 
 def api_key(cfg: JudgeConfig) -> str:
-    if cfg.key_block:
-        try:
-            from prefect.blocks.system import Secret
+    from ftflow.tasks.secrets import secret
 
-            return Secret.load(cfg.key_block).get()
-        except Exception as err:
-            raise JudgeError(
-                f"eval.judge.key_block: cannot load Prefect Secret block {cfg.key_block!r} ({type(err).__name__})"
-            ) from None
+    try:
+        key = secret(cfg.key_block, "eval.judge.key_block", (cfg.key_env,) if cfg.key_env else ())
+    except PipelineError as err:
+        raise JudgeError(str(err)) from None
     # A local server needs no key, but the client insists on one.
-    return (os.environ.get(cfg.key_env) if cfg.key_env else None) or "not-needed"
+    return key or "not-needed"
 
 
 def client(cfg: JudgeConfig):

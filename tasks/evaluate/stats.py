@@ -72,26 +72,46 @@ def _resampled(values, weights, draws):
     return (v * w)[draws].sum(axis=1) / np.maximum(w[draws].sum(axis=1), 1e-12)
 
 
+@dataclass(frozen=True)
+class Scores:
+    """One side's per-example scores, with their token weights for a token-weighted metric (held-out loss)."""
+
+    values: Sequence[float]
+    weights: Optional[Sequence[float]] = None
+
+
+@dataclass(frozen=True)
+class Resampling:
+    resamples: int = RESAMPLES
+    level: float = LEVEL
+    seed: int = SEED
+
+
+def _scores(side: Scores | Sequence[float]) -> Scores:
+    """A plain sequence is an unweighted side."""
+    return side if isinstance(side, Scores) else Scores(side)
+
+
 def paired_bootstrap(
     metric: Metric,
-    candidate: Sequence[float],
-    other: Sequence[float],
+    candidate: Scores | Sequence[float],
+    other: Scores | Sequence[float],
     against: str,
-    *,
-    weights: Optional[Sequence[float]] = None,
-    other_weights: Optional[Sequence[float]] = None,
-    resamples: int = RESAMPLES,
-    level: float = LEVEL,
-    seed: int = SEED,
+    resampling: Resampling = Resampling(),
 ) -> Interval:
     import numpy as np
 
-    n = _same_length(candidate, other)
-    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    other_weights = other_weights if other_weights is not None else weights
-    diff = (_resampled(candidate, weights, draws) - _resampled(other, other_weights, draws)) * metric.sign
+    cand_s, other_s = _scores(candidate), _scores(other)
+    # The other side is weighted like the candidate unless it has weights of its own.
+    other_weights = other_s.weights if other_s.weights is not None else cand_s.weights
+    n = _same_length(cand_s.values, other_s.values)
+    draws = np.random.default_rng(resampling.seed).integers(0, n, size=(resampling.resamples, n))
+    diff = (
+        _resampled(cand_s.values, cand_s.weights, draws) - _resampled(other_s.values, other_weights, draws)
+    ) * metric.sign
+    level = resampling.level
     low, high = _percentiles(diff, level)
-    cand, oth = aggregate(metric, candidate, weights), aggregate(metric, other, other_weights)
+    cand, oth = aggregate(metric, cand_s.values, cand_s.weights), aggregate(metric, other_s.values, other_weights)
     return Interval(
         metric.name, against, "bootstrap", metric.direction, n, cand, oth, (cand - oth) * metric.sign, low, high, level
     )
@@ -99,26 +119,23 @@ def paired_bootstrap(
 
 def bootstrap_vs_value(
     metric: Metric,
-    candidate: Sequence[float],
+    candidate: Scores | Sequence[float],
     value: float,
     against: str,
-    *,
-    weights: Optional[Sequence[float]] = None,
-    resamples: int = RESAMPLES,
-    level: float = LEVEL,
-    seed: int = SEED,
+    resampling: Resampling = Resampling(),
 ) -> Interval:
     """The other side is only a recorded number (a champion that cannot be re-scored): only the candidate's
     sampling noise is known, so the interval is narrower than a paired one would be; the method says so."""
     import numpy as np
 
-    n = len(candidate)
+    cand_s = _scores(candidate)
+    n = len(cand_s.values)
     if not n:
         raise ValueError(f"no {metric.name} scores to compare")
-    draws = np.random.default_rng(seed).integers(0, n, size=(resamples, n))
-    diff = (_resampled(candidate, weights, draws) - value) * metric.sign
-    low, high = _percentiles(diff, level)
-    cand = aggregate(metric, candidate, weights)
+    draws = np.random.default_rng(resampling.seed).integers(0, n, size=(resampling.resamples, n))
+    diff = (_resampled(cand_s.values, cand_s.weights, draws) - value) * metric.sign
+    low, high = _percentiles(diff, resampling.level)
+    cand = aggregate(metric, cand_s.values, cand_s.weights)
     return Interval(
         metric.name,
         against,
@@ -130,7 +147,7 @@ def bootstrap_vs_value(
         (cand - value) * metric.sign,
         low,
         high,
-        level,
+        resampling.level,
     )
 
 
@@ -210,18 +227,15 @@ def mcnemar(
 
 def compare(
     metric: Metric,
-    candidate: Sequence[float],
-    other: Sequence[float],
+    candidate: Scores | Sequence[float],
+    other: Scores | Sequence[float],
     against: str,
-    *,
-    weights: Optional[Sequence[float]] = None,
-    other_weights: Optional[Sequence[float]] = None,
     seed: int = SEED,
 ) -> Interval:
     """McNemar for a 0/1 metric, the paired bootstrap for anything else."""
     if metric.binary:
-        return mcnemar(metric, candidate, other, against)
-    return paired_bootstrap(metric, candidate, other, against, weights=weights, other_weights=other_weights, seed=seed)
+        return mcnemar(metric, _scores(candidate).values, _scores(other).values, against)
+    return paired_bootstrap(metric, candidate, other, against, Resampling(seed=seed))
 
 
 def _same_length(a: Sequence[float], b: Sequence[float]) -> int:

@@ -6,6 +6,7 @@ the held-out columns are reported, never used to pick: the best arm then meets t
 
 from __future__ import annotations
 
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any, Optional
 
@@ -99,11 +100,7 @@ def plot(rows: list[dict[str, Any]], primary: str, path: Path) -> Path:
 
 
 def arm_config(cfg: PipelineConfig, r: int, alpha: int) -> PipelineConfig:
-    # The gate runs once, on the best arm, from the parent flow.
-    return config_from_dict(
-        apply_overrides(cfg.model_dump(mode="json"), [f"lora.r={r}", f"lora.alpha={alpha}", "registry.enabled=false"]),
-        f"sweep arm r={r}",
-    )
+    return config_with(cfg, arm_overrides(r, alpha))
 
 
 def outcome(cfg: PipelineConfig, run_id: str, status: str, **fields: Any) -> dict[str, Any]:
@@ -117,3 +114,137 @@ def outcome(cfg: PipelineConfig, run_id: str, status: str, **fields: Any) -> dic
         "validation": {},
         **fields,
     }
+
+
+def arm_overrides(r: int, alpha: int) -> list[str]:
+    return [f"lora.r={r}", f"lora.alpha={alpha}"]
+
+
+def config_with(cfg: PipelineConfig, overrides: list[str]) -> PipelineConfig:
+    """`cfg` with an arm's overrides; the gate runs once, on the best arm, from the parent flow."""
+    return config_from_dict(
+        apply_overrides(cfg.model_dump(mode="json"), [*overrides, "registry.enabled=false"]),
+        f"sweep arm {' '.join(overrides)}",
+    )
+
+
+# ---------------------------------------------------------------- fan-out: inputs by reference
+
+BLOCK_SCHEME = "prefect-block://"
+INPUTS = "sweep-inputs"
+OUTCOMES = "sweep-outcomes"
+
+
+@dataclass
+class ArmInputs:
+    """Everything an arm reads, stored once for all arms: the parent's resolved config (as JSON), the base model,
+    the formatted train set, the evaluation sets, the champion and the base model's scores."""
+
+    config: dict[str, Any]
+    model: Any
+    train_set: Any
+    sets: Any
+    champion: Any
+    baselines: Any
+
+
+def store_root(sweep: SweepConfig, output_dir: str) -> str:
+    if sweep.store_block:
+        return f"{BLOCK_SCHEME}{sweep.store_block}"
+    if sweep.store and "://" in sweep.store:
+        return sweep.store.rstrip("/")
+    return str(Path(sweep.store or Path(output_dir) / "shared").resolve())
+
+
+def _block_and_key(uri: str) -> tuple[Any, str]:
+    """A `prefect-block://<block-type>/<name>/<key>` URI: the loaded filesystem block and the key inside it."""
+    from prefect.blocks.core import Block
+
+    block_type, name, key = uri[len(BLOCK_SCHEME) :].split("/", 2)
+    return Block.load(f"{block_type}/{name}"), key
+
+
+def write_bytes(uri: str, data: bytes) -> None:
+    if uri.startswith(BLOCK_SCHEME):
+        block, key = _block_and_key(uri)
+        block.write_path(key, data)
+        return
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    fs.makedirs(fs._parent(path), exist_ok=True)
+    # Written aside, then moved: a reader never sees half a file under its final name.
+    fs.pipe_file(path + ".part", data)
+    fs.mv(path + ".part", path)
+
+
+def read_bytes(uri: str) -> bytes:
+    if uri.startswith(BLOCK_SCHEME):
+        block, key = _block_and_key(uri)
+        return block.read_path(key)
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.cat_file(path)
+
+
+def exists(uri: str) -> bool:
+    if uri.startswith(BLOCK_SCHEME):
+        try:
+            read_bytes(uri)
+            return True
+        except (FileNotFoundError, ValueError, OSError):
+            return False
+    import fsspec
+
+    fs, path = fsspec.core.url_to_fs(uri)
+    return fs.exists(path)
+
+
+def put_inputs(root: str, inputs: ArmInputs) -> tuple[str, str]:
+    """Store `inputs` under their own sha256 (once: the same content is not written twice); (URI, digest)."""
+    import hashlib
+    import pickle
+
+    data = pickle.dumps(inputs, protocol=pickle.HIGHEST_PROTOCOL)
+    digest = hashlib.sha256(data).hexdigest()
+    uri = f"{root}/{INPUTS}/{digest}.pkl"
+    if not exists(uri):
+        write_bytes(uri, data)
+    return uri, digest
+
+
+def get_inputs(uri: str, digest: str) -> ArmInputs:
+    """The stored inputs, after their sha256 matched `digest`: a torn, stale or swapped file is refused
+    before anything is unpickled."""
+    import hashlib
+    import pickle
+
+    from ftflow.tasks.errors import PipelineError
+
+    try:
+        data = read_bytes(uri)
+    except (FileNotFoundError, OSError) as err:
+        raise PipelineError(f"sweep arm inputs {uri}: cannot be read ({type(err).__name__}: {err})") from None
+    found = hashlib.sha256(data).hexdigest()
+    if found != digest:
+        raise PipelineError(f"sweep arm inputs {uri}: sha256 is {found}, expected {digest}; not used")
+    return pickle.loads(data)
+
+
+def outcome_uri(inputs_uri: str, flow_run_id: str) -> str:
+    """Where the arm of flow run `flow_run_id` leaves its outcome: beside the inputs, in the same store."""
+    root = inputs_uri.rsplit(f"/{INPUTS}/", 1)[0]
+    return f"{root}/{OUTCOMES}/{flow_run_id}.pkl"
+
+
+def put_outcome(uri: str, outcome: dict[str, Any]) -> None:
+    import pickle
+
+    write_bytes(uri, pickle.dumps(outcome, protocol=pickle.HIGHEST_PROTOCOL))
+
+
+def get_outcome(uri: str) -> Optional[dict[str, Any]]:
+    import pickle
+
+    return pickle.loads(read_bytes(uri)) if exists(uri) else None

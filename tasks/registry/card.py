@@ -26,6 +26,8 @@ HELDOUT_COLUMNS = (
     "heldout_loss",
     "preference_accuracy",
 )
+# qlora is LoRA trained on a quantized base: the same adapter format and card rows.
+LORA_METHODS = ("lora", "qlora")
 VALIDATION_FIGURES = ("rows_in", "rows_kept", "rows_dropped", "kept_ratio", "contract_passed")
 
 
@@ -51,6 +53,8 @@ class CardFacts:
     system_prompt: Optional[str] = None
     run_url: Optional[str] = None
     license: Optional[str] = None
+    intended_use: Optional[str] = None
+    limitations: list[str] = field(default_factory=list)
     languages: list[str] = field(default_factory=list)
     library_versions: dict[str, str] = field(default_factory=dict)
 
@@ -70,7 +74,7 @@ def _fmt(value: Any) -> str:
 def _front_matter(f: CardFacts) -> str:
     meta: dict[str, Any] = {
         "base_model": f.base_model,
-        "library_name": "peft" if f.method in ("lora", "prompt_tuning") else "transformers",
+        "library_name": "peft" if f.method in (*LORA_METHODS, "prompt_tuning") else "transformers",
     }
     if f.license:
         meta["license"] = f.license
@@ -114,7 +118,7 @@ def build_card(f: CardFacts) -> str:
     title = f"{f.model_name} v{f.version}" if f.model_name and f.version else f"ftflow {f.method} adapter"
     out = [_front_matter(f), f"# {title}", ""]
     out.append(
-        f"A {'LoRA' if f.method == 'lora' else f.method} adapter for `{f.base_model}`, trained by the "
+        f"A {'LoRA' if f.method in LORA_METHODS else f.method} adapter for `{f.base_model}`, trained by the "
         f"ftflow pipeline ({'SFT then DPO' if f.stage == 'dpo' else 'SFT'}) and registered in MLflow"
         + (
             f" with alias{'es' if len(f.aliases) > 1 else ''} {', '.join(f'`@{a}`' for a in f.aliases)}"
@@ -132,7 +136,7 @@ def build_card(f: CardFacts) -> str:
         f"| base model | `{f.base_model}` |",
         f"| method | {f.method} ({f.stage}) |",
     ]
-    if f.method == "lora" and f.lora:
+    if f.method in LORA_METHODS and f.lora:
         out.append(
             f"| LoRA | r = {f.lora.get('r')}, alpha = {f.lora.get('alpha')}, dropout = {f.lora.get('dropout')} |"
         )
@@ -192,8 +196,9 @@ def build_card(f: CardFacts) -> str:
         "",
         "## Intended use",
         "",
-        "The task the training data describes, through the base model's own chat template (the fingerprint above; "
-        "ftflow refuses to serve the adapter under another). Use greedy decoding, as evaluated.",
+        f.intended_use
+        or "The task the training data describes, through the base model's own chat template (the fingerprint "
+        "above; ftflow refuses to serve the adapter under another). Use greedy decoding, as evaluated.",
         "",
         "## Limitations",
         "",
@@ -202,26 +207,32 @@ def build_card(f: CardFacts) -> str:
         f"- It inherits the base model's limits and biases; fine-tuning on {f.stage.upper()} data does not remove them.",
         "- A LoRA trained on a 4-bit base and merged into 16/32-bit weights is not bit-identical to the model "
         "that was evaluated; `ftflow export` checks the merged copy against it before writing it out."
-        if f.method == "lora" and f.quantization != "none"
+        if f.method in LORA_METHODS and f.quantization != "none"
         else "- The adapter was evaluated on the base weights it was trained on; other base revisions are untested.",
         "- Nothing here was reviewed for safety beyond the pipeline's data checks (PII flagging, duplicates, "
         "language filter).",
+        *(f"- {item}" for item in f.limitations),
     ]
+    if f.license:
+        out += ["", "## License", "", f"`{f.license}` (from the recipe's `registry.license`)."]
     if f.library_versions:
         out += ["", "## Framework versions", ""]
         out += [f"- {k} {v}" for k, v in f.library_versions.items()]
     return "\n".join(out) + "\n"
 
 
-def gather_facts(
-    client,
-    run_id: str,
-    model_name: Optional[str] = None,
-    version: Optional[str] = None,
-    run_url: Optional[str] = None,
-    method: str = "lora",
-    stage: Optional[str] = None,
-) -> CardFacts:
+@dataclass(frozen=True)
+class CardSubject:
+    """What the card describes beyond the run: the registered version, the run's page, how it was trained."""
+
+    model_name: Optional[str] = None
+    version: Optional[str] = None
+    run_url: Optional[str] = None
+    method: str = "lora"
+    stage: Optional[str] = None  # empty: "dpo" when the run logged dpo/ metrics, else "sft"
+
+
+def gather_facts(client, run_id: str, subject: Optional[CardSubject] = None) -> CardFacts:
     """Read what the run logged (and the version's tags) into CardFacts."""
     import tempfile
 
@@ -234,7 +245,9 @@ def gather_facts(
         config = yaml.safe_load(open(local, encoding="utf-8")) or {}
     except (MlflowException, OSError):
         config = {}
-    stage = stage or ("dpo" if any(k.startswith("dpo/") for k in metrics) else "sft")
+    subject = subject or CardSubject()
+    model_name, version, run_url, method = subject.model_name, subject.version, subject.run_url, subject.method
+    stage = subject.stage or ("dpo" if any(k.startswith("dpo/") for k in metrics) else "sft")
     aliases, manual, gate = [], None, tags.get("gate.decision")
     if model_name and version:
         mv = client.get_model_version(model_name, version)
@@ -300,8 +313,9 @@ def gather_facts(
         template_fingerprint=params.get("chat_template.fingerprint"),
         system_prompt=config.get("data", {}).get("system_prompt"),
         run_url=run_url,
-        # The config tree has no license field; a card gets one only when the registry section names it.
         license=registry.get("license"),
+        intended_use=registry.get("intended_use"),
+        limitations=list(registry.get("limitations") or []),
         languages=list(config.get("quality", {}).get("languages", []) or []),
         library_versions={
             k[len("version.") :]: v

@@ -53,6 +53,15 @@ TEACHER_FORCED = ("heldout_logprob", "heldout_loss", "heldout_perplexity")
 CORPUS = {"heldout_bleu": "bleu", "heldout_chrf": "chrf"}
 
 
+@dataclass(frozen=True)
+class ExportOptions:
+    """How to write and check the export: `fmt` one of FORMATS, `dtype` auto|float32|bfloat16|float16."""
+
+    fmt: str = "merged"
+    dtype: str = "auto"
+    log: Log = print
+
+
 class ExportError(PipelineError):
     pass
 
@@ -301,7 +310,8 @@ def _merge_lora(source: Source, path: str, tokenizer, out: Path, dtype_name: str
 # method -> writer; the packaged meta's `method` picks the path. Full fine-tunes and prompt tuning are
 # not produced by the pipeline yet: full weights would be copied as they are, a prompt-tuning adapter
 # exported beside its base; each gets its writer when its trainer exists.
-EXPORTERS: dict[str, Callable[..., None]] = {"lora": _merge_lora}
+# qlora is LoRA trained on a quantized base: the same merge, into a 16/32-bit base.
+EXPORTERS: dict[str, Callable[..., None]] = {"lora": _merge_lora, "qlora": _merge_lora}
 
 
 # --- the equivalence check -----------------------------------------------------------------------------------
@@ -427,7 +437,7 @@ def paired_bootstrap(
 
 
 def check_equivalence(
-    source: Source, path: str, tokenizer, exported: Path, examples: list[dict], dtype_name: str, log: Log
+    source: Source, path: str, tokenizer, exported: Path, examples: list[dict], options: ExportOptions
 ) -> Equivalence:
     import gc
 
@@ -437,13 +447,14 @@ def check_equivalence(
     from ftflow.tasks.train.model import load_base_model, pick_device
 
     # An empty eval.primary_metric means the task preset's choice (free text ranks on chrF, not exact match).
+    log = options.log
     metric = getattr(source.run_cfg.eval, "resolved_primary_metric", None) or source.run_cfg.eval.primary_metric
     compared = metric if metric in PER_EXAMPLE or metric in TEACHER_FORCED or metric in CORPUS else "heldout_exact"
     if compared != metric:
         log(f"{metric} has no per-example form here; the bootstrap compares heldout_exact instead")
     device = pick_device(source.run_cfg.model)
     # The merged copy as a user loads it: from the folder, plain transformers.
-    merged = AutoModelForCausalLM.from_pretrained(exported, dtype=_dtype(dtype_name, device)).to(device).eval()
+    merged = AutoModelForCausalLM.from_pretrained(exported, dtype=_dtype(options.dtype, device)).to(device).eval()
     mine = _side(merged, tokenizer, examples, source, compared)
     del merged
     gc.collect()
@@ -536,16 +547,16 @@ def export_model(
     cfg: PipelineConfig,
     spec: str,
     out: str | Path,
-    fmt: str = "merged",
-    dtype: str = "auto",
-    log: Log = print,
+    options: Optional[ExportOptions] = None,
     client=None,
 ) -> Equivalence:
     """Export `spec` (models:/name@alias, models:/name/N or a run id) to `out`; raises ExportError on any refusal."""
-    from ftflow.tasks.registry.card import build_card, gather_facts
+    from ftflow.tasks.registry.card import CardSubject, build_card, gather_facts
     from ftflow.tasks.tracking import client as tracking_client
     from ftflow.tasks.train.model import offline_env
 
+    options = options or ExportOptions()
+    fmt, log = options.fmt, options.log
     if fmt not in FORMATS:
         raise ExportError(f"--format {fmt}: supported formats are {', '.join(FORMATS)} (GGUF: see README, 'Export')")
     out = Path(out).expanduser().resolve()
@@ -563,8 +574,8 @@ def export_model(
     path, tokenizer = _base_and_tokenizer(source)
     staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent if out.parent.exists() else None))
     try:
-        EXPORTERS[source.method](source, path, tokenizer, staging, dtype, log)
-        eq = check_equivalence(source, path, tokenizer, staging, examples, dtype, log)
+        EXPORTERS[source.method](source, path, tokenizer, staging, options.dtype, log)
+        eq = check_equivalence(source, path, tokenizer, staging, examples, options)
         log(f"equivalence {eq.summary()}")
         _log_equivalence(client, source, eq, out)
         if not eq.passed:
@@ -573,9 +584,8 @@ def export_model(
                 f"as evaluated ({'; '.join(eq.reasons)}); details in run {source.run_id} "
                 f"export/equivalence.json"
             )
-        facts = gather_facts(
-            client, source.run_id, source.name, source.version, method=source.method, stage=source.meta.get("stage")
-        )
+        subject = CardSubject(source.name, source.version, method=source.method, stage=source.meta.get("stage"))
+        facts = gather_facts(client, source.run_id, subject)
         (staging / "README.md").write_text(build_card(facts), encoding="utf-8")
         (staging / EXPORT_META).write_text(
             json.dumps(

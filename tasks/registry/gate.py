@@ -100,17 +100,17 @@ def _interval(
     if theirs and len(theirs) == len(mine):
         return stats.compare(
             metric,
-            mine,
-            theirs,
+            stats.Scores(mine, candidate.weights.get(name)),
+            stats.Scores(theirs, other.weights.get(name)),
             against,
-            weights=candidate.weights.get(name),
-            other_weights=other.weights.get(name),
             seed=seed,
         )
     recorded = other.metrics.get(name)
     if recorded is None or math.isnan(recorded):
         return None
-    return stats.bootstrap_vs_value(metric, mine, recorded, against, weights=candidate.weights.get(name), seed=seed)
+    return stats.bootstrap_vs_value(
+        metric, stats.Scores(mine, candidate.weights.get(name)), recorded, against, stats.Resampling(seed=seed)
+    )
 
 
 def decide(
@@ -235,13 +235,18 @@ def register_candidate(
     ensure_registered_model(client, name)
     for mv in client.search_model_versions(f"name='{name}' and run_id='{run_id}'"):
         return str(mv.version)
-    mv = client.create_model_version(
-        name,
-        source=source or f"runs:/{run_id}/registry_model",
-        run_id=run_id,
-        tags={"ftflow.run_id": run_id},
-        model_id=model_id,
-    )
+    from ftflow.tasks.registry.packaging import use_tracking_uri
+
+    # MLflow's registry resolves a models:/<model_id> source through the process-wide tracking URI, not this
+    # client's (a TODO in its SqlAlchemyStore): with a recipe's own store the LoggedModel is "not found".
+    with use_tracking_uri(client.tracking_uri):
+        mv = client.create_model_version(
+            name,
+            source=source or f"runs:/{run_id}/registry_model",
+            run_id=run_id,
+            tags={"ftflow.run_id": run_id},
+            model_id=model_id,
+        )
     return str(mv.version)
 
 

@@ -244,8 +244,8 @@ def describe_version(facts: "CardFacts") -> str:
     """The registry version's description: gate decision, scores, data digests, the run. Markdown."""
     primary = facts.primary_metric
     lines = [
-        f"**{'LoRA' if facts.method == 'lora' else facts.method} adapter** ({facts.stage}) on `{facts.base_model}`"
-        + (f", r={facts.lora.get('r')}, alpha={facts.lora.get('alpha')}" if facts.method == "lora" else "")
+        f"**{'LoRA' if facts.method in ('lora', 'qlora') else facts.method} adapter** ({facts.stage}) on `{facts.base_model}`"
+        + (f", r={facts.lora.get('r')}, alpha={facts.lora.get('alpha')}" if facts.method in ("lora", "qlora") else "")
         + ".",
         "",
         f"**Gate:** {facts.gate_summary or 'not gated'}",
@@ -273,13 +273,12 @@ def document_version(
     version: str,
     run_id: str,
     run_url: Optional[str] = None,
-    method: str = "lora",
     stage: Optional[str] = None,
 ) -> str:
     """Give a registered version its description and its model card (logged to the run as model_card/README.md)."""
-    from ftflow.tasks.registry.card import build_card, gather_facts
+    from ftflow.tasks.registry.card import CardSubject, build_card, gather_facts
 
-    facts = gather_facts(client, run_id, name, str(version), run_url, method=method, stage=stage)
+    facts = gather_facts(client, run_id, CardSubject(name, str(version), run_url, stage=stage))
     client.update_model_version(name, str(version), description=describe_version(facts))
     card = build_card(facts)
     client.log_text(run_id, card, "model_card/README.md")

@@ -19,7 +19,7 @@ class LoraAdapterModel(PythonModel):
         from peft import PeftModel
 
         from ftflow.tasks.evaluate.evaluation import check_template
-        from ftflow.tasks.registry.packaging import RunSettings
+        from ftflow.tasks.registry.packaging import RunSettings, adapter_method
         from ftflow.tasks.train.model import load_base_model, load_tokenizer, offline_env, resolve_model_path
 
         offline_env()
@@ -30,7 +30,11 @@ class LoraAdapterModel(PythonModel):
         adapter = context.artifacts["adapter"]
         # The template the adapter was trained under must be the one serving it.
         check_template(adapter, context.model_config["template_fingerprint"], self.tokenizer)
-        self.model = PeftModel.from_pretrained(load_base_model(path, cfg.model, cfg.quantization), adapter)
+        if adapter_method(adapter) == "full":
+            # A full fine-tune is the whole model, packaged where an adapter would be.
+            self.model = load_base_model(adapter, cfg.model, cfg.quantization)
+        else:
+            self.model = PeftModel.from_pretrained(load_base_model(path, cfg.model, cfg.quantization), adapter)
         self.model.eval()
         self.cfg = cfg
         self.eos = context.model_config["eos_token"]

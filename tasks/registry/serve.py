@@ -63,7 +63,7 @@ def check_served_template(model_dir: Path) -> dict:
 
 def resolve_model_dir(cfg: PipelineConfig, spec: str, log: Callable[[str], None]) -> Path:
     """A folder as is; a models:/ URI or run id exported once per version into .cache/exports/."""
-    from ftflow.tasks.registry.export import EXPORT_META, _version, export_model, parse_model_uri
+    from ftflow.tasks.registry.export import EXPORT_META, ExportOptions, _version, export_model, parse_model_uri
     from ftflow.tasks.tracking import client as tracking_client
 
     path = Path(spec).expanduser()
@@ -80,7 +80,7 @@ def resolve_model_dir(cfg: PipelineConfig, spec: str, log: Callable[[str], None]
     if (target / EXPORT_META).exists():
         log(f"{spec}: using the export in {target}")
         return target
-    export_model(cfg, spec, target, log=log)
+    export_model(cfg, spec, target, ExportOptions(log=log))
     return target
 
 

@@ -14,7 +14,7 @@ from typing import Callable, Optional
 import torch
 
 from ftflow.configs.schema import LoraConfig as LoraSection
-from ftflow.configs.schema import ModelConfig, Quantization, QuantizationConfig
+from ftflow.configs.schema import Method, ModelConfig, PipelineConfig, Quantization, QuantizationConfig
 from ftflow.tasks.errors import ModelLoadError
 
 CONVERTED_MARKER = "ftflow_source.json"
@@ -286,7 +286,8 @@ def load_tokenizer(path: str, cfg: ModelConfig):
     return tok
 
 
-def load_base_model(path: str, cfg: ModelConfig, q: QuantizationConfig):
+def load_base_model(path: str, cfg: ModelConfig, q: QuantizationConfig, auto_class=None):
+    """The base weights, quantized per `q`, with `auto_class`'s head (default: the causal LM's)."""
     from transformers import AutoModelForCausalLM
 
     from ftflow.tasks.secrets import hf_token
@@ -305,7 +306,7 @@ def load_base_model(path: str, cfg: ModelConfig, q: QuantizationConfig):
         kwargs["quantization_config"] = quant
         kwargs["device_map"] = quantized_device_map(device)
     try:
-        model = AutoModelForCausalLM.from_pretrained(path, **kwargs)
+        model = (auto_class or AutoModelForCausalLM).from_pretrained(path, **kwargs)
     except Exception as err:
         if isinstance(err, ModelLoadError) or not _is_file_error(err) or _is_network_error(err):
             raise
@@ -326,6 +327,59 @@ def build_lora_config(lora: LoraSection):
         bias="none",
         task_type="CAUSAL_LM",
     )
+
+
+def build_peft_config(cfg: PipelineConfig, model_path: str):
+    """The peft config of `cfg.resolved_method`: LoRA (qlora and lora alike) or prompt tuning."""
+    if cfg.resolved_method != Method.prompt_tuning:
+        return build_lora_config(cfg.lora)
+    from peft import PromptTuningConfig, PromptTuningInit
+
+    pt = cfg.prompt_tuning
+    return PromptTuningConfig(
+        task_type="CAUSAL_LM",
+        num_virtual_tokens=pt.num_virtual_tokens,
+        prompt_tuning_init=PromptTuningInit.TEXT if pt.init_text else PromptTuningInit.RANDOM,
+        prompt_tuning_init_text=pt.init_text or None,
+        # The init text is tokenized with the model's own tokenizer, from the same local folder.
+        tokenizer_name_or_path=model_path if pt.init_text else None,
+    )
+
+
+# Bytes per parameter that full fine-tuning with AdamW holds: the seed chapter's ~60 GB for a 7B model (16-bit
+# weights and gradients, 8-bit-state or sharded optimizer); plain fp32 AdamW needs twice as much.
+FULL_FT_BYTES_PER_PARAM = 60e9 / 7e9
+
+
+def parameter_count(path: str, cfg: ModelConfig) -> int:
+    """Parameters of the model at `path`, counted from its config on the meta device: nothing is loaded."""
+    from accelerate import init_empty_weights
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=cfg.trust_remote_code, local_files_only=_is_local(path))
+    with init_empty_weights():
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=cfg.trust_remote_code)
+    return sum(p.numel() for p in model.parameters())
+
+
+def available_memory(device: str) -> int:
+    """Bytes the training device has in all: the GPU's memory, or the machine's RAM."""
+    if device == "cuda":
+        return torch.cuda.get_device_properties(local_rank()).total_memory
+    return os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES")
+
+
+def check_full_fits(path: str, cfg: ModelConfig) -> None:
+    """method=full on a device clearly too small fails before loading, with both numbers."""
+    device = pick_device(cfg)
+    need = parameter_count(path, cfg) * FULL_FT_BYTES_PER_PARAM
+    have = available_memory(device)
+    if need > have:
+        raise ModelLoadError(
+            f"method=full: training every weight of {path} needs about {need / 1e9:.0f} GB ({FULL_FT_BYTES_PER_PARAM:.1f} "
+            f"bytes per parameter, the fine-tuning chapter's ~60 GB for 7B) but the {device} has {have / 1e9:.0f} GB; "
+            "use method=qlora or method=lora, or a larger device"
+        )
 
 
 def trainable_parameters(model) -> tuple[int, int]:

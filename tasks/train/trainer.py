@@ -18,7 +18,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Literal, Optional
 
-from ftflow.configs.schema import PipelineConfig, Quantization, TrainCommon
+from ftflow.configs.schema import Method, PipelineConfig, Quantization, TrainCommon
 from ftflow.tasks.stages import StageContext, Update
 
 Kind = Literal["sft", "dpo"]
@@ -36,6 +36,7 @@ class TrainResult:
     global_step: int = 0
     metrics: dict[str, float] = field(default_factory=dict)
     backend: Optional[str] = None  # the process group's backend when training ran in launched processes
+    kind: str = ""  # sft, dpo or rlhf: the variant name evaluation gives this result
 
 
 def train(
@@ -74,12 +75,28 @@ def train(
         args=args,
         train_dataset=Dataset.from_list(examples),
         processing_class=tokenizer,
-        callbacks=[stream],
+        callbacks=[stream, *ctx.callbacks],
     )
     result = _fit(trainer, model, stream.history, out_dir, counted)
+    result.kind = kind
     if trainer.is_world_process_zero():
         _record(ctx, kind, result)
     return result
+
+
+def align(ctx: StageContext, sft_examples: list[dict], pairs: list[dict], sft_adapter: str) -> Optional[TrainResult]:
+    """The alignment stage after SFT, per `cfg.alignment`: DPO on the pairs, RLHF (a reward model, then online
+    RL), or none. None also when there are no pairs (or DPO is switched off)."""
+    from ftflow.configs.schema import Alignment
+
+    alignment = ctx.cfg.alignment
+    if alignment == Alignment.none or not pairs:
+        return None
+    if alignment == Alignment.rlhf:
+        from ftflow.tasks.train.rlhf import train_rlhf
+
+        return train_rlhf(ctx, sft_examples, pairs, sft_adapter)
+    return train(ctx, "dpo", pairs, sft_adapter) if ctx.cfg.dpo.enabled else None
 
 
 def check_trainable(kind: Kind, examples: list[dict[str, Any]], section: TrainCommon) -> None:
@@ -102,18 +119,42 @@ def check_trainable(kind: Kind, examples: list[dict[str, Any]], section: TrainCo
 def trainable_model(
     cfg: PipelineConfig, model_path: str, start_adapter: Optional[str] = None, gradient_checkpointing: bool = False
 ):
-    """The base (quantized per the config) with a trainable LoRA adapter: `start_adapter`'s, or a new one."""
+    """What `cfg.resolved_method` trains: a LoRA adapter on the (quantized) base, virtual tokens (prompt tuning),
+    or every weight (full). `start_adapter` continues earlier training: an adapter, or full weights for `full`."""
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
 
-    from ftflow.tasks.train.model import build_lora_config, load_base_model
+    from ftflow.tasks.train.model import build_peft_config, load_base_model
 
+    if cfg.resolved_method == Method.full:
+        from ftflow.tasks.train.model import check_full_fits
+
+        check_full_fits(model_path, cfg.model)
+        # Full weights continue from full weights: DPO starts from the SFT checkpoint itself.
+        model = load_base_model(start_adapter or model_path, cfg.model, cfg.quantization)
+        model.requires_grad_(True)
+        return model
     model = load_base_model(model_path, cfg.model, cfg.quantization)
     if cfg.quantization.mode != Quantization.none:
         # Casts norms to fp32 and enables input grads so gradients flow through frozen 4/8-bit layers.
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gradient_checkpointing)
+    if start_adapter and cfg.resolved_method == Method.prompt_tuning:
+        return _trainable_prompt(model, start_adapter)
     if start_adapter:
         return PeftModel.from_pretrained(model, start_adapter, is_trainable=True)
-    return get_peft_model(model, build_lora_config(cfg.lora))
+    return get_peft_model(model, build_peft_config(cfg, model_path))
+
+
+def _trainable_prompt(model, adapter_dir: str):
+    """Saved virtual tokens, trainable again: peft refuses `is_trainable` for prompt-learning adapters, so a new
+    prompt encoder of the saved config gets the saved weights."""
+    from peft import PeftConfig, get_peft_model, set_peft_model_state_dict
+    from peft.utils import load_peft_weights
+
+    config = PeftConfig.from_pretrained(adapter_dir)
+    config.inference_mode = False
+    peft_model = get_peft_model(model, config)
+    set_peft_model_state_dict(peft_model, load_peft_weights(adapter_dir))
+    return peft_model
 
 
 def _kind_specific(kind: Kind, cfg: PipelineConfig) -> tuple[Any, Any, dict[str, Any]]:
@@ -195,8 +236,11 @@ def _fit(trainer, model, history: list[dict[str, float]], out_dir: Path, counted
     output = trainer.train(resume_from_checkpoint=resume)
     wall = time.perf_counter() - started
     adapter_dir = out_dir / "adapter"
-    # "default" is the adapter being trained; DPO's frozen "ref" copy stays behind.
-    model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
+    if hasattr(model, "peft_config"):
+        # "default" is the adapter being trained; DPO's frozen "ref" copy stays behind.
+        model.save_pretrained(str(adapter_dir), selected_adapters=["default"])
+    else:
+        model.save_pretrained(str(adapter_dir))  # a full fine-tune: the whole model
     trainer.processing_class.save_pretrained(str(adapter_dir))
     return TrainResult(
         adapter_dir=str(adapter_dir),
@@ -221,6 +265,7 @@ def _record(ctx: StageContext, kind: Kind, result: TrainResult) -> None:
                 "base_model": ctx.cfg.model.name_or_path,
                 "base_sha256": ctx.model.source_sha256,
                 "stage": kind,
+                "method": ctx.cfg.resolved_method.value,
                 "lora_r": ctx.cfg.lora.r,
                 "lora_alpha": ctx.cfg.lora.resolved_alpha,
             },

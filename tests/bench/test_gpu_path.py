@@ -20,6 +20,10 @@ torch = pytest.importorskip("torch")
 
 pytestmark = [pytest.mark.gpu, pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")]
 
+# bench/gpu_check.py holds the one random-Llama builder; it is a script, not part of the ftflow package.
+sys.path.insert(0, str(Path(__file__).resolve().parents[2] / "bench"))
+from gpu_check import TINY_BLOCKS, save_random_llama  # noqa: E402
+
 CHATML = (
     "{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
     "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"
@@ -46,7 +50,7 @@ def rows() -> tuple[list[dict], list[dict]]:
 def build_model_dir(out: Path) -> str:
     """A 4-layer Llama with random weights and a ByteLevel BPE tokenizer with a ChatML template."""
     from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-    from transformers import LlamaConfig, LlamaForCausalLM, PreTrainedTokenizerFast
+    from transformers import PreTrainedTokenizerFast
 
     sft, pairs = rows()
     texts = [m["content"] for r in sft for m in r["prompt"] + r["completion"]] + [
@@ -66,23 +70,8 @@ def build_model_dir(out: Path) -> str:
         tokenizer_object=bpe, eos_token="<|im_end|>", pad_token="<|endoftext|>", unk_token="<unk>"
     )
     tok.chat_template = CHATML
-    config = LlamaConfig(
-        vocab_size=len(tok),
-        hidden_size=256,
-        intermediate_size=512,
-        num_hidden_layers=4,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=512,
-        eos_token_id=tok.eos_token_id,
-        pad_token_id=tok.pad_token_id,
-        bos_token_id=None,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    tok.save_pretrained(out)
-    return str(out)
+    sizes = dict(TINY_BLOCKS, hidden_size=256, intermediate_size=512, num_hidden_layers=4, max_position_embeddings=512)
+    return save_random_llama(out, tok, sizes)
 
 
 def gpu_config(model_dir: str, out: Path):

@@ -44,6 +44,7 @@ def test_periodic_lines_log_the_first_then_at_most_one_per_interval_and_the_last
     for step in range(1, 11):
         now[0] = step * 10.0
         update(step, {"loss": 2.0 / step, "num_tokens": step * 500.0})
+    update(10, {"train_runtime": 100.0})  # the trainer's closing log, after the last step
     steps = [line.split()[2] for line in lines]
     assert steps == ["1/10", "4/10", "7/10", "10/10"]
     assert "loss=" in lines[1] and "50 tok/s" in lines[1] and "ETA 1:00" in lines[1]
@@ -64,6 +65,12 @@ def test_not_a_terminal_falls_back_to_log_lines(monkeypatch, capsys):
     update = console.progress("eval-base", 4, lines.append)  # pytest's stdout is no TTY
     update(4, {})
     assert lines == ["eval-base step 4/4"] and capsys.readouterr().out == ""
+    now = [0.0]
+    update = console.periodic("eval-sft", 4, lines.append, clock=lambda: now[0])
+    update(2, {})
+    now[0] = 5.0
+    update(4, {})  # no metrics to show: one space between the step and the pace
+    assert lines[-1] == "eval-sft step 4/4 ETA 0:00"
 
 
 def test_known_warnings_are_filtered_by_message_and_module_only(monkeypatch):
@@ -95,3 +102,17 @@ def test_console_filter_drops_library_setup_lines_and_completed_states_only():
     assert keep(record("great_expectations.data_context.types.base", logging.WARNING, "a real problem"))
     assert not keep(record("prefect.task_runs", logging.INFO, "Finished in state Completed()"))
     assert keep(record("prefect.task_runs", logging.ERROR, "Finished in state Failed('boom')"))
+    assert not keep(record("mlflow.pyfunc", logging.INFO, "Validating input example against model signature"))
+
+
+def test_known_warnings_that_reach_logging_anyway_are_dropped_by_message_and_file():
+    """mlflow logs a model inside its own catch_warnings, so a KNOWN_WARNINGS filter does not hold there; what
+    logging.captureWarnings hands the console is dropped instead, and only for that library's file."""
+    text = (
+        "/venv/site-packages/mlflow/pyfunc/utils/data_validation.py:187: UserWarning: \x1b[93mAdd type hints to "
+        "the `predict` method to enable data validation\x1b[0m\n  color_warning("
+    )
+    keep = console.DropCompleted().filter
+    assert not keep(logging.LogRecord("py.warnings", logging.WARNING, "x.py", 1, text, None, None))
+    mine = text.replace("mlflow/pyfunc", "ftflow/tasks")
+    assert keep(logging.LogRecord("py.warnings", logging.WARNING, "x.py", 1, mine, None, None))

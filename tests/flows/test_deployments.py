@@ -64,6 +64,7 @@ def test_deployment_parameters_are_the_resolved_recipes():
     hint = "prefect.yaml drifted from configs/; regenerate: .venv/bin/python tests/flows/test_deployments.py"
     assert deps["retrain"]["parameters"]["config"] == production, hint
     assert deps["rank-sweep"]["parameters"]["config"] == load_config("sweep").model_dump(mode="json"), hint
+    assert deps["search"]["parameters"]["config"] == load_config("search").model_dump(mode="json"), hint
     assert deps["validate-data"]["parameters"]["config"] == production, hint
     assert render_recipe_blocks(PREFECT_YAML.read_text(encoding="utf-8")) == PREFECT_YAML.read_text(encoding="utf-8"), (
         hint
@@ -84,7 +85,8 @@ def test_render_replaces_only_the_marked_block():
 
 def test_deployments_are_scheduled_and_limited_as_designed():
     deps = deployments()
-    assert set(deps) == {"retrain", "rank-sweep", "validate-data"}
+    assert set(deps) == {"retrain", "rank-sweep", "search", "compare-methods", "arm", "validate-data"}
+    assert deps["compare-methods"]["entrypoint"] == "flows/compare.py:compare_flow"
     retrain = deps["retrain"]
     assert retrain["entrypoint"] == "flows/pipeline.py:pipeline_flow"
     assert [(s["cron"], s["timezone"]) for s in retrain["schedules"]] == [("0 3 * * 1", "Asia/Tokyo")]
@@ -106,6 +108,10 @@ def _schema_checks(schema: dict) -> None:
     assert schema["properties"]["config"]["$ref"].endswith("/PipelineConfig")
     assert defs["Quantization"]["enum"] == ["4bit", "8bit", "none"]
     assert defs["DPOLoss"]["enum"] == ["sigmoid", "hinge", "ipo"]
+    # The issue-12 choices are drop-downs too: method, backend, the OpenAI job's method.
+    assert defs["Method"]["enum"] == ["qlora", "lora", "full", "prompt_tuning"]
+    assert defs["Backend"]["enum"] == ["local", "openai"]
+    assert defs["OpenAIMethod"]["enum"] == ["supervised", "dpo"]
     quant = defs["QuantizationConfig"]["properties"]["mode"]
     assert quant["$ref"].endswith("/Quantization") and quant["default"] == "4bit" and quant["description"]
     lora = defs["LoraConfig"]["properties"]["r"]
@@ -260,7 +266,14 @@ def test_deploy_all_then_run_retrain_like_the_dashboard(prefect_server, tiny_cfg
         return {f"{(await client.read_flow(d.flow_id)).name}/{d.name}": d for d in await client.read_deployments()}
 
     deps = asyncio.run(_api(env, read_deployments))
-    assert set(deps) == {"fine-tune/retrain", "rank-sweep/rank-sweep", "validate-data/validate-data"}
+    assert set(deps) == {
+        "fine-tune/retrain",
+        "rank-sweep/rank-sweep",
+        "sweep-arm/arm",
+        "search/search",
+        "compare-methods/compare-methods",
+        "validate-data/validate-data",
+    }
     assert not deps["rank-sweep/rank-sweep"].schedules and not deps["validate-data/validate-data"].schedules
     assert deps["validate-data/validate-data"].parameter_openapi_schema["required"] == ["path"]
     dep = deps["fine-tune/retrain"]

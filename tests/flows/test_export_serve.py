@@ -175,7 +175,9 @@ def test_export_refuses_a_merge_that_is_not_equivalent(registered, tmp_path, cap
             metadata={"format": "pt"},
         )
 
-    monkeypatch.setitem(export.EXPORTERS, "lora", broken_merge)
+    # The tiny recipe trains on a 4-bit base (method qlora) or a plain one (lora): both take the LoRA merge.
+    for method in ("lora", "qlora"):
+        monkeypatch.setitem(export.EXPORTERS, method, broken_merge)
     target = tmp_path / "out"
     assert main(["export", registered.run_id, "--to", str(target), *registered.cli]) == 2
     line = _one_error_line(capsys.readouterr().err)
@@ -199,7 +201,8 @@ def test_logged_model_the_mlflow3_way(registered):
     run = client.get_run(registered.run_id)
     assert model.experiment_id == run.info.experiment_id and model.source_run_id == registered.run_id
     assert "READY" in str(model.status)
-    assert model.model_type == "lora-adapter" and model.tags["ftflow.method"] == "lora"
+    assert source.method in ("lora", "qlora")
+    assert model.model_type == f"{source.method}-adapter" and model.tags["ftflow.method"] == source.method
     linked = {m.key: m for m in model.metrics or []}
     assert "eval/heldout_logprob" in linked and linked["eval/heldout_logprob"].model_id == ref.model_id
     assert client.get_experiment(run.info.experiment_id).tags["mlflow.experimentKind"] == "custom_model_development"

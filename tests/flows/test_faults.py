@@ -52,6 +52,7 @@ def _unwritable(tmp_path: Path) -> Path:
     "ftflow: error: output_dir <path> is not writable (Not a directory)",
 )
 def test_unwritable_output_dir_is_one_line_before_any_run(prefect_harness, tiny_cfg, tmp_path, capsys):
+    """Defect 13: a read-only output_dir is one line from the CLI, before any MLflow run is left RUNNING."""
     from ftflow.cli import main
 
     capsys.readouterr()
@@ -63,6 +64,7 @@ def test_unwritable_output_dir_is_one_line_before_any_run(prefect_harness, tiny_
 
 
 def test_unwritable_output_dir_inside_a_flow_marks_the_run_failed(prefect_harness, tiny_cfg, tmp_path):
+    """Defect 13: the work dir is made inside the flow's `try`, so its MLflow run ends FAILED."""
     # A deployment run has no CLI check in front of it: the flow itself must end its MLflow run.
     from ftflow.pipeline import pipeline_flow
     from ftflow.tasks.errors import PipelineError
@@ -83,6 +85,7 @@ def test_unwritable_output_dir_inside_a_flow_marks_the_run_failed(prefect_harnes
     "ftflow: error: sft: all <n> rows are longer than sft.max_length (<m> tokens; the shortest has <k>): ...",
 )
 def test_every_row_too_long_is_one_data_error_before_training(prefect_harness, tiny_cfg, tmp_path, capsys):
+    """Defect 19: every row longer than sft.max_length is one data error, not a retried `num_samples=0`."""
     from ftflow.cli import main
 
     rows = [
@@ -116,6 +119,81 @@ def test_every_row_too_long_is_one_data_error_before_training(prefect_harness, t
     assert "are longer than sft.max_length (32 tokens" in err and "num_samples" not in err, err
     assert "Retries" not in out and "Retrying" not in out  # bad input is not retried as if it were transient
     assert [r.info.status for r in _runs(tiny_cfg)] == ["FAILED"]
+
+
+def test_corrupt_safetensors_in_a_run_is_one_line_and_not_retried(prefect_harness, tiny_cfg, tmp_path, capsys):
+    """Defect 15: a corrupt safetensors file is bad input: one line naming the file, never a retried task."""
+    import shutil
+
+    from ftflow.cli import main
+
+    model = tmp_path / "model"
+    shutil.copytree(tiny_cfg.model.name_or_path, model)
+    weights = model / "model.safetensors"
+    weights.write_bytes(weights.read_bytes()[:1000])  # a cut-off download
+    capsys.readouterr()
+    rc = main(
+        ["run", str(_recipe(tiny_cfg, tmp_path)), f"model.name_or_path={model}"]
+        + ["dpo.enabled=false", "registry.enabled=false", "eval.max_examples=2", "eval.few_shot_k=0"]
+    )
+    out, err = capsys.readouterr()
+    assert rc == 2 and err.count("\n") == 1, err
+    assert err.startswith("ftflow: error: ") and str(weights) in err, err
+    assert "Retries" not in out and "Retrying" not in out, out[-3000:]
+    assert [r.info.status for r in _runs(tiny_cfg)] in ([], ["FAILED"])
+
+
+# --- a bad file fails before the model is touched; a code edit invalidates cached data ------------------------
+
+
+@pytest.mark.fast
+def test_validate_reads_the_file_before_it_resolves_the_model(tmp_path, capsys):
+    """Defect 9: `ftflow validate` on a malformed file fails on the file in well under 2 s, never on the model.
+
+    The model path does not exist: had the model been resolved (or a GGUF converted) first, that would be
+    the error, after however long it took."""
+    from ftflow.cli import main
+
+    data = tmp_path / "bad.jsonl"
+    good = {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"}]}
+    data.write_text(json.dumps(good) + "\n" + '{"messages": [broken\n')
+    args = ["validate", str(data), "--kind", "sft", f"model.name_or_path={tmp_path / 'no-such-model'}"]
+    assert main(args) == 2  # the first call also pays for imports
+    capsys.readouterr()
+    started = time.perf_counter()
+    rc = main(args)
+    elapsed = time.perf_counter() - started
+    err = capsys.readouterr().err
+    assert rc == 2 and err.startswith(f"ftflow: error: {data}:2: not valid JSON"), err
+    assert "no-such-model" not in err
+    assert elapsed < 2, f"{elapsed:.1f} s"
+
+
+@pytest.mark.fast
+def test_an_edit_to_formatting_code_changes_the_data_cache_key(tmp_path, monkeypatch):
+    """Defect 5: the validation/formatting cache key hashes the code the cached stages import (formatting.py,
+    rows.py included), so an edit there is a cache miss, not up to 7 days of stale rows."""
+    import shutil
+
+    from ftflow.configs.loader import load_config
+    from ftflow.tasks import stages
+
+    cfg = load_config("tiny")
+    model = stages.ModelInfo(path="m", eos_token="</s>", template_fingerprint="t")
+    paths = {"sft": None}
+    before = stages.data_cache_key(cfg, model, paths)
+    # A copy of the package stands in for the installed one, so the test edits no shared file.
+    copy = tmp_path / "pkg" / "tasks"
+    shutil.copytree(Path(stages.__file__).parent, copy, ignore=shutil.ignore_patterns("__pycache__"))
+    shutil.copytree(REPO / "data_contracts", tmp_path / "pkg" / "data_contracts")
+    monkeypatch.setattr(stages, "__file__", str(copy / "stages.py"))
+    assert stages.data_cache_key(cfg, model, paths) == before
+    for module in ("data/formatting.py", "data/rows.py"):
+        with (copy / module).open("a") as f:
+            f.write("\n# an edit\n")
+        edited = stages.data_cache_key(cfg, model, paths)
+        assert edited != before, module
+        before = edited
 
 
 # --- two gates racing for one registered model ----------------------------------------------------------------
@@ -154,6 +232,7 @@ def _candidate(cfg, model, train_set, sets, max_steps: int):
 
 @pytest.mark.slow
 def test_racing_gates_leave_the_alias_on_the_better_version_and_record_both(prefect_harness, tiny_cfg, tmp_path):
+    """Defects 6 and 17: two gates for one registered model take turns; both decisions are recorded."""
     from dataclasses import replace
 
     from prefect.client.orchestration import get_client
@@ -310,6 +389,7 @@ def _training(tiny_cfg):
     "(no error: the next run marks the killed run FAILED, tag ftflow.reconciled = 'its process <pid> on <host> is gone ...')",
 )
 def test_sigkill_takes_the_prefect_server_along_and_the_next_run_reconciles(tiny_cfg, tmp_path):
+    """Defects 16 and 7: SIGKILL leaves no orphaned Prefect server; the next run marks the killed run FAILED."""
     recipe = _long_run(tiny_cfg, tmp_path)
     proc = _start_cli(["run", str(recipe)], tmp_path, "killed.log")
     servers: list[int] = []
@@ -355,6 +435,7 @@ def test_sigkill_takes_the_prefect_server_along_and_the_next_run_reconciles(tiny
 
 @pytest.mark.slow
 def test_sigterm_ends_the_run_failed_and_stops_the_prefect_server(tiny_cfg, tmp_path):
+    """Defects 16 and 7: SIGTERM ends the MLflow run FAILED and stops the ephemeral Prefect server."""
     proc = _start_cli(["run", str(_long_run(tiny_cfg, tmp_path))], tmp_path, "terminated.log")
     servers: list[int] = []
     try:
@@ -384,6 +465,7 @@ def test_sigterm_ends_the_run_failed_and_stops_the_prefect_server(tiny_cfg, tmp_
     "(no error: each waits its turn to start its Prefect server; all run)",
 )
 def test_runs_started_together_all_finish(tiny_cfg, tmp_path):
+    """Defect 17: runs started together no longer time out on the ephemeral Prefect API server."""
     # Three at once, on a Prefect database none has made yet: with Prefect's own ephemeral server they raced
     # each other's start-up (block type registration: UNIQUE constraint failed) and timed out after 20 s;
     # two at once did so often, three reliably.
@@ -420,6 +502,7 @@ def test_runs_started_together_all_finish(tiny_cfg, tmp_path):
 def test_tracking_password_never_becomes_a_flow_run_parameter(
     prefect_harness, tiny_cfg, tmp_path, capsys, monkeypatch, mlflow_server_port
 ):
+    """Defect 11: a password in the tracking URI never reaches Prefect's stored flow-run parameters."""
     import secrets
 
     from prefect.client.orchestration import get_client

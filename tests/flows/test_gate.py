@@ -109,9 +109,9 @@ def test_candidate_is_chosen_on_validation_never_on_heldout(prefect_harness, tin
     calls = []
     real = evaluation.score_variants
 
-    def spy(ctx, model, tokenizer, variants, examples, **kw):
-        calls.append((list(variants), [repr(ex["prompt"]) for ex in examples], set(kw.get("sources", {"all"}))))
-        return real(ctx, model, tokenizer, variants, examples, **kw)
+    def spy(ctx, model, tokenizer, variants, scoring, precomputed=None):
+        calls.append((list(variants), [repr(ex["prompt"]) for ex in scoring.examples], set(scoring.sources)))
+        return real(ctx, model, tokenizer, variants, scoring, precomputed)
 
     monkeypatch.setattr(evaluation, "score_variants", spy)
     cfg = config_from_dict(

@@ -56,7 +56,7 @@ def test_bootstrap_orients_lower_is_better_and_weights_tokens():
     base = [2.0, 4.0, 3.0, 5.0] * 10
     cand = [x - 1.0 for x in base]
     weights = [1.0, 9.0, 3.0, 2.0] * 10
-    interval = stats.paired_bootstrap(LOSS, cand, base, "base", weights=weights)
+    interval = stats.paired_bootstrap(LOSS, stats.Scores(cand, weights), base, "base")
     assert interval.improvement == pytest.approx(1.0) and interval.low > 0  # a lower loss is an improvement
     assert interval.candidate == pytest.approx(registry.aggregate(LOSS, cand, weights))
     assert interval.direction == "lower"

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 import yaml
 
 from ftflow.tasks.registry.card import CardFacts, build_card
@@ -59,7 +60,7 @@ def test_card_front_matter_is_hugging_face_layout():
     assert {"ftflow", "lora", "dpo", "trl"} <= set(front["tags"])
     assert front["language"] == ["en", "ja"]
     assert "datasets" not in front  # local files, not Hub dataset ids
-    # No license in the config tree: the card claims none rather than inventing one.
+    # No registry.license in the recipe: the card claims none rather than inventing one.
     assert "license" not in front
     assert yaml.safe_load(build_card(_facts(license="apache-2.0")).split("---\n")[1])["license"] == "apache-2.0"
 
@@ -94,3 +95,38 @@ def test_describe_version_names_decision_scores_digests_and_run():
     assert "sft `d1g3st01`" in text and "heldout `h0ld0ut9`" in text
     assert "[abc123](http://127.0.0.1:5000/#/experiments/1/runs/abc123)" in text
     assert "r=16, alpha=32" in text
+
+
+def test_card_license_intended_use_and_limits_come_from_the_recipe(tmp_path):
+    """The demo recipe's registry section, logged as the pipeline logs it, reaches the card through a real store."""
+    from mlflow import MlflowClient
+
+    from ftflow.configs.loader import load_config
+    from ftflow.tasks.registry.card import CardSubject, gather_facts
+    from ftflow.tasks.tracking import RESOLVED_CONFIG, redact_config_dict
+
+    limit = "Answers only the demo's synthetic support questions."
+    cfg = load_config("demo", [f"registry.limitations=[{limit!r}]", "registry.intended_use='Demo traffic only.'"])
+    client = MlflowClient(tracking_uri=f"sqlite:///{tmp_path / 'mlflow.db'}")
+    experiment = client.create_experiment("card", artifact_location=(tmp_path / "artifacts").as_uri())
+    run_id = client.create_run(experiment).info.run_id
+    client.log_dict(run_id, redact_config_dict(cfg.model_dump(mode="json")), RESOLVED_CONFIG)
+
+    facts = gather_facts(client, run_id, CardSubject(stage="sft"))
+    card = build_card(facts)
+    front = yaml.safe_load(card.split("---\n")[1])
+    assert front["license"] == cfg.registry.license == "apache-2.0"
+    assert "## License\n\n`apache-2.0`" in card
+    assert "## Intended use\n\nDemo traffic only.\n" in card
+    assert f"- {limit}\n" in card
+    # The generic limits stay; the recipe's are added after them.
+    assert card.index("inherits the base model's limits") < card.index(limit)
+
+
+def test_card_license_must_be_an_id():
+    from pydantic import ValidationError
+
+    from ftflow.configs.schema import RegistryConfig
+
+    with pytest.raises(ValidationError, match="license"):
+        RegistryConfig(license="Apache License, Version 2.0")

@@ -596,8 +596,30 @@ class DistributedConfig(Strict):
         "ddp", description="Data parallel (DDP) or fully sharded (FSDP) when num_processes > 1."
     )
     main_process_port: int = Field(
-        29500, ge=1024, le=65535, description="Rendezvous port for the processes (loopback)."
+        29500, ge=1024, le=65535, description="Rendezvous port (on main_process_ip, loopback on one machine)."
     )
+    num_machines: int = Field(
+        1, ge=1, description="Nodes training together; num_processes counts the processes of all of them."
+    )
+    machine_rank: int = Field(0, ge=0, description="This node's rank; 0 is the node the pipeline runs on.")
+    main_process_ip: Optional[str] = Field(
+        None, description="Address of node 0, where the nodes rendezvous; required when num_machines > 1."
+    )
+
+    @model_validator(mode="after")
+    def _nodes_complete(self) -> "DistributedConfig":
+        if self.num_machines > 1 and not self.main_process_ip:
+            raise ValueError("distributed.num_machines > 1 needs distributed.main_process_ip (node 0's address)")
+        if self.machine_rank >= self.num_machines:
+            raise ValueError(
+                f"distributed.machine_rank ({self.machine_rank}) must be below num_machines ({self.num_machines})"
+            )
+        if self.num_processes % self.num_machines:
+            raise ValueError(
+                f"distributed.num_processes ({self.num_processes}) must split evenly over num_machines "
+                f"({self.num_machines})"
+            )
+        return self
 
 
 class Backend(str, Enum):

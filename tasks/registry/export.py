@@ -1,7 +1,8 @@
 """`ftflow export`: a registered adapter as plain Hugging Face weights, checked against what was evaluated.
 
-The LoRA path loads the base in 32-bit on CPU (16-bit on CUDA, or `--dtype`), never 4-bit, applies
-the version's adapter and merges it (`merge_and_unload`), then writes safetensors, the tokenizer with
+The LoRA path loads the base in 32-bit on CPU (16-bit on CUDA, or `--dtype`), never 4-bit (a QLoRA base is
+loaded as trained and dequantized to that dtype first), applies the version's adapter and merges it
+(`merge_and_unload`), then writes safetensors, the tokenizer with
 its chat template and pad token, and a greedy `generation_config.json` that stops at the template's
 end-of-turn token. Nothing in the folder needs ftflow to load.
 
@@ -153,6 +154,14 @@ def _exists(client, run_id: str, path: str) -> bool:
         return False
 
 
+def _is_trained_folder(local: str) -> bool:
+    """An adapter, or a full fine-tune's whole weights (with the pipeline's metadata beside them)."""
+    folder = Path(local)
+    return (folder / "adapter_config.json").exists() or (
+        (folder / "config.json").exists() and (folder / "ftflow_meta.json").exists()
+    )
+
+
 def _download_logged_model_adapter(client, model_id: str) -> Optional[str]:
     import mlflow.artifacts
 
@@ -165,7 +174,7 @@ def _download_logged_model_adapter(client, model_id: str) -> Optional[str]:
         )
     except Exception:
         return None
-    return local if Path(local, "adapter_config.json").exists() else None
+    return local if _is_trained_folder(local) else None
 
 
 def find_adapter(client, run_id: str, version=None) -> Optional[str]:
@@ -196,7 +205,7 @@ def find_adapter(client, run_id: str, version=None) -> Optional[str]:
     for path in dict.fromkeys(paths):
         if _exists(client, run_id, path):
             local = client.download_artifacts(run_id, path, tempfile.mkdtemp(prefix="ftflow-adapter-"))
-            if Path(local, "adapter_config.json").exists():
+            if _is_trained_folder(local):
                 return local
     return None
 
@@ -296,7 +305,15 @@ def _merge_lora(source: Source, path: str, tokenizer, out: Path, dtype_name: str
     device = pick_device(source.run_cfg.model)
     dtype = _dtype(dtype_name, device)
     model_cfg = source.run_cfg.model.model_copy(update={"dtype": str(dtype).replace("torch.", "")})
-    base = load_base_model(path, model_cfg, source.run_cfg.quantization.model_copy(update={"mode": Quantization.none}))
+    quantization = source.run_cfg.quantization
+    if quantization.mode == Quantization.none:
+        base = load_base_model(path, model_cfg, quantization)
+    else:
+        # The adapter learned against the 4/8-bit weights, not the originals: merging it into the original
+        # full-precision weights changed 19 of 20 greedy answers of a QLoRA demo adapter. Load the base as it was
+        # trained and evaluated, dequantize those weights to `dtype`, and merge into them.
+        base = load_base_model(path, model_cfg, quantization).dequantize(dtype=dtype)
+        base.to(dtype)
     merged = PeftModel.from_pretrained(base, source.adapter_dir).merge_and_unload()
     merged.config.eos_token_id = tokenizer.convert_tokens_to_ids(source.meta["eos_token"])
     merged.config.pad_token_id = tokenizer.pad_token_id
@@ -307,11 +324,27 @@ def _merge_lora(source: Source, path: str, tokenizer, out: Path, dtype_name: str
     del merged, base
 
 
-# method -> writer; the packaged meta's `method` picks the path. Full fine-tunes and prompt tuning are
-# not produced by the pipeline yet: full weights would be copied as they are, a prompt-tuning adapter
-# exported beside its base; each gets its writer when its trainer exists.
-# qlora is LoRA trained on a quantized base: the same merge, into a 16/32-bit base.
-EXPORTERS: dict[str, Callable[..., None]] = {"lora": _merge_lora, "qlora": _merge_lora}
+def _copy_full(source: Source, path: str, tokenizer, out: Path, dtype_name: str, log: Log) -> None:
+    """A full fine-tune is already whole weights: written as they are, with the same tokenizer and stop rule."""
+    from transformers import AutoModelForCausalLM
+
+    from ftflow.tasks.train.model import pick_device
+
+    dtype = _dtype(dtype_name, pick_device(source.run_cfg.model))
+    model = AutoModelForCausalLM.from_pretrained(source.adapter_dir, dtype=dtype)
+    model.config.eos_token_id = tokenizer.convert_tokens_to_ids(source.meta["eos_token"])
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config = _generation_config(model.config, tokenizer, source.meta["eos_token"])
+    model.save_pretrained(out)
+    tokenizer.save_pretrained(out)
+    log(f"wrote the fully fine-tuned weights of {source.run_cfg.model.name_or_path} in {dtype}")
+    del model
+
+
+# method -> writer; the packaged meta's `method` picks the path. A prompt-tuning adapter cannot be merged
+# into weights (its virtual tokens are inputs, not a weight delta) and has no writer yet.
+# qlora is LoRA trained on a quantized base: merged into the dequantized base it was trained on.
+EXPORTERS: dict[str, Callable[..., None]] = {"lora": _merge_lora, "qlora": _merge_lora, "full": _copy_full}
 
 
 # --- the equivalence check -----------------------------------------------------------------------------------
@@ -458,9 +491,13 @@ def check_equivalence(
     mine = _side(merged, tokenizer, examples, source, compared)
     del merged
     gc.collect()
-    # The adapter on the base as evaluated: the run's quantization.
-    base = load_base_model(path, source.run_cfg.model, source.run_cfg.quantization)
-    reference = PeftModel.from_pretrained(base, source.adapter_dir).eval()
+    # The model as evaluated: the adapter on the base in the run's quantization, or a full fine-tune's own weights.
+    if source.method == "full":
+        base = None
+        reference = load_base_model(source.adapter_dir, source.run_cfg.model, source.run_cfg.quantization).eval()
+    else:
+        base = load_base_model(path, source.run_cfg.model, source.run_cfg.quantization)
+        reference = PeftModel.from_pretrained(base, source.adapter_dir).eval()
     theirs = _side(reference, tokenizer, examples, source, compared)
     del reference, base
     gc.collect()

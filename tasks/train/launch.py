@@ -2,6 +2,12 @@
 
     accelerate launch --num_processes 2 [--use_fsdp] -m ftflow.tasks.train.launch SPEC.json
 
+Several nodes: the pipeline runs on node 0 (`distributed.machine_rank=0`), which launches its share of the
+processes; every other node runs the same launcher on the same spec (on shared storage) with its own rank:
+
+    accelerate launch --num_processes N --num_machines M --machine_rank K --main_process_ip NODE0 \
+        --main_process_port PORT --multi_gpu -m ftflow.tasks.train.launch WORK_DIR/<kind>/launch_spec.json
+
 Each rank calls the same builder as a single process, `trainer.train`; rank 0 logs to the MLflow run by id.
 """
 
@@ -28,7 +34,7 @@ def accelerate_command(cfg: PipelineConfig, spec_path: Path) -> list[str]:
         "--num_processes",
         str(cfg.distributed.num_processes),
         "--num_machines",
-        "1",
+        str(cfg.distributed.num_machines),
         "--main_process_port",
         str(cfg.distributed.main_process_port),
         "--mixed_precision",
@@ -36,6 +42,14 @@ def accelerate_command(cfg: PipelineConfig, spec_path: Path) -> list[str]:
         "--dynamo_backend",
         "no",
     ]
+    if cfg.distributed.num_machines > 1:
+        # torch.distributed's static rendezvous: every node runs this launcher with its own rank, node 0's address.
+        cmd += [
+            "--machine_rank",
+            str(cfg.distributed.machine_rank),
+            "--main_process_ip",
+            str(cfg.distributed.main_process_ip),
+        ]
     # torchrun-style launcher either way; without CUDA the process group comes up on gloo, so the
     # multi-process path runs (and is tested) on CPUs. accelerate's --cpu launcher would need MPI instead.
     cmd.append("--multi_gpu")

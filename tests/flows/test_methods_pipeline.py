@@ -7,6 +7,7 @@ import mlflow
 import pytest
 from mlflow import MlflowClient
 
+from ftflow.cli import main
 from ftflow.configs.loader import apply_overrides, config_from_dict
 from ftflow.pipeline import pipeline_flow
 
@@ -20,7 +21,7 @@ from ftflow.pipeline import pipeline_flow
     ],
     ids=["prompt_tuning", "lora", "full"],
 )
-def test_each_method_runs_the_whole_pipeline_and_registers_what_it_made(prefect_harness, tiny_cfg, overrides):
+def test_each_method_runs_the_whole_pipeline_and_registers_what_it_made(prefect_harness, tiny_cfg, overrides, tmp_path):
     cfg = config_from_dict(
         apply_overrides(tiny_cfg.model_dump(mode="json"), [*overrides, "eval.primary_metric=heldout_logprob"])
     )
@@ -35,6 +36,14 @@ def test_each_method_runs_the_whole_pipeline_and_registers_what_it_made(prefect_
     model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}/{version.version}")
     answers = model.predict(["Extract the city: I live in Paris."])
     assert len(answers) == 1 and isinstance(answers[0], str)
+    if method == "full":
+        # A full fine-tune exports as it is, and passes the same equivalence check as a merged adapter.
+        out_dir = tmp_path / "export-full"
+        spec = f"models:/{cfg.registry.model_name}/{version.version}"
+        store = [f"model.name_or_path={cfg.model.name_or_path}", f"tracking.tracking_uri={cfg.tracking.tracking_uri}"]
+        assert main(["export", spec, "--to", str(out_dir), "--recipe", "tiny", *store]) == 0
+        assert (out_dir / "model.safetensors").exists() and not (out_dir / "adapter_config.json").exists()
+        assert client.get_run(version.run_id).data.metrics["export/agreement"] >= 0.95
 
 
 def test_rlhf_alignment_runs_the_whole_pipeline(prefect_harness, tiny_cfg):

@@ -731,3 +731,13 @@ def test_the_local_default_keeps_results_in_a_local_folder():
     # default, a folder (PREFECT_LOCAL_STORAGE_PATH, ~/.prefect/storage).
     for path in (ROOT / "infra" / "local" / "serve.sh", ROOT / "Makefile", ROOT / "prefect.yaml"):
         assert "PREFECT_RESULTS_DEFAULT_STORAGE_BLOCK" not in path.read_text(), path
+
+
+def test_an_arm_can_ask_for_n_gpus(base_job_template):
+    """Issue 15: a sweep arm's flow-run Job requests the GPUs its deployment's job variables name."""
+    from prefect.utilities.templating import apply_values
+
+    values = {**template_defaults(base_job_template), "gpu_count": 4}
+    pod = apply_values(base_job_template["job_configuration"], values)["job_manifest"]["spec"]["template"]["spec"]
+    resources = pod["containers"][0]["resources"]
+    assert resources["limits"]["nvidia.com/gpu"] == 4 and resources["requests"]["nvidia.com/gpu"] == 4

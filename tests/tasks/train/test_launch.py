@@ -105,3 +105,47 @@ def test_launch_keeps_credentials_out_of_its_spec_file_and_its_error(tiny_cfg, t
     assert password not in spec and token not in spec
     assert password not in str(err.value) and token not in str(err.value)
     assert f"127.0.0.1:{port}" in spec and "accelerate launch of sft" in str(err.value)
+
+
+def test_two_nodes_rendezvous_on_loopback_and_train_one_adapter(tiny_cfg, tmp_path):
+    """Two "nodes" on one machine: node 0 is the pipeline's own launcher, node 1 runs the same launcher on the
+    same spec with machine_rank 1; the ranks meet through torch.distributed's rendezvous on node 0's address."""
+    import subprocess
+    import threading
+    import time
+    from pathlib import Path
+
+    overrides = [
+        "distributed.num_processes=2",
+        "distributed.num_machines=2",
+        "distributed.main_process_ip=127.0.0.1",
+        "distributed.main_process_port=29731",
+        "quantization.mode=none",
+        "sft.max_steps=2",
+        "sft.per_device_batch_size=2",
+        "sft.save_steps=100",
+    ]
+    cfg = config_from_dict(apply_overrides(tiny_cfg.model_dump(mode="json"), overrides))
+    node1 = config_from_dict(apply_overrides(cfg.model_dump(mode="json"), ["distributed.machine_rank=1"]))
+    spec = tmp_path / "sft" / "launch_spec.json"
+    ran: dict = {}
+
+    def second_node():
+        deadline = time.monotonic() + 300
+        while not spec.exists() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        root = Path(__file__).resolve().parents[3]
+        ran["node1"] = subprocess.run(
+            accelerate_command(node1, spec), cwd=root, capture_output=True, text=True, timeout=600
+        )
+
+    thread = threading.Thread(target=second_node)
+    thread.start()
+    ctx = StageContext(cfg, resolve_model(cfg), None, tmp_path, lambda line: None)
+    result = train(ctx, "sft", _rows(16))
+    thread.join(timeout=600)
+    assert ran["node1"].returncode == 0, ran["node1"].stderr[-2000:]
+    assert result.metrics["world_size"] == 2.0 and result.backend == "gloo" and result.global_step == 2
+    assert (tmp_path / "sft" / "adapter" / "adapter_config.json").exists()
+    cmd = accelerate_command(node1, spec)
+    assert cmd[cmd.index("--machine_rank") + 1] == "1" and cmd[cmd.index("--num_machines") + 1] == "2"

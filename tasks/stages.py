@@ -459,10 +459,10 @@ def _scoring_model(ctx: StageContext, adapters: dict[str, str]):
     tokenizer = load_tokenizer(ctx.model.path, cfg.model)
     methods = {name: adapter_method(folder) for name, folder in adapters.items()}
     for name, folder in adapters.items():
-        if methods[name] != "full" and not Path(folder, "adapter_config.json").exists():
-            raise DataError(f"{name} adapter is missing (no adapter_config.json)", folder)
-        if methods[name] == "full" and not Path(folder, "config.json").exists():
-            raise DataError(f"{name} model is missing (no config.json)", folder)
+        if not Path(folder, "adapter_config.json").exists() and not Path(folder, "config.json").exists():
+            raise DataError(
+                f"{name} adapter is missing (no adapter_config.json, nor a full fine-tune's config.json)", folder
+            )
         check_template(folder, ctx.model.template_fingerprint, tokenizer)
     base = load_base_model(ctx.model.path, cfg.model, cfg.quantization)
     base.eval()

@@ -60,31 +60,15 @@ def cpu_flags() -> str:
 
 
 def tiny_model(out: Path) -> str:
-    """A 2-layer, hidden-64 random Llama with SmolLM2's tokenizer (as tests/conftest.py builds it)."""
-    import torch
-    from transformers import AutoTokenizer, LlamaConfig, LlamaForCausalLM
+    """A 2-layer, hidden-64 random Llama with SmolLM2's tokenizer: the one builder tests/conftest.py uses too."""
+    from gpu_check import TINY_BLOCKS, save_random_llama
+    from transformers import AutoTokenizer
 
     from ftflow.configs.schema import ModelConfig
     from ftflow.tasks.train.model import resolve_model_path
 
     tokenizer = AutoTokenizer.from_pretrained(resolve_model_path(ModelConfig()))
-    config = LlamaConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=64,
-        intermediate_size=128,
-        num_hidden_layers=2,
-        num_attention_heads=4,
-        num_key_value_heads=2,
-        max_position_embeddings=1024,
-        bos_token_id=tokenizer.bos_token_id,
-        eos_token_id=tokenizer.eos_token_id,
-        pad_token_id=tokenizer.pad_token_id,
-        tie_word_embeddings=True,
-    )
-    torch.manual_seed(0)
-    LlamaForCausalLM(config).save_pretrained(out, safe_serialization=True)
-    tokenizer.save_pretrained(out)
-    return str(out)
+    return save_random_llama(out, tokenizer, TINY_BLOCKS)
 
 
 def start(args: list[str], env: dict, log: Path, cwd: Path) -> subprocess.Popen:

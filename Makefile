@@ -38,7 +38,7 @@ lint: install  ## ruff, as CI runs it
 	$(VENV)/bin/ruff format --check .
 
 test: install  ## the whole suite (CI runs this)
-	$(PY) -m pytest -q -p no:cacheprovider --timeout=1200; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q -p no:cacheprovider --timeout=1200 --durations=40; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 ui: install  ## MLflow UI on the local store
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000

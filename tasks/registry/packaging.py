@@ -44,7 +44,10 @@ RUNTIME_PACKAGES = (
 )
 INPUT_EXAMPLE_PROMPT = "Extract the order as JSON:\nKen ordered 3 lamps in Osaka."
 LOGGED_MODEL_NAME = "registry_model"
-_URI_LOCK = threading.Lock()
+# One lock for MLflow's process-wide state: the tracking URI, and models-from-code loading, which swaps
+# sys.modules["dbutils"] for a mock and back without a lock of its own. Two gates packaging at once
+# (sweep arms run in threads) would leave the mock in sys.modules for the rest of the process.
+_MLFLOW_LOCK = threading.RLock()
 
 
 @dataclass
@@ -143,14 +146,15 @@ def package_model(cfg: PipelineConfig, adapter_dir: str, meta: dict[str, Any], o
     target = Path(out_dir) / "model"
     if target.exists():
         shutil.rmtree(target)
-    mlflow.pyfunc.save_model(
-        str(target),
-        python_model=str(MODEL_CODE),
-        artifacts={"adapter": adapter_dir},
-        model_config=_model_config(cfg, adapter_dir, meta),
-        signature=model_signature(),
-        pip_requirements=pinned_requirements(),
-    )
+    with _MLFLOW_LOCK:
+        mlflow.pyfunc.save_model(
+            str(target),
+            python_model=str(MODEL_CODE),
+            artifacts={"adapter": adapter_dir},
+            model_config=_model_config(cfg, adapter_dir, meta),
+            signature=model_signature(),
+            pip_requirements=pinned_requirements(),
+        )
     return target
 
 
@@ -161,7 +165,7 @@ def use_tracking_uri(uri: str):
     import mlflow
     from mlflow.tracking._tracking_service import utils as tracking_utils
 
-    with _URI_LOCK:
+    with _MLFLOW_LOCK:
         previous, env = getattr(tracking_utils, "_tracking_uri", None), os.environ.get("MLFLOW_TRACKING_URI")
         mlflow.set_tracking_uri(uri)
         try:

@@ -4,7 +4,9 @@ The LoRA path loads the base in 32-bit on CPU (16-bit on CUDA, or `--dtype`), ne
 loaded as trained and dequantized to that dtype first), applies the version's adapter and merges it
 (`merge_and_unload`), then writes safetensors, the tokenizer with
 its chat template and pad token, and a greedy `generation_config.json` that stops at the template's
-end-of-turn token. Nothing in the folder needs ftflow to load.
+end-of-turn token. Nothing in the folder needs ftflow to load. A full fine-tune is written as it is; a
+prompt-tuning model cannot merge (its virtual tokens are inputs), so the base goes to the folder and the
+adapter to `prompt_adapter/` beside it, for `peft.PeftModel.from_pretrained`.
 
 A LoRA trained on a 4-bit base and merged into full-precision weights is not the model the gate
 scored. So before the folder appears, the merged copy (reloaded from disk, as a user would load it)
@@ -40,6 +42,7 @@ MIN_AGREEMENT = 0.95
 RESAMPLES, LEVEL = 2000, 0.95
 FORMATS = ("merged",)
 EXPORT_META = "ftflow_export.json"
+PROMPT_ADAPTER_DIR = "prompt_adapter"
 ADAPTER_PATHS = ("registry_model/artifacts/adapter", "adapters/dpo", "adapters/sft")
 # Primary metrics with a per-example form: generation scores average over examples; teacher-forced
 # log-likelihood is a token-weighted ratio; BLEU/chrF are corpus statistics recomputed per resample.
@@ -297,29 +300,36 @@ def _generation_config(base_config, tokenizer, eos_token: str):
     )
 
 
-def _merge_lora(source: Source, path: str, tokenizer, out: Path, dtype_name: str, log: Log) -> None:
-    from peft import PeftModel
-
+def _base_as_trained(source: Source, path: str, dtype_name: str):
+    """The base weights the adapter saw in training, in `dtype`: a 4/8-bit base is loaded as trained and
+    dequantized, since its weights are not the originals."""
     from ftflow.tasks.train.model import load_base_model, pick_device
 
-    device = pick_device(source.run_cfg.model)
-    dtype = _dtype(dtype_name, device)
+    dtype = _dtype(dtype_name, pick_device(source.run_cfg.model))
     model_cfg = source.run_cfg.model.model_copy(update={"dtype": str(dtype).replace("torch.", "")})
     quantization = source.run_cfg.quantization
     if quantization.mode == Quantization.none:
-        base = load_base_model(path, model_cfg, quantization)
-    else:
-        # The adapter learned against the 4/8-bit weights, not the originals: merging it into the original
-        # full-precision weights changed 19 of 20 greedy answers of a QLoRA demo adapter. Load the base as it was
-        # trained and evaluated, dequantize those weights to `dtype`, and merge into them.
-        base = load_base_model(path, model_cfg, quantization).dequantize(dtype=dtype)
-        base.to(dtype)
-    merged = PeftModel.from_pretrained(base, source.adapter_dir).merge_and_unload()
-    merged.config.eos_token_id = tokenizer.convert_tokens_to_ids(source.meta["eos_token"])
-    merged.config.pad_token_id = tokenizer.pad_token_id
-    merged.generation_config = _generation_config(merged.config, tokenizer, source.meta["eos_token"])
-    merged.save_pretrained(out)
+        return load_base_model(path, model_cfg, quantization), dtype
+    # Merging a QLoRA demo adapter into the original full-precision weights changed 19 of 20 greedy answers.
+    base = load_base_model(path, model_cfg, quantization).dequantize(dtype=dtype)
+    return base.to(dtype), dtype
+
+
+def _save_whole(model, tokenizer, source: Source, out: Path) -> None:
+    """Weights and tokenizer with the run's stop rule, so plain `generate` ends where the evaluation did."""
+    model.config.eos_token_id = tokenizer.convert_tokens_to_ids(source.meta["eos_token"])
+    model.config.pad_token_id = tokenizer.pad_token_id
+    model.generation_config = _generation_config(model.config, tokenizer, source.meta["eos_token"])
+    model.save_pretrained(out)
     tokenizer.save_pretrained(out)
+
+
+def _merge_lora(source: Source, path: str, tokenizer, out: Path, dtype_name: str, log: Log) -> None:
+    from peft import PeftModel
+
+    base, dtype = _base_as_trained(source, path, dtype_name)
+    merged = PeftModel.from_pretrained(base, source.adapter_dir).merge_and_unload()
+    _save_whole(merged, tokenizer, source, out)
     log(f"merged the LoRA adapter into {source.run_cfg.model.name_or_path} in {dtype}")
     del merged, base
 
@@ -332,19 +342,35 @@ def _copy_full(source: Source, path: str, tokenizer, out: Path, dtype_name: str,
 
     dtype = _dtype(dtype_name, pick_device(source.run_cfg.model))
     model = AutoModelForCausalLM.from_pretrained(source.adapter_dir, dtype=dtype)
-    model.config.eos_token_id = tokenizer.convert_tokens_to_ids(source.meta["eos_token"])
-    model.config.pad_token_id = tokenizer.pad_token_id
-    model.generation_config = _generation_config(model.config, tokenizer, source.meta["eos_token"])
-    model.save_pretrained(out)
-    tokenizer.save_pretrained(out)
+    _save_whole(model, tokenizer, source, out)
     log(f"wrote the fully fine-tuned weights of {source.run_cfg.model.name_or_path} in {dtype}")
     del model
 
 
-# method -> writer; the packaged meta's `method` picks the path. A prompt-tuning adapter cannot be merged
-# into weights (its virtual tokens are inputs, not a weight delta) and has no writer yet.
+def _with_prompt_adapter(source: Source, path: str, tokenizer, out: Path, dtype_name: str, log: Log) -> None:
+    """Prompt tuning's virtual tokens are inputs, not a weight delta, so nothing merges: the base as trained
+    goes to `out`, the adapter to `out/prompt_adapter`, loaded with `PeftModel.from_pretrained` (peft)."""
+    base, dtype = _base_as_trained(source, path, dtype_name)
+    _save_whole(base, tokenizer, source, out)
+    adapter = out / PROMPT_ADAPTER_DIR
+    adapter.mkdir()
+    for name in ("adapter_config.json", "adapter_model.safetensors"):
+        shutil.copy2(Path(source.adapter_dir) / name, adapter / name)
+    log(
+        f"wrote {source.run_cfg.model.name_or_path} in {dtype} with the prompt-tuning adapter in "
+        f"{PROMPT_ADAPTER_DIR}/ (virtual tokens cannot merge into weights)"
+    )
+    del base
+
+
+# method -> writer; the packaged meta's `method` picks the path.
 # qlora is LoRA trained on a quantized base: merged into the dequantized base it was trained on.
-EXPORTERS: dict[str, Callable[..., None]] = {"lora": _merge_lora, "qlora": _merge_lora, "full": _copy_full}
+EXPORTERS: dict[str, Callable[..., None]] = {
+    "lora": _merge_lora,
+    "qlora": _merge_lora,
+    "full": _copy_full,
+    "prompt_tuning": _with_prompt_adapter,
+}
 
 
 # --- the equivalence check -----------------------------------------------------------------------------------
@@ -486,8 +512,10 @@ def check_equivalence(
     if compared != metric:
         log(f"{metric} has no per-example form here; the bootstrap compares heldout_exact instead")
     device = pick_device(source.run_cfg.model)
-    # The merged copy as a user loads it: from the folder, plain transformers.
+    # The merged copy as a user loads it: from the folder, plain transformers (and peft for a prompt adapter).
     merged = AutoModelForCausalLM.from_pretrained(exported, dtype=_dtype(options.dtype, device)).to(device).eval()
+    if (exported / PROMPT_ADAPTER_DIR).is_dir():
+        merged = PeftModel.from_pretrained(merged, exported / PROMPT_ADAPTER_DIR).eval()
     mine = _side(merged, tokenizer, examples, source, compared)
     del merged
     gc.collect()

@@ -36,14 +36,23 @@ def test_each_method_runs_the_whole_pipeline_and_registers_what_it_made(prefect_
     model = mlflow.pyfunc.load_model(f"models:/{cfg.registry.model_name}/{version.version}")
     answers = model.predict(["Extract the city: I live in Paris."])
     assert len(answers) == 1 and isinstance(answers[0], str)
-    if method == "full":
-        # A full fine-tune exports as it is, and passes the same equivalence check as a merged adapter.
-        out_dir = tmp_path / "export-full"
+    if method in ("full", "prompt_tuning"):
+        # A full fine-tune exports as it is, a prompt-tuning model as the base with its adapter beside it;
+        # both pass the same equivalence check as a merged adapter.
+        out_dir = tmp_path / f"export-{method}"
         spec = f"models:/{cfg.registry.model_name}/{version.version}"
         store = [f"model.name_or_path={cfg.model.name_or_path}", f"tracking.tracking_uri={cfg.tracking.tracking_uri}"]
         assert main(["export", spec, "--to", str(out_dir), "--recipe", "tiny", *store]) == 0
         assert (out_dir / "model.safetensors").exists() and not (out_dir / "adapter_config.json").exists()
         assert client.get_run(version.run_id).data.metrics["export/agreement"] >= 0.95
+        if method == "prompt_tuning":
+            from peft import PeftModel
+            from transformers import AutoModelForCausalLM
+
+            loaded = PeftModel.from_pretrained(
+                AutoModelForCausalLM.from_pretrained(out_dir), out_dir / "prompt_adapter"
+            )
+            assert loaded.peft_config["default"].num_virtual_tokens == 4
 
 
 def test_rlhf_alignment_runs_the_whole_pipeline(prefect_harness, tiny_cfg):

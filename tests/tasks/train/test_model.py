@@ -120,6 +120,18 @@ def test_4bit_options_reach_the_layers(tiny_model_dir):
     assert states and all(s.quant_type == "fp4" and not s.nested for s in states)
 
 
+def test_4bit_inference_computes_in_the_configured_dtype_on_any_cpu(tiny_model_dir):
+    # On AVX512-BF16 CPUs bitsandbytes would switch eval to a bf16 kernel; fp32 compute must match the
+    # dequantized fp32 weights on every CPU, which is what an fp32 export of the adapter is checked against.
+    model = load_base_model(tiny_model_dir, model_cfg(tiny_model_dir), QuantizationConfig()).eval()
+    assert all(not m.support_avx512bf16_for_cpu for m in _linear4bit_modules(model).values())
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3]])
+    with torch.no_grad():
+        quantized = model(input_ids=ids).logits
+        dequantized = model.dequantize(dtype=torch.float32)(input_ids=ids).logits
+    assert torch.allclose(quantized, dequantized, atol=1e-4)
+
+
 def test_no_quantization_gives_torch_linear(tiny_model_dir):
     model = load_base_model(tiny_model_dir, model_cfg(tiny_model_dir), QuantizationConfig(mode=Quantization.none))
     assert _linear4bit_modules(model) == {}

@@ -306,7 +306,7 @@ def test_cold_cache_load_with_hub_unreachable(tmp_path):
         f"print(json.dumps(score_generations({PREDICTIONS!r}, {REFERENCES!r}, {EOS!r})))"
     )
     done = subprocess.run(
-        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=120
+        [sys.executable, "-c", code], env=env, cwd=tmp_path, capture_output=True, text=True, timeout=300
     )
     assert done.returncode == 0, done.stderr[-2000:]
     scores = json.loads(done.stdout.strip().splitlines()[-1])

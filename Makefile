@@ -5,6 +5,9 @@ PYTHON ?= python3
 VENV ?= .venv
 PY := $(VENV)/bin/python
 TORCH_VERSION ?= 2.13.0
+# Test workers (pytest-xdist), one module each at a time so module fixtures (a trained adapter, a server) are built
+# once. Each runs torch on one thread (tests/conftest.py), so 2 fits a 2-core machine; TEST_WORKERS=0 runs serially.
+TEST_WORKERS ?= 2
 export HF_HUB_OFFLINE := 1
 export HF_DATASETS_OFFLINE := 1
 export TOKENIZERS_PARALLELISM := false
@@ -31,14 +34,14 @@ sweep: install  ## rank sweep r = 8/16/32 on the demo recipe
 	$(VENV)/bin/ftflow sweep sweep
 
 test-fast: install  ## the fast tier: no servers, no real model (every commit; under 3 min on 2 cores)
-	$(PY) -m pytest -q -p no:cacheprovider -m fast --timeout=600; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope -m fast --timeout=600; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 lint: install  ## ruff, as CI runs it
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
 
 test: install  ## the whole suite (CI runs this)
-	$(PY) -m pytest -q -p no:cacheprovider --timeout=1200 --durations=40; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
+	$(PY) -m pytest -q -p no:cacheprovider -n $(TEST_WORKERS) --dist loadscope --timeout=1200 --durations=40; rc=$$?; if [ $$rc -eq 5 ]; then echo "no tests collected"; exit 0; fi; exit $$rc
 
 ui: install  ## MLflow UI on the local store
 	$(VENV)/bin/mlflow ui --backend-store-uri sqlite:///$(CURDIR)/mlflow.db --port 5000

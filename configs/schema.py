@@ -353,6 +353,9 @@ class RLHFConfig(TrainCommon):
     trainer: Literal["grpo", "rloo"] = Field("grpo", description="TRL online trainer: GRPO or RLOO.")
     learning_rate: float = Field(1e-5, gt=0, description="Peak learning rate of the policy.")
     max_steps: int = Field(10, ge=1, description="Policy optimizer steps.")
+    logging_steps: int = Field(
+        1, ge=1, description="Log rewards, KL and completion lengths every N steps (1: per step, as RL is judged)."
+    )
     per_device_batch_size: int = Field(4, ge=1, description="Completions per device per step.")
     num_generations: int = Field(
         4, ge=2, description="Completions sampled per prompt (the group / leave-one-out size)."

@@ -14,7 +14,12 @@ from pathlib import Path
 
 import pytest
 
-from ftflow.cli import quiet_env
+# Under pytest-xdist (`make test`) two workers share two cores: one torch thread each, set before anything imports
+# torch, or each worker's thread pool spins against the other's (runs 3-40x slower). Subprocesses inherit it.
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    os.environ["OMP_NUM_THREADS"] = os.environ["MKL_NUM_THREADS"] = "1"
+
+from ftflow.cli import quiet_env  # noqa: E402
 
 # Offline is the tests' choice, not the product's: no test may wait on a model hub. Set before anything
 # imports huggingface_hub, which reads it once; `make test` exports the same.

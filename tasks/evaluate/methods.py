@@ -26,7 +26,9 @@ def arm_config(cfg: PipelineConfig, method: Method, alignment: Optional[Alignmen
         mode = mode if mode != Quantization.none else Quantization.four_bit
     else:
         mode = Quantization.none
+    # Table 2's stability is the variance of the step-to-step change, so the alignment stages log every step.
     edits = [f"method={method.value}", f"quantization.mode={mode.value}", "registry.enabled=false"]
+    edits += ["dpo.logging_steps=1", "rlhf.logging_steps=1"]
     if alignment is not None:
         edits.append(f"alignment={alignment.value}")
     lr = cfg.compare.learning_rates.get(method)

@@ -23,7 +23,15 @@ from typing import Any, Callable
 
 from ftflow.configs.schema import Quantization
 from ftflow.tasks.stages import StageContext
-from ftflow.tasks.train.trainer import TrainResult, _fit, _record, common_args, step_stream, trainable_model
+from ftflow.tasks.train.trainer import (
+    TrainResult,
+    _fit,
+    _record,
+    common_args,
+    reset_peak_memory,
+    step_stream,
+    trainable_model,
+)
 
 
 @dataclass
@@ -225,6 +233,10 @@ def train_policy(ctx: StageContext, examples: list[dict], sft_adapter: str, rewa
 
 def train_rlhf(ctx: StageContext, examples: list[dict], pairs: list[dict], sft_adapter: str) -> TrainResult:
     """Reward model, then the policy; the reward model's figures join the policy's result metrics."""
+    from ftflow.tasks.train.model import pick_device
+
+    # One peak for the stage: the reward model stays loaded while the policy trains.
+    reset_peak_memory(pick_device(ctx.cfg.model))
     train_pairs, heldout_pairs = _split_pairs(ctx, pairs)
     reward, reward_model = train_reward_model(ctx, train_pairs, heldout_pairs)
     result = train_policy(ctx, examples, sft_adapter, reward_model)

@@ -10,9 +10,11 @@ GPU scripts and the `accelerate launch` workers import this module on machines t
 
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
+import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -53,14 +55,12 @@ def train(
         return launch(ctx, kind, examples, start_adapter)
     section: TrainCommon = getattr(ctx.cfg, kind)  # each kind has its config section of the same name
     check_trainable(kind, examples, section)
-    import torch
     from datasets import Dataset
 
     from ftflow.tasks.train.model import load_tokenizer, pick_device, trainable_parameters
 
     device = pick_device(ctx.cfg.model)
-    if device == "cuda":
-        torch.cuda.reset_peak_memory_stats()
+    reset_peak_memory(device)
     tokenizer = load_tokenizer(ctx.model.path, ctx.cfg.model)
     model = trainable_model(ctx.cfg, ctx.model.path, start_adapter, section.gradient_checkpointing)
     counted = trainable_parameters(model)
@@ -284,15 +284,33 @@ def _record(ctx: StageContext, kind: Kind, result: TrainResult) -> None:
         ctx.run.log_artifact(result.adapter_dir, f"adapters/{kind}")
 
 
+def reset_peak_memory(device: str) -> None:
+    """Start the high-water mark afresh, so each stage of one process (compare-methods' arms) reports its own peak."""
+    if device == "cuda":
+        import torch
+
+        torch.cuda.reset_peak_memory_stats()
+        return
+    with contextlib.suppress(OSError):
+        # Linux: "5" resets this process's peak resident set (VmHWM). Elsewhere the peak stays the process's own.
+        Path("/proc/self/clear_refs").write_text("5")
+
+
 def peak_memory_mb(device: str) -> float:
+    """Peak since reset_peak_memory: CUDA memory allocated, or on CPU the process's peak resident set."""
     if device == "cuda":
         import torch
 
         return torch.cuda.max_memory_allocated() / 2**20
+    with contextlib.suppress(OSError):
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("VmHWM:"):
+                return int(line.split()[1]) / 1024
     import resource
 
-    # ru_maxrss is the process high-water mark in KiB on Linux: an upper bound for the step on CPU.
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    # Not Linux: ru_maxrss, the whole process's high-water mark (KiB on Linux, bytes on macOS), an upper bound.
+    peak = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
+    return peak / 2**20 if sys.platform == "darwin" else peak / 1024
 
 
 def last_checkpoint(output_dir: Path) -> Optional[str]:

@@ -26,6 +26,9 @@ from pathlib import Path
 from typing import Any, Optional
 
 ROOT = Path(__file__).resolve().parents[1]
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import AVX2_ENV, cpu_line  # noqa: E402
+
 TIMING_SUFFIXES = ("wall_s", "elapsed_s", "_runtime", "_seconds", "_time_s")
 
 
@@ -120,6 +123,7 @@ def prefect_timings(env: dict[str, str]) -> dict[str, Any]:
 
 def report(result: dict[str, Any]) -> str:
     lines = [
+        result.get("machine", ""),
         f"command: {result['command']}",
         f"workdir: {result['workdir']}",
         f"exit status {result['returncode']}; subprocess wall {result['wall_s']:.1f} s",
@@ -167,6 +171,11 @@ def main(argv: Optional[list[str]] = None) -> int:
     ap.add_argument("--workdir", help="scratch folder (default: a new temp dir, kept for inspection)")
     ap.add_argument("--no-prefect", action="store_true", help="skip reading the Prefect task runs")
     ap.add_argument("--json", help="write the figures to this file")
+    ap.add_argument(
+        "--emulate-avx2",
+        action="store_true",
+        help="run the demo on the code paths of an AVX2-only CPU (torch, oneDNN and MKL capped; see machine.py)",
+    )
     args = ap.parse_args(argv)
 
     if args.workdir:
@@ -177,6 +186,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         work = Path(tempfile.mkdtemp(prefix="bench-demo-")).resolve()
     cmd = demo_command(work, args.overrides, args.recipe)
     env = demo_env(work, isolate_prefect=not args.no_prefect)
+    if args.emulate_avx2:
+        env.update(AVX2_ENV)
     if args.dry_run:
         print(f"cwd: {work}")
         if "PREFECT_HOME" in env:
@@ -190,6 +201,12 @@ def main(argv: Optional[list[str]] = None) -> int:
         proc = subprocess.run(cmd, cwd=work, env=env, stdout=log, stderr=subprocess.STDOUT)
     wall = time.perf_counter() - t0
     result: dict[str, Any] = {
+        "machine": cpu_line()
+        + (
+            f"; emulating AVX2 only ({shlex.join(f'{k}={v}' for k, v in AVX2_ENV.items())})"
+            if args.emulate_avx2
+            else ""
+        ),
         "command": shlex.join(cmd),
         "workdir": str(work),
         "returncode": proc.returncode,

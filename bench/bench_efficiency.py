@@ -51,15 +51,19 @@ os.environ.setdefault("HF_DATASETS_OFFLINE", "1")
 os.environ.setdefault("TRANSFORMERS_NO_ADVISORY_WARNINGS", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
 
-# The slow machine class has AVX2 only. These three cap what torch's own kernels, oneDNN (bf16 and most fp32
-# GEMMs) and MKL may use, so a run here takes the code paths such a CPU takes; they are read once, at load.
-AVX2_ENV = {"ATEN_CPU_CAPABILITY": "avx2", "ONEDNN_MAX_CPU_ISA": "AVX2", "MKL_ENABLE_INSTRUCTIONS": "AVX2"}
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from machine import AVX2_ENV  # noqa: E402
+
 if "--emulate-avx2" in sys.argv and any(os.environ.get(k) != v for k, v in AVX2_ENV.items()):
     os.execve(sys.executable, [sys.executable, *sys.argv], {**os.environ, **AVX2_ENV})
 
 import torch  # noqa: E402
 
 MODES = ("4bit", "8bit", "none")
+# The levers start from the first version's SFT step: TRL's defaults (bf16 LoRA weights under QLoRA, padded
+# batches) and LoRA dropout 0.05. The last lever is all of them as tasks/train/trainer.py now trains, with the
+# demo recipe's dropout.
+FIRST_VERSION = ("lora.dropout=0.05",)
 
 
 # --- machine --------------------------------------------------------------------------------------
@@ -383,7 +387,8 @@ class Bench:
         self.model_overrides = [f"model.cache_dir={ROOT / '.cache' / 'models'}"]
         if args.model:
             self.model_overrides.append(f"model.name_or_path={args.model}")
-        self.cfg = load_config("demo", self.model_overrides)
+        self.recipe = load_config("demo", self.model_overrides)
+        self.cfg = load_config("demo", [*self.model_overrides, *FIRST_VERSION])
         self.device = pick_device(self.cfg.model)
         self.path = resolve_model_path(self.cfg.model)
         self.tokenizer = load_tokenizer(self.path, self.cfg.model)
@@ -410,7 +415,7 @@ class Bench:
     def mode_cfg(self, mode: str, overrides: tuple[str, ...] = ()):
         from ftflow.configs.loader import load_config
 
-        return load_config("demo", [*self.model_overrides, f"quantization.mode={mode}", *overrides])
+        return load_config("demo", [*self.model_overrides, *FIRST_VERSION, f"quantization.mode={mode}", *overrides])
 
     def add(self, section: str, mode: str, what: str, measure: Measure, note: str = "", cpu=None) -> Row:
         row = Row(
@@ -859,6 +864,44 @@ class Bench:
             "padded",
             note=f"TRL compute_loss+backward; padded {tuple(batch['input_ids'].shape)} vs flat "
             f"{tuple(pf_batch['input_ids'].shape)} with a block-diagonal mask from position_ids (sdpa)",
+        )
+
+        # 7. all together, as tasks/train/trainer.py trains now: fp32 LoRA weights on CPU, padding-free batches,
+        # the demo recipe's dropout
+        from ftflow.tasks.train.trainer import padding_free_fits
+
+        recipe_p = self.recipe.lora.dropout
+        pipeline_pf = padding_free_fits(self.recipe.sft, examples)
+
+        def as_pipeline():
+            for q in trainable:
+                q.data = q.data.to(torch.float32 if self.device == "cpu" else lora_dtype)
+            if recipe_p == 0:
+                no_dropout()
+
+        def as_before():
+            for q in trainable:
+                q.data = q.data.to(lora_dtype)
+            restore_dropout()
+
+        pipeline = f"pipeline ({'fp32' if self.device == 'cpu' else dtype_name(lora_dtype)} LoRA, "
+        pipeline += f"{'padding-free' if pipeline_pf else 'padded'}, dropout {recipe_p})"
+        before = f"first version ({dtype_name(lora_dtype)} LoRA, padded, dropout {p})"
+        arms = side_by_side(
+            {
+                before: (noop, trainer_step(batch), noop),
+                pipeline: (as_pipeline, trainer_step(pf_batch if pipeline_pf else batch), as_before),
+            },
+            reps,
+            self.device,
+        )
+        self.lever(
+            "all SFT levers",
+            mode,
+            arms,
+            {before: tokens, pipeline: pf_tokens if pipeline_pf else tokens},
+            before,
+            note="TRL compute_loss+backward on the same rows; the pipeline arm is what `ftflow run demo` trains",
         )
         model.zero_grad(set_to_none=True)
 

@@ -316,6 +316,13 @@ class SFTConfig(TrainCommon):
         LossOn.all_assistant_turns,
         description="Which assistant turns carry the loss: every one (content + end-of-turn token) or the last only.",
     )
+    padding_free: bool = Field(
+        True,
+        description=(
+            "Concatenate a batch's rows into one sequence, no padding; positions restart per row, so no row "
+            "attends to another."
+        ),
+    )
 
 
 class DPOFields(Strict):
@@ -410,6 +417,13 @@ class EvalConfig(Strict):
     batch_size: int = Field(16, ge=1, description="Generation batch size (left padded).")
     max_new_tokens: int = Field(64, ge=1, description="Generation budget per example.")
     few_shot_k: int = Field(3, ge=0, description="Examples from train in the base model's few-shot prompt.")
+    cache_baselines: bool = Field(
+        True,
+        description=(
+            "Reuse the base and few-shot scores of an earlier run with the same base weights, template, held-out "
+            "rows, settings and code (output_dir/eval-cache); anything changed is scored again."
+        ),
+    )
     primary_metric: Optional[str] = Field(
         None,
         description=(

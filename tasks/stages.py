@@ -6,10 +6,12 @@ knows about Prefect, so the same stages run in a flow, a sweep arm, a test and t
 
 from __future__ import annotations
 
+import hashlib
 import json
 import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
+from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Optional
 
@@ -209,8 +211,6 @@ def validate_split(
 
 def data_cache_key(cfg: PipelineConfig, model: ModelInfo, paths: dict[str, Optional[str]]) -> str:
     """Content address of validation: the bytes of every input, the checks' settings and code, the template."""
-    import hashlib
-
     h = hashlib.sha256()
     for split in sorted(paths):
         h.update(split.encode())
@@ -224,15 +224,22 @@ def data_cache_key(cfg: PipelineConfig, model: ModelInfo, paths: dict[str, Optio
     h.update(cfg.quality.model_dump_json().encode())
     h.update(cfg.data.model_dump_json(exclude={"demo"}).encode())
     h.update(f"{model.path}|{model.template_fingerprint}|{cfg.seed}".encode())
-    # The whole package, not a hand-kept list of modules: an edit anywhere the cached stages reach
-    # (formatting, rows, the checks) must invalidate the cache.
+    h.update(code_digest().encode())
+    for suite in sorted((Path(__file__).resolve().parents[1] / "data_contracts").glob("*.json")):
+        h.update(suite.read_bytes())
+    return h.hexdigest()[:20]
+
+
+@lru_cache(maxsize=None)
+def code_digest() -> str:
+    """The whole `ftflow.tasks` package, not a hand-kept list of modules: an edit anywhere a cached stage reaches
+    (formatting, rows, the checks, generation, the metrics) must invalidate what it cached."""
     here = Path(__file__).resolve().parent
+    h = hashlib.sha256()
     for module in sorted(here.rglob("*.py")):
         h.update(module.relative_to(here).as_posix().encode())
         h.update(module.read_bytes())
-    for suite in sorted((here.parent / "data_contracts").glob("*.json")):
-        h.update(suite.read_bytes())
-    return h.hexdigest()[:20]
+    return h.hexdigest()
 
 
 def validate_data(ctx: StageContext, paths: dict[str, Optional[str]], out_dir: Path) -> CleanData:
@@ -565,6 +572,10 @@ def evaluate(
     names = list(adapters)
     variants = ["base"] + (["base_fewshot"] if cfg.eval.few_shot_k else []) + names
     results = evaluate_variants(ctx, model, tokenizer, variants, sets, baselines)
+    cached = [variant for variant, result in results.items() if result.cached]
+    if ctx.run is not None and cached:
+        # Said on the run: these scores were computed by an earlier run (same content key), not by this one.
+        ctx.run.set_tags({"eval.cached_variants": ",".join(cached)})
     verdicts: list[dict[str, Any]] = []
     if cfg.eval.judge.enabled and names:
         from ftflow.tasks.evaluate.judge import judge_variants

@@ -17,7 +17,7 @@ import torch
 
 from ftflow.configs.schema import EvalConfig
 from ftflow.tasks.errors import DataError
-from ftflow.tasks.evaluate import registry
+from ftflow.tasks.evaluate import cache, registry
 
 if TYPE_CHECKING:
     from ftflow.tasks.data.formatting import FormattedData
@@ -66,6 +66,7 @@ class VariantResult:
     # registry name -> per-example weights of a token-weighted metric (reference answer tokens)
     weights: dict[str, list[float]] = field(default_factory=dict)
     corpus: dict[str, float] = field(default_factory=dict)  # metrics with no per-example form (BLEU)
+    cached: bool = False  # read from the evaluation cache (cache.py), not scored in this run
 
     @classmethod
     def of(
@@ -302,6 +303,13 @@ def score_variants(
     answers = [ex["completion"] for ex in scoring.examples]
     results: dict[str, VariantResult] = dict(precomputed or {})
     for variant in [v for v in variants if v not in results]:
+        key = cache.variant_key(ctx, variant, scoring)
+        hit = cache.load(ctx, variant, key)
+        if hit is not None:
+            hit.cached = True
+            results[variant] = hit
+            ctx.log(f"evaluated {variant} (cached, key {key[:12]}): " + _summary(hit))
+            continue
         with active_variant(model, variant):
             if "generation" in sources:
                 asked = [few_shot_prompt(p, list(few_shots)) for p in prompts] if variant == "base_fewshot" else prompts
@@ -326,9 +334,14 @@ def score_variants(
                 result.pair_logps = _pair_logps(model, tokenizer, list(pairs), cfg, max_length)
         result.refresh()
         results[variant] = result
-        ctx.log(f"evaluated {variant}: " + ", ".join(f"{k}={v:.3f}" for k, v in result.metrics.items()))
+        cache.save(ctx, key, result)
+        ctx.log(f"evaluated {variant}: " + _summary(result))
     _score_preferences(results, ctx.cfg.dpo.beta)
     return results
+
+
+def _summary(result: VariantResult) -> str:
+    return ", ".join(f"{k}={v:.3f}" for k, v in result.metrics.items())
 
 
 def _score_preferences(results: dict[str, VariantResult], beta: float) -> None:

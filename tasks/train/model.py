@@ -8,6 +8,7 @@ import json
 import os
 import shutil
 import tempfile
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Callable, Optional
 
@@ -328,6 +329,27 @@ def keep_compute_dtype(model, compute: torch.dtype) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = compute == torch.bfloat16
+
+
+@contextmanager
+def keep_trainable_fp32(model, device: str):
+    """Build a TRL trainer inside this block: on CPU, the trainable weights leave it as they entered, in float32.
+
+    TRL's trainers cast a quantized model's trainable weights to bf16 (QLoRA's recipe for GPUs). On a CPU the
+    4-bit layers compute in float32, so every LoRA matmul would convert its input to bf16 and back: 1.35x slower
+    per SFT step on a CPU with native bf16 (bench/bench_efficiency.py), and on AVX2-only CPUs, where bf16 GEMMs
+    run at under 1 GFLOP/s, far worse. The exact float32 values come back, not a bf16-rounded copy: DPO's policy
+    must start equal to its float32 reference adapter, and small optimizer steps must not round away."""
+    quantized = getattr(model, "is_loaded_in_4bit", False) or getattr(model, "is_loaded_in_8bit", False)
+    kept = {}
+    if device == "cpu" and quantized:
+        kept = {
+            n: p.detach().clone() for n, p in model.named_parameters() if p.requires_grad and p.dtype == torch.float32
+        }
+    yield
+    for name, param in model.named_parameters():
+        if name in kept and param.dtype != torch.float32:
+            param.data = kept[name]
 
 
 def build_lora_config(lora: LoraSection):

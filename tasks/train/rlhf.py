@@ -100,7 +100,7 @@ def train_reward_model(ctx: StageContext, pairs: list[dict], heldout_pairs: list
     import trl
     from datasets import Dataset
 
-    from ftflow.tasks.train.model import load_tokenizer, pick_device
+    from ftflow.tasks.train.model import keep_trainable_fp32, load_tokenizer, pick_device
 
     cfg, rc = ctx.cfg, ctx.cfg.rlhf.reward
     tokenizer = load_tokenizer(ctx.model.path, cfg.model)
@@ -124,15 +124,16 @@ def train_reward_model(ctx: StageContext, pairs: list[dict], heldout_pairs: list
         dataloader_num_workers=0,
     )
     stream = step_stream(ctx, "reward", rc.max_steps)
-    trainer = trl.RewardTrainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]),
-        processing_class=tokenizer,
-        callbacks=[stream],
-    )
-    # TRL casts a quantized model's trainable weights to bf16 (QLoRA's recipe); LoRA layers cast their input, a
-    # plain linear head does not, so the head goes back to the hidden states' dtype.
+    with keep_trainable_fp32(model, device):
+        trainer = trl.RewardTrainer(
+            model=model,
+            args=args,
+            train_dataset=Dataset.from_list([{k: p[k] for k in ("prompt", "chosen", "rejected")} for p in pairs]),
+            processing_class=tokenizer,
+            callbacks=[stream],
+        )
+    # On GPU TRL casts a quantized model's trainable weights to bf16 (QLoRA's recipe; on CPU the block above undid
+    # it); LoRA layers cast their input, a plain linear head does not, so the head follows the hidden states' dtype.
     hidden = model.get_input_embeddings().weight.dtype
     for name, param in model.named_parameters():
         if ".score." in name and param.requires_grad:
@@ -192,7 +193,7 @@ def train_policy(ctx: StageContext, examples: list[dict], sft_adapter: str, rewa
     """Online RL of the SFT adapter on the SFT prompts, rewarded by `reward_model` (and the task metric)."""
     from datasets import Dataset
 
-    from ftflow.tasks.train.model import load_tokenizer, pick_device, trainable_parameters
+    from ftflow.tasks.train.model import keep_trainable_fp32, load_tokenizer, pick_device, trainable_parameters
 
     cfg, section = ctx.cfg, ctx.cfg.rlhf
     tokenizer = load_tokenizer(ctx.model.path, cfg.model)
@@ -216,14 +217,15 @@ def train_policy(ctx: StageContext, examples: list[dict], sft_adapter: str, rewa
     )
     stream = step_stream(ctx, "rlhf", section.max_steps)
     rows = [{"prompt": ex["prompt"], "reference": ex["completion"][-1]["content"]} for ex in examples]
-    trainer = trainer_class(
-        model=model,
-        reward_funcs=funcs,
-        args=args,
-        train_dataset=Dataset.from_list(rows),
-        processing_class=tokenizer,
-        callbacks=[stream, *ctx.callbacks],
-    )
+    with keep_trainable_fp32(model, device):
+        trainer = trainer_class(
+            model=model,
+            reward_funcs=funcs,
+            args=args,
+            train_dataset=Dataset.from_list(rows),
+            processing_class=tokenizer,
+            callbacks=[stream, *ctx.callbacks],
+        )
     result = _fit(trainer, model, stream.history, out_dir, counted)
     result.kind = "rlhf"
     if trainer.is_world_process_zero():

@@ -39,7 +39,7 @@ PAIRS = [
 
 
 def dpo_config(model_dir: str, out: Path, *overrides: str):
-    # A high learning rate and no warmup: QLoRA adapters train in bf16, where the recipe's 5e-6 barely moves a weight.
+    # A high learning rate and no warmup: in a few steps the recipe's 5e-6 barely moves a weight.
     return load_config(
         "tiny",
         [

@@ -5,6 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
+import torch
 
 from ftflow.tasks.train.trainer import peak_memory_mb, reset_peak_memory
 
@@ -24,3 +25,134 @@ def test_a_stage_after_a_bigger_one_reports_its_own_peak():
     assert big_stage - before > 380
     # Without the reset the second stage would report the first one's 400 MB as its own (ru_maxrss did).
     assert small_stage < big_stage - 300
+
+
+# --- padding-free SFT and fp32 trainable weights on CPU ---------------------------------------------------
+
+CONVERSATIONS = [
+    [
+        {"role": "user", "content": "Extract the city: I live in Paris."},
+        {"role": "assistant", "content": '{"city": "Paris"}'},
+    ],
+    [
+        {"role": "user", "content": "Extract the city and the item: a lamp, delivered to Tokyo by Friday please."},
+        {"role": "assistant", "content": '{"city": "Tokyo", "item": "lamp"}'},
+    ],
+    [
+        {"role": "user", "content": "Hi"},
+        {"role": "assistant", "content": "Hello! How can I help?"},
+        {"role": "user", "content": "Extract the city: Osaka."},
+        {"role": "assistant", "content": '{"city": "Osaka"}'},
+    ],
+]
+
+
+def _tokenized_rows(model_dir: str) -> list[dict]:
+    """Rows as the formatting stage hands them to SFT: prompt/completion plus input_ids and assistant_masks."""
+    from transformers import AutoTokenizer
+
+    from ftflow.tasks.data.formatting import Window, tokenized_example
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    rows = []
+    for messages in CONVERSATIONS:
+        tokens, _ = tokenized_example(tokenizer, messages, Window(max_length=256))
+        rows.append({"prompt": messages[:-1], "completion": messages[-1:], **tokens})
+    return rows
+
+
+@pytest.fixture(scope="module")
+def padding_free_run(tmp_path_factory, tiny_model_dir):
+    """A real 2-step QLoRA SFT on pre-tokenized rows; the trainer and its weights' dtypes are recorded at build."""
+    import trl
+
+    from ftflow.configs.loader import load_config
+    from ftflow.tasks.stages import StageContext, resolve_model
+    from ftflow.tasks.train.trainer import train
+
+    seen: list[dict] = []
+
+    class RecordingSFTTrainer(trl.SFTTrainer):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            seen.append({"trainer": self, "dtypes_at_build": trainable_dtypes(self.model)})
+
+    out = tmp_path_factory.mktemp("padding-free")
+    cfg = load_config(
+        "tiny",
+        [
+            f"model.name_or_path={tiny_model_dir}",
+            f"output_dir={out}",
+            "sft.max_steps=2",
+            "sft.per_device_batch_size=3",
+            "sft.save_steps=1000",
+            "lora.r=4",
+        ],
+    )
+    rows = _tokenized_rows(tiny_model_dir)
+    ctx = StageContext(cfg, resolve_model(cfg), None, out, lambda line: None, None)
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(trl, "SFTTrainer", RecordingSFTTrainer)
+        result = train(ctx, "sft", rows)
+    return {"result": result, "rows": rows, **seen[0]}
+
+
+def trainable_dtypes(model) -> set:
+    return {p.dtype for p in model.parameters() if p.requires_grad}
+
+
+def test_sft_on_formatted_rows_runs_padding_free(padding_free_run):
+    trainer = padding_free_run["trainer"]
+    assert trainer.args.padding_free and trainer.padding_free
+    batch = trainer.data_collator([dict(r) for r in trainer.train_dataset])
+    lengths = [len(r["input_ids"]) for r in padding_free_run["rows"]]
+    # One sequence of the rows' real tokens, no attention mask, positions restarting at every row.
+    assert batch["input_ids"].shape == (1, sum(lengths)) and "attention_mask" not in batch
+    expected = torch.cat([torch.arange(n) for n in lengths])
+    assert torch.equal(batch["position_ids"][0], expected)
+    assert padding_free_run["result"].global_step == 2
+
+
+def test_padding_free_rows_do_not_attend_to_each_other(padding_free_run):
+    """Each row's logits in the packed sequence equal its logits alone, and the loss equals the padded batch's."""
+    from trl.trainer.sft_trainer import DataCollatorForLanguageModeling
+
+    trainer = padding_free_run["trainer"]
+    model = trainer.model.eval()  # no dropout: the same weights must give the same numbers
+    rows = [dict(r) for r in trainer.train_dataset]
+    packed = trainer.data_collator(rows)
+    with torch.no_grad():
+        logits = model(input_ids=packed["input_ids"], position_ids=packed["position_ids"], use_cache=False).logits[0]
+        start = 0
+        for row in rows:
+            n = len(row["input_ids"])
+            alone = model(input_ids=torch.tensor([row["input_ids"]]), use_cache=False).logits[0]
+            # A row that could see its predecessors would differ by far more than float32 rounding.
+            assert torch.allclose(logits[start : start + n], alone, atol=1e-4), f"row at {start} attends across"
+            start += n
+        padded = DataCollatorForLanguageModeling(pad_token_id=trainer.processing_class.pad_token_id)(rows)
+        assert padded["input_ids"].shape[1] * len(rows) > packed["input_ids"].shape[1]  # there was padding to save
+        loss_packed = trainer.compute_loss(model, dict(packed))
+        loss_padded = trainer.compute_loss(model, dict(padded))
+    assert float(loss_packed) == pytest.approx(float(loss_padded), abs=1e-5)
+
+
+def test_trainable_weights_stay_fp32_on_cpu(padding_free_run):
+    # TRL casts a quantized model's trainable weights to bf16 when it builds the trainer ...
+    assert padding_free_run["dtypes_at_build"] == {torch.bfloat16}
+    # ... and train() puts them back to fp32 before the optimizer exists: CPUs compute the 4-bit layers in fp32.
+    assert trainable_dtypes(padding_free_run["trainer"].model) == {torch.float32}
+    optimizer = padding_free_run["trainer"].optimizer
+    assert {p.dtype for group in optimizer.param_groups for p in group["params"]} == {torch.float32}
+
+
+def test_padding_free_needs_every_row_tokenized_and_within_the_window():
+    from ftflow.configs.schema import SFTConfig
+    from ftflow.tasks.train.trainer import padding_free_fits
+
+    section = SFTConfig(max_length=16)
+    fits = [{"input_ids": [1] * 16}, {"input_ids": [1] * 3}]
+    assert padding_free_fits(section, fits)
+    assert not padding_free_fits(section, fits + [{"input_ids": [1] * 17}])  # TRL's truncation must apply
+    assert not padding_free_fits(section, fits + [{"prompt": [], "completion": []}])  # length unknown
+    assert not padding_free_fits(SFTConfig(max_length=16, padding_free=False), fits)

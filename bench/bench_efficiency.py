@@ -871,7 +871,7 @@ class Bench:
         from ftflow.tasks.train.trainer import padding_free_fits
 
         recipe_p = self.recipe.lora.dropout
-        pipeline_pf = padding_free_fits(self.recipe.sft, examples)
+        pipeline_pf = padding_free_fits(self.recipe, examples)
 
         def as_pipeline():
             for q in trainable:

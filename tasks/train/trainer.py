@@ -164,7 +164,7 @@ def _kind_specific(kind: Kind, cfg: PipelineConfig, examples: list[dict[str, Any
 
     if kind == "sft":
         own = {"completion_only_loss": cfg.sft.assistant_only_loss, "packing": False}
-        if padding_free_fits(cfg.sft, examples):
+        if padding_free_fits(cfg, examples):
             # TRL enforces no max_length without padding: the formatting stage already fitted every row into it.
             own.update(padding_free=True, max_length=None)
         return trl.SFTConfig, trl.SFTTrainer, own
@@ -172,18 +172,20 @@ def _kind_specific(kind: Kind, cfg: PipelineConfig, examples: list[dict[str, Any
     return trl.DPOConfig, trl.DPOTrainer, {"beta": cfg.dpo.beta, "loss_type": [cfg.dpo.loss_type.value]}
 
 
-def padding_free_fits(section, examples: list[dict[str, Any]]) -> bool:
-    """Whether SFT can run padding-free on `examples`: switched on, pre-tokenized, and every row within max_length.
+def padding_free_fits(cfg: PipelineConfig, examples: list[dict[str, Any]]) -> bool:
+    """Whether SFT can run padding-free on `examples`: switched on, not prompt tuning, pre-tokenized, and every row
+    within max_length.
 
     A padding-free batch is the rows one after another in a single sequence, positions restarting at each row;
     transformers turns the restarts into a block-diagonal causal mask (sdpa, eager) or varlen boundaries (flash),
     so no row attends to another. The demo's batch of 8 rows carries ~20 % padding, all of it computed for
     nothing (1.4x tokens/s without it, bench/bench_efficiency.py). Rows of unknown length, or longer than the
-    window, keep the padded path, where TRL truncates."""
-    if not section.padding_free:
+    window, keep the padded path, where TRL truncates. Prompt tuning too: peft drops position ids for prompt
+    learning and prepends its virtual tokens once per sequence, so a packed batch would mix its rows."""
+    if not cfg.sft.padding_free or cfg.resolved_method == Method.prompt_tuning:
         return False
     lengths = [len(ex["input_ids"]) for ex in examples if "input_ids" in ex]
-    return len(lengths) == len(examples) and max(lengths, default=0) <= section.max_length
+    return len(lengths) == len(examples) and max(lengths, default=0) <= cfg.sft.max_length
 
 
 def common_args(section: TrainCommon, output_dir: Path, seed: int, device: str) -> dict[str, Any]:

@@ -147,12 +147,17 @@ def test_trainable_weights_stay_fp32_on_cpu(padding_free_run):
 
 
 def test_padding_free_needs_every_row_tokenized_and_within_the_window():
-    from ftflow.configs.schema import SFTConfig
+    from ftflow.configs.schema import PipelineConfig
     from ftflow.tasks.train.trainer import padding_free_fits
 
-    section = SFTConfig(max_length=16)
+    def cfg(method=None, **sft):
+        sections = {"sft": {"max_length": 16, **sft}, "quality": {"max_tokens": 16}, "method": method}
+        return PipelineConfig.model_validate(sections)
+
     fits = [{"input_ids": [1] * 16}, {"input_ids": [1] * 3}]
-    assert padding_free_fits(section, fits)
-    assert not padding_free_fits(section, fits + [{"input_ids": [1] * 17}])  # TRL's truncation must apply
-    assert not padding_free_fits(section, fits + [{"prompt": [], "completion": []}])  # length unknown
-    assert not padding_free_fits(SFTConfig(max_length=16, padding_free=False), fits)
+    assert padding_free_fits(cfg(), fits)
+    assert not padding_free_fits(cfg(), fits + [{"input_ids": [1] * 17}])  # TRL's truncation must apply
+    assert not padding_free_fits(cfg(), fits + [{"prompt": [], "completion": []}])  # length unknown
+    assert not padding_free_fits(cfg(padding_free=False), fits)
+    # peft ignores position ids for prompt learning: its virtual tokens would lead one packed sequence, not each row.
+    assert not padding_free_fits(cfg(method="prompt_tuning"), fits)

@@ -178,8 +178,10 @@ def padding_free_fits(cfg: PipelineConfig, examples: list[dict[str, Any]]) -> bo
 
     A padding-free batch is the rows one after another in a single sequence, positions restarting at each row;
     transformers turns the restarts into a block-diagonal causal mask (sdpa, eager) or varlen boundaries (flash),
-    so no row attends to another. The demo's batch of 8 rows carries ~20 % padding, all of it computed for
-    nothing (1.4x tokens/s without it, bench/bench_efficiency.py). Rows of unknown length, or longer than the
+    so no row attends to another. Flash attention's varlen kernels then skip the padding's work; sdpa on CPU
+    computes the dense block-diagonal mask over the whole sequence instead, and on the demo's batch (8 rows,
+    19 % padding) that cost what dropping the padding saved (bench/bench_efficiency.py), so it is opt-in
+    (`sft.padding_free`). Rows of unknown length, or longer than the
     window, keep the padded path, where TRL truncates. Prompt tuning too: peft drops position ids for prompt
     learning and prepends its virtual tokens once per sequence, so a packed batch would mix its rows."""
     if not cfg.sft.padding_free or cfg.resolved_method == Method.prompt_tuning:

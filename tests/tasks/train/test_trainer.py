@@ -86,6 +86,7 @@ def padding_free_run(tmp_path_factory, tiny_model_dir):
             "sft.max_steps=2",
             "sft.per_device_batch_size=3",
             "sft.save_steps=1000",
+            "sft.padding_free=true",
             "lora.r=4",
         ],
     )
@@ -155,9 +156,9 @@ def test_padding_free_needs_every_row_tokenized_and_within_the_window():
         return PipelineConfig.model_validate(sections)
 
     fits = [{"input_ids": [1] * 16}, {"input_ids": [1] * 3}]
-    assert padding_free_fits(cfg(), fits)
-    assert not padding_free_fits(cfg(), fits + [{"input_ids": [1] * 17}])  # TRL's truncation must apply
-    assert not padding_free_fits(cfg(), fits + [{"prompt": [], "completion": []}])  # length unknown
-    assert not padding_free_fits(cfg(padding_free=False), fits)
+    assert padding_free_fits(cfg(padding_free=True), fits)
+    assert not padding_free_fits(cfg(padding_free=True), fits + [{"input_ids": [1] * 17}])  # TRL must truncate
+    assert not padding_free_fits(cfg(padding_free=True), fits + [{"prompt": [], "completion": []}])  # length unknown
+    assert not padding_free_fits(cfg(), fits)  # off by default: no faster with sdpa on CPU
     # peft ignores position ids for prompt learning: its virtual tokens would lead one packed sequence, not each row.
-    assert not padding_free_fits(cfg(method="prompt_tuning"), fits)
+    assert not padding_free_fits(cfg(method="prompt_tuning", padding_free=True), fits)

@@ -4,8 +4,9 @@ A scheduled retraining run, or the second `make demo` of the day, scores the sam
 held-out rows with the same settings as the run before: on a 2-core CPU that is minutes of generation and
 teacher-forced scoring that can only give the same numbers. The key is a digest of everything those numbers
 depend on: the base weights, the chat template and end-of-turn token, the scored rows, pairs and few-shot
-examples, the evaluation, model and quantization settings, the library versions, and this package's code.
-Change any of them and the variant is scored afresh. Adapters are never cached: each run trains new ones.
+examples, the evaluation, model and quantization settings, the device and the CPU's instruction set, the
+library versions, and this package's code. Change any of them and the variant is scored afresh. Adapters are
+never cached: each run trains new ones.
 """
 
 from __future__ import annotations
@@ -59,6 +60,8 @@ def _versions() -> dict[str, str]:
 
 def variant_key(ctx: StageContext, variant: str, scoring: Scoring) -> Optional[str]:
     """The digest a base variant's scores are filed under, or None when caching is off or the model has no digest."""
+    import torch
+
     from ftflow.tasks.stages import code_digest
     from ftflow.tasks.train.model import pick_device
 
@@ -81,6 +84,8 @@ def variant_key(ctx: StageContext, variant: str, scoring: Scoring) -> Optional[s
         "model_cfg": cfg.model.model_dump(mode="json", exclude={"cache_dir"}),
         "quantization": cfg.quantization.model_dump(mode="json"),
         "device": pick_device(cfg.model),
+        # Kernels differ by instruction set (AVX2 vs AVX-512): greedy answers can flip on a rounding difference.
+        "cpu_capability": torch.backends.cpu.get_cpu_capability(),
         "seed": cfg.seed,
         "libraries": _versions(),
         "code": code_digest(),

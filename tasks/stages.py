@@ -11,7 +11,6 @@ import json
 import traceback
 from contextlib import contextmanager, nullcontext
 from dataclasses import dataclass, field
-from functools import lru_cache
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Callable, ContextManager, Optional
 
@@ -230,7 +229,6 @@ def data_cache_key(cfg: PipelineConfig, model: ModelInfo, paths: dict[str, Optio
     return h.hexdigest()[:20]
 
 
-@lru_cache(maxsize=None)
 def code_digest() -> str:
     """The whole `ftflow.tasks` package, not a hand-kept list of modules: an edit anywhere a cached stage reaches
     (formatting, rows, the checks, generation, the metrics) must invalidate what it cached."""

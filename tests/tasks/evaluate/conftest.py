@@ -1,4 +1,4 @@
-"""Evaluation fixtures: the tiny model's tokenizer, and the tiny base with an adapter that changes its outputs."""
+"""Evaluation fixtures: the tiny model's tokenizer, and the tiny base with adapters that change its outputs."""
 
 from __future__ import annotations
 
@@ -15,21 +15,32 @@ def tokenizer(tiny_model_dir):
     return load_tokenizer(tiny_model_dir, ModelConfig(name_or_path=tiny_model_dir))
 
 
-@pytest.fixture(scope="module")
-def peft_model(tiny_model_dir):
-    """The tiny base with one adapter named `sft`, its lora_B randomised so the adapter really changes outputs."""
+def random_adapters(model_dir: str, names: list[str], seed: int):
+    """The tiny float32 base with r=4 adapters named `names`, every lora_B randomised (seeded) so each adapter
+    really changes the outputs."""
     from peft import get_peft_model
 
     from ftflow.tasks.train.model import build_lora_config, load_base_model
 
-    base = load_base_model(
-        tiny_model_dir, ModelConfig(name_or_path=tiny_model_dir), QuantizationConfig(mode=Quantization.none)
-    )
-    model = get_peft_model(base, build_lora_config(LoraConfig(r=4)), adapter_name="sft")
-    torch.manual_seed(1)
+    base = load_base_model(model_dir, ModelConfig(name_or_path=model_dir), QuantizationConfig(mode=Quantization.none))
+    model = get_peft_model(base, build_lora_config(LoraConfig(r=4)), adapter_name=names[0])
+    for name in names[1:]:
+        model.add_adapter(name, build_lora_config(LoraConfig(r=4)))
+    torch.manual_seed(seed)
     with torch.no_grad():
         for name, param in model.named_parameters():
             if "lora_B" in name:
                 param.normal_(0, 0.5)
-    model.eval()
-    return model
+    return model.eval()
+
+
+@pytest.fixture(scope="module")
+def peft_model(tiny_model_dir):
+    """The tiny base with one adapter named `sft`."""
+    return random_adapters(tiny_model_dir, ["sft"], seed=1)
+
+
+@pytest.fixture(scope="module")
+def two_adapters(tiny_model_dir):
+    """The tiny base with a candidate (`sft`) and a `champion` adapter, both randomised differently."""
+    return random_adapters(tiny_model_dir, ["sft", "champion"], seed=2)

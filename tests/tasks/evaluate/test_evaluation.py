@@ -7,7 +7,7 @@ import math
 import pytest
 import torch
 
-from ftflow.configs.schema import EvalConfig, LoraConfig, ModelConfig, PipelineConfig, Quantization, QuantizationConfig
+from ftflow.configs.schema import EvalConfig, PipelineConfig
 from ftflow.tasks.data.formatting import template_fingerprint
 from ftflow.tasks.errors import DataError
 from ftflow.tasks.evaluate.evaluation import (
@@ -282,27 +282,6 @@ def test_per_example_scores_average_to_the_logged_metrics(peft_model, tokenizer,
         # The predictions table carries the same per-example scores the gate reads.
         assert [row["exact_match"] for row in res.predictions] == res.per_example["heldout_exact"]
         assert [row["answer_loss"] for row in res.predictions] == res.per_example["heldout_loss"]
-
-
-@pytest.fixture(scope="module")
-def two_adapters(tiny_model_dir):
-    """The tiny base with a candidate (`sft`) and a `champion` adapter, both randomised differently."""
-    from peft import get_peft_model
-
-    from ftflow.tasks.train.model import build_lora_config, load_base_model
-
-    base = load_base_model(
-        tiny_model_dir, ModelConfig(name_or_path=tiny_model_dir), QuantizationConfig(mode=Quantization.none)
-    )
-    model = get_peft_model(base, build_lora_config(LoraConfig(r=4)), adapter_name="sft")
-    model.add_adapter("champion", build_lora_config(LoraConfig(r=4)))
-    torch.manual_seed(2)
-    with torch.no_grad():
-        for name, param in model.named_parameters():
-            if "lora_B" in name:
-                param.normal_(0, 0.5)
-    model.eval()
-    return model
 
 
 def test_decide_reads_real_evaluation_output_and_the_preference_guard_runs(two_adapters, tokenizer, tmp_path):

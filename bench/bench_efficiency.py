@@ -63,7 +63,7 @@ MODES = ("4bit", "8bit", "none")
 # The levers start from the first version's SFT step: TRL's defaults (bf16 LoRA weights under QLoRA, padded
 # batches) and LoRA dropout 0.05. The last lever is all of them as tasks/train/trainer.py now trains, with the
 # demo recipe's dropout.
-FIRST_VERSION = ("lora.dropout=0.05",)
+FIRST_VERSION = ("lora.dropout=0.05", "eval.batch_size=20", "sft.group_by_length=false")
 
 
 # --- machine --------------------------------------------------------------------------------------
@@ -393,12 +393,13 @@ class Bench:
         self.path = resolve_model_path(self.cfg.model)
         self.tokenizer = load_tokenizer(self.path, self.cfg.model)
         self.eos = end_of_turn_token(self.tokenizer)
-        self.sft_rows, self.pairs, self.prompts, self.references = demo_data(
+        self.sft_rows, self.pairs, self.all_prompts, self.references = demo_data(
             self.cfg.sft.per_device_batch_size,
             self.cfg.dpo.per_device_batch_size,
-            self.cfg.eval.batch_size,
+            self.cfg.eval.max_examples,
             self.cfg.eval.max_examples,
         )
+        self.prompts = self.all_prompts[: self.cfg.eval.batch_size]
         self.rows: list[Row] = []
         self.levers: list[dict[str, Any]] = []
         self.phases: dict[str, Any] = {}
@@ -632,19 +633,71 @@ class Bench:
                 f"(here {r['stopped']}/{r['rows']} did within 64): base and few-shot variants, "
                 "and any row of a tuned model that rambles",
             )
+            self.eval_levers(mode, model, cfg, reps)
+
+    def eval_levers(self, mode, model, cfg, reps) -> None:
+        """Generation as evaluation now runs it vs before: 4-bit weights dequantized once per evaluation instead of
+        at every forward (bit-identical outputs, checked here), and every held-out prompt in one batch."""
+        from ftflow.tasks.train.model import dequantized_4bit
+
+        limit = cfg.eval.max_new_tokens
+        prompts, per = self.all_prompts, self.cfg.eval.batch_size
+        chunks = [prompts[i : i + per] for i in range(0, len(prompts), per)]
+        outputs: dict[str, list] = {}
+        weights = contextlib.ExitStack()
+
+        def batches(name: str, groups: list):
+            def run():
+                outputs[name] = [self.generate(model, limit, g) for g in groups]
+
+            return run
+
+        def dequantize():
+            weights.enter_context(dequantized_4bit(model, self.log))
+
+        packed = f"packed 4-bit, {len(chunks)} x {per} prompts"
+        once = f"dequantized once, {len(chunks)} x {per} prompts"
+        one = f"dequantized once, 1 x {len(prompts)} prompts"
+        arms = side_by_side(
+            {
+                packed: (noop, batches(packed, chunks), noop),
+                once: (dequantize, batches(once, chunks), weights.close),
+                one: (dequantize, batches(one, [prompts]), weights.close),
+            },
+            reps,
+            self.device,
+        )
+        new_tokens = {k: sum(x["rows"] * x["steps"] for x in outputs[k]) for k in arms}
+        answers = {k: [row for x in outputs[k] for row in x["tokens"]] for k in arms}
+        self.checks["dequantized_generation"] = {
+            "identical_to_packed": answers[once] == answers[packed],
+            "one_batch_rows_identical": sum(a == b for a, b in zip(answers[one], answers[once])),
+            "rows": len(prompts),
+        }
+        self.lever(
+            "eval generation",
+            mode,
+            arms,
+            new_tokens,
+            packed,
+            note=f"greedy, max_new_tokens={limit}, the {len(prompts)} held-out prompts; tok/s counts generated "
+            "positions. tasks/evaluate/evaluation.py: dequantized_4bit around scoring, eval.batch_size = every prompt",
+        )
 
     def sized_new_tokens(self) -> int:
         # Exactly what a model reproducing the longest reference needs: its tokens and the end-of-turn token.
         return max(len(self.tokenizer(r, add_special_tokens=False)["input_ids"]) for r in self.references) + 1
 
     @torch.no_grad()
-    def generate(self, model, max_new_tokens: int) -> dict[str, Any]:
+    def generate(self, model, max_new_tokens: int, prompts: Optional[list] = None) -> dict[str, Any]:
         from transformers import StoppingCriteria, StoppingCriteriaList
 
         tok = self.tokenizer
         tok.padding_side = "left"
         eos_id = tok.convert_tokens_to_ids(self.eos)
-        texts = [tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in self.prompts]
+        texts = [
+            tok.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in (prompts or self.prompts)
+        ]
         enc = tok(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(self.device)
         marks: list[float] = []
         device = self.device
@@ -673,6 +726,7 @@ class Bench:
             "stopped": sum(eos_id in r for r in new),
             "prompt_tokens": int(enc["attention_mask"].sum()),
             "prompt_len": int(enc["input_ids"].shape[1]),
+            "tokens": new,
             "prefill_s": rel[0],
             "step_s": [b - a for a, b in zip(rel, rel[1:])],
             "marks": rel,
@@ -903,7 +957,50 @@ class Bench:
             before,
             note="TRL compute_loss+backward on the same rows; the pipeline arm is what `ftflow run demo` trains",
         )
+        self.length_grouping(mode, model, trainer, trainer_step, reps)
         model.zero_grad(set_to_none=True)
+
+    def length_grouping(self, mode, model, trainer, trainer_step, reps) -> None:
+        """sft.group_by_length: the demo recipe's SFT batches (its row count, batch size and steps) drawn shuffled
+        vs length-grouped (transformers' LengthGroupedSampler order); padding over all the steps, and the time of
+        the same three steps of each order (first, middle, two thirds), ABBA."""
+        from transformers.trainer_pt_utils import get_length_grouped_indices
+
+        from ftflow.tasks.data.formatting import Window, tokenized_example
+
+        r = self.recipe
+        bs, steps = r.sft.per_device_batch_size, r.sft.max_steps
+        sft, _, _, _ = demo_data(r.data.demo.n_sft, 0, 0, 0)
+        window = Window(max_length=r.sft.max_length)
+        rows = [tokenized_example(self.tokenizer, ex["prompt"] + ex["completion"], window)[0] for ex in sft]
+        lengths = [len(row["input_ids"]) for row in rows]
+        orders = {
+            "shuffled": torch.randperm(len(rows), generator=torch.Generator().manual_seed(r.seed)).tolist(),
+            "length-grouped": get_length_grouped_indices(lengths, bs, generator=torch.Generator().manual_seed(r.seed)),
+        }
+        picks = (0, steps // 3, 2 * steps // 3)
+        padding, tokens, runs = {}, {}, {}
+        for name, order in orders.items():
+            batches = [order[i * bs : (i + 1) * bs] for i in range(steps)]
+            real = sum(lengths[i] for b in batches for i in b)
+            padded = sum(max(lengths[i] for i in b) * len(b) for b in batches)
+            padding[name] = {"real_tokens": real, "padded_tokens": padded, "padding_share": 1 - real / padded}
+            chosen = [to_device(trainer.data_collator([dict(rows[i]) for i in batches[k]]), self.device) for k in picks]
+            tokens[name] = sum(real_tokens(b) for b in chosen)
+            step_fns = [trainer_step(b) for b in chosen]
+            runs[name] = (noop, lambda fns=step_fns: [f() for f in fns], noop)
+        arms = side_by_side(runs, reps, self.device)
+        self.checks["length_grouping"] = padding
+        self.lever(
+            "length-grouped batches",
+            mode,
+            arms,
+            tokens,
+            "shuffled",
+            note=f"{len(rows)} demo rows, batch {bs}, {steps} steps: padding "
+            + ", ".join(f"{k} {v['padding_share']:.0%}" for k, v in padding.items())
+            + f"; timed: steps {', '.join(map(str, picks))} of each order (TRL compute_loss+backward)",
+        )
 
     @torch.no_grad()
     def padding_free_check(self, model, trainer, batch, pf_batch) -> dict[str, Any]:

@@ -316,6 +316,13 @@ class SFTConfig(TrainCommon):
         LossOn.all_assistant_turns,
         description="Which assistant turns carry the loss: every one (content + end-of-turn token) or the last only.",
     )
+    group_by_length: bool = Field(
+        True,
+        description=(
+            "Batch rows of similar length (transformers' LengthGroupedSampler: shuffled, then sorted by length "
+            "within mega-batches of up to 50 batches), so a batch pads to a near neighbour, not to a random long row."
+        ),
+    )
     padding_free: bool = Field(
         False,
         description=(
@@ -417,6 +424,13 @@ class EvalConfig(Strict):
     max_examples: int = Field(60, ge=1, description="Cap on held-out (test) examples scored per model.")
     batch_size: int = Field(16, ge=1, description="Generation batch size (left padded).")
     max_new_tokens: int = Field(64, ge=1, description="Generation budget per example.")
+    budget_from_references: bool = Field(
+        True,
+        description=(
+            "Cap max_new_tokens at 1.25x the longest reference answer's tokens, plus the end-of-turn token: a "
+            "generation past that matches no reference, and every decode step costs the whole batch."
+        ),
+    )
     few_shot_k: int = Field(3, ge=0, description="Examples from train in the base model's few-shot prompt.")
     cache_baselines: bool = Field(
         True,

@@ -512,6 +512,15 @@ class ModelSet:
     def __call__(self, *args, **kwargs):
         return self._active(*args, **kwargs)
 
+    def modules(self):
+        """Every module of every model held, each once (the base may be shared)."""
+        seen: set[int] = set()
+        for model in (self._base, *self._models.values()):
+            for module in model.modules():
+                if id(module) not in seen:
+                    seen.add(id(module))
+                    yield module
+
     def __getattr__(self, name: str):
         return getattr(self._active, name)
 

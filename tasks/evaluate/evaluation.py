@@ -18,6 +18,7 @@ import torch
 from ftflow.configs.schema import EvalConfig
 from ftflow.tasks.errors import DataError
 from ftflow.tasks.evaluate import cache, registry
+from ftflow.tasks.train.model import dequantized_4bit
 
 if TYPE_CHECKING:
     from ftflow.tasks.data.formatting import FormattedData
@@ -120,11 +121,31 @@ def _batches(items: list, size: int):
         yield items[i : i + size]
 
 
+# Room over the longest reference when sizing the generation budget from it: a slightly longer correct answer must
+# still reach its end-of-turn token, or the EOS-stop rate would count it as a runaway.
+REFERENCE_MARGIN = 1.25
+
+
+def generation_budget(cfg: EvalConfig, tokenizer, references: Sequence[str]) -> int:
+    """max_new_tokens, capped at what the longest reference answer needs when `budget_from_references`."""
+    if not cfg.budget_from_references or not references:
+        return cfg.max_new_tokens
+    longest = max(len(ids) for ids in tokenizer(list(references), add_special_tokens=False)["input_ids"])
+    return min(cfg.max_new_tokens, math.ceil(longest * REFERENCE_MARGIN) + 1)
+
+
 @torch.no_grad()
 def generate(
-    model, tokenizer, prompts: list[list[dict]], cfg: EvalConfig, eos_token: str, update: Optional[Update] = None
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    cfg: EvalConfig,
+    eos_token: str,
+    update: Optional[Update] = None,
+    max_new_tokens: Optional[int] = None,
 ) -> list[dict[str, Any]]:
-    """Greedy generations; `text` keeps the end-of-turn marker when the model emitted it (the EOS-stop metric reads it)."""
+    """Greedy generations of up to `max_new_tokens` (default: the config's); `text` keeps the end-of-turn marker when
+    the model emitted it (the EOS-stop metric reads it)."""
     tokenizer.padding_side = "left"
     eos_id = tokenizer.convert_tokens_to_ids(eos_token)
     device = next(model.parameters()).device
@@ -134,7 +155,7 @@ def generate(
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         generated = model.generate(
             **enc,
-            max_new_tokens=cfg.max_new_tokens,
+            max_new_tokens=max_new_tokens or cfg.max_new_tokens,
             do_sample=False,
             eos_token_id=eos_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -175,11 +196,17 @@ def _completion_logps(model, tokenizer, prompts: list[list[dict]], answers: list
     return (token_logps * mask).sum(-1).tolist(), mask.sum(-1).tolist()
 
 
+# Teacher forcing holds vocabulary-sized logits for every token (49k floats each for SmolLM2), twice with the
+# log-softmax: a batch of 16 long rows already takes ~1.5 GB. Wider batches gain nothing once rows are this long;
+# generation, whose decode steps are short, takes the configured batch.
+LOGPS_MAX_BATCH = 16
+
+
 @torch.no_grad()
 def answer_logps(model, tokenizer, prompts, answers, cfg: EvalConfig, max_length: int) -> tuple[list[float], list[int]]:
     logps: list[float] = []
     counts: list[int] = []
-    for idx in _batches(list(range(len(prompts))), cfg.batch_size):
+    for idx in _batches(list(range(len(prompts))), min(cfg.batch_size, LOGPS_MAX_BATCH)):
         lp, n = _completion_logps(model, tokenizer, [prompts[i] for i in idx], [answers[i] for i in idx], max_length)
         logps += lp
         counts += [int(c) for c in n]
@@ -293,6 +320,14 @@ def score_variants(
     """Score `variants` on `scoring.examples` (and its pairs), computing only what the metrics of its sources need.
 
     `model` is a PeftModel holding adapters named after the variants; base variants disable them."""
+    results: dict[str, VariantResult] = dict(precomputed or {})
+    with dequantized_4bit(model, ctx.log):
+        _score_each(ctx, model, tokenizer, [v for v in variants if v not in results], scoring, results)
+    _score_preferences(results, ctx.cfg.dpo.beta)
+    return results
+
+
+def _score_each(ctx: StageContext, model, tokenizer, variants: list[str], scoring: Scoring, results: dict) -> None:
     from ftflow.tasks.evaluate.metrics import load_suite
 
     cfg, eos_token, max_length = ctx.cfg.eval, ctx.model.eos_token, ctx.cfg.sft.max_length
@@ -301,8 +336,12 @@ def score_variants(
     prompts = [ex["prompt"] for ex in scoring.examples]
     references = [reference_text(ex) for ex in scoring.examples]
     answers = [ex["completion"] for ex in scoring.examples]
-    results: dict[str, VariantResult] = dict(precomputed or {})
-    for variant in [v for v in variants if v not in results]:
+    budget = generation_budget(cfg, tokenizer, references)
+    if "generation" in sources and budget < cfg.max_new_tokens:
+        ctx.log(
+            f"generation budget {budget} new tokens (eval.max_new_tokens {cfg.max_new_tokens}, sized from the references)"
+        )
+    for variant in variants:
         key = cache.variant_key(ctx, variant, scoring)
         hit = cache.load(ctx, variant, key)
         if hit is not None:
@@ -318,7 +357,7 @@ def score_variants(
                 update = ctx.progress(f"eval-{variant.replace('_', '-')}", len(asked)) if ctx.progress else None
                 result = score_variant(
                     variant,
-                    generate(model, tokenizer, asked, cfg, eos_token, update),
+                    generate(model, tokenizer, asked, cfg, eos_token, update, budget),
                     references,
                     prompts,
                     eos_token,
@@ -336,8 +375,6 @@ def score_variants(
         results[variant] = result
         cache.save(ctx, key, result)
         ctx.log(f"evaluated {variant}: " + _summary(result))
-    _score_preferences(results, ctx.cfg.dpo.beta)
-    return results
 
 
 def _summary(result: VariantResult) -> str:

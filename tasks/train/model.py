@@ -5,6 +5,7 @@ from __future__ import annotations
 import hashlib
 import importlib.util
 import json
+import math
 import os
 import shutil
 import tempfile
@@ -312,11 +313,50 @@ def load_base_model(path: str, cfg: ModelConfig, q: QuantizationConfig, auto_cla
         if isinstance(err, ModelLoadError) or not _is_file_error(err) or _is_network_error(err):
             raise
         raise _load_error(cfg, path, "model", err) from None
+    if device == "cpu":
+        use_physical_cores()
     if quant is None:
         model.to(f"cuda:{local_rank()}" if device == "cuda" else device)
     elif device == "cpu":
         keep_compute_dtype(model, quant.bnb_4bit_compute_dtype)
     return model
+
+
+def cpu_cores() -> int:
+    """Physical cores this process may run on: its CPU affinity, one per core (SMT siblings share a core's FPUs),
+    and no more than a cgroup CPU quota allows (a container limited to 2 CPUs on a 64-core host sees 64)."""
+    allowed = os.sched_getaffinity(0) if hasattr(os, "sched_getaffinity") else set(range(os.cpu_count() or 1))
+    cores = set()
+    for cpu in allowed:
+        topology = Path(f"/sys/devices/system/cpu/cpu{cpu}/topology")
+        try:
+            cores.add(
+                (topology / "physical_package_id").read_text().strip()
+                + ":"
+                + (topology / "core_id").read_text().strip()
+            )
+        except OSError:
+            cores.add(str(cpu))
+    count = len(cores) or 1
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            count = min(count, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return count
+
+
+def use_physical_cores() -> int:
+    """Set torch's CPU threads to `cpu_cores()` unless OMP_NUM_THREADS was set; returns the thread count.
+
+    torch starts one thread per CPU it may run on: a hyperthread pair then shares one core's vector units, and a
+    CPU-limited container oversubscribes its quota, both slower than one thread per physical core."""
+    if not os.environ.get("OMP_NUM_THREADS"):
+        wanted = cpu_cores()
+        if torch.get_num_threads() != wanted:
+            torch.set_num_threads(wanted)
+    return torch.get_num_threads()
 
 
 def keep_compute_dtype(model, compute: torch.dtype) -> None:
@@ -329,6 +369,70 @@ def keep_compute_dtype(model, compute: torch.dtype) -> None:
     for module in model.modules():
         if hasattr(module, "support_avx512bf16_for_cpu"):
             module.support_avx512bf16_for_cpu = compute == torch.bfloat16
+
+
+# Dequantized copies for CPU inference may take this share of the machine's RAM; past it each forward dequantizes.
+DEQUANTIZED_RAM_SHARE = 0.25
+
+
+def _dequantizable(module) -> bool:
+    """A 4-bit layer whose CPU inference is bitsandbytes' generic path: dequantize to the compute dtype, then a
+    plain matmul. The packed AVX512-BF16 kernel (bf16 compute on such CPUs) is a different computation."""
+    import bitsandbytes as bnb
+
+    return (
+        isinstance(module, bnb.nn.Linear4bit)
+        and module.weight.device.type == "cpu"
+        and module.compute_dtype == torch.float32
+        and not getattr(module.weight.quant_state, "packing_format_for_cpu", False)
+        and not getattr(module, "support_avx512bf16_for_cpu", False)
+    )
+
+
+@contextmanager
+def dequantized_4bit(model, log: Callable[[str], None] = print):
+    """CPU inference in this block dequantizes each 4-bit weight once, not at every forward.
+
+    Without a fused 4-bit CPU kernel, bitsandbytes dequantizes the whole weight for every forward: a decode step
+    of a 20-row batch then spends as long unpacking weights as multiplying them (1.3x slower generation on the
+    demo model, bench/bench_efficiency.py). The copy is what bitsandbytes computes each time (same dequantization,
+    same dtype, same matmul), so outputs are bit-identical; it is used only without gradients, and dropped on
+    leaving. Skipped, with a line in the log, when the copies would exceed DEQUANTIZED_RAM_SHARE of RAM."""
+    layers = [m for m in model.modules() if _dequantizable(m)] if hasattr(model, "modules") else []
+    wanted = sum(m.weight.quant_state.shape.numel() * 4 for m in layers)
+    if layers and wanted > DEQUANTIZED_RAM_SHARE * available_memory("cpu"):
+        log(f"4-bit weights stay packed for inference: {wanted / 2**30:.1f} GiB dequantized would not fit")
+        layers = []
+    try:
+        for module in layers:
+            module.forward = _cached_forward(module)
+        yield
+    finally:
+        for module in layers:
+            module.__dict__.pop("forward", None)
+
+
+def _cached_forward(module):
+    # bitsandbytes' generic gemm_4bit: the double-quantized absmax first, then the 4-bit codes, to the compute dtype.
+    ops, state = torch.ops.bitsandbytes, module.weight.quant_state
+    absmax = state.absmax
+    if state.nested:
+        absmax = ops.dequantize_blockwise.default(
+            state.absmax, state.state2.absmax, state.state2.code, state.state2.blocksize, torch.float32
+        )
+        absmax = absmax + state.offset
+    weight = ops.dequantize_4bit.default(
+        module.weight.data.view(-1, 1), absmax, state.blocksize, state.quant_type, state.shape, torch.float32
+    )
+    packed_forward = module.forward
+
+    def forward(x: torch.Tensor) -> torch.Tensor:
+        if torch.is_grad_enabled():
+            return packed_forward(x)
+        bias = None if module.bias is None else module.bias.to(torch.float32)
+        return torch.nn.functional.linear(x.to(torch.float32), weight, bias).to(x.dtype)
+
+    return forward
 
 
 @contextmanager

@@ -35,6 +35,22 @@ def test_chat_token_lengths_counts_the_templated_conversation():
     assert lengths([row, p]) == [expected_sft, expected_pair]
 
 
+def test_batch_encoding_runs_parallel_and_puts_the_setting_back(monkeypatch):
+    import os
+
+    from ftflow.tasks.data.lengths import rust_parallelism
+
+    monkeypatch.setenv("TOKENIZERS_PARALLELISM", "false")
+    with rust_parallelism():
+        # Unset, not "true": the tokenizers library then protects a child forked meanwhile by itself.
+        assert "TOKENIZERS_PARALLELISM" not in os.environ
+    assert os.environ["TOKENIZERS_PARALLELISM"] == "false"
+    monkeypatch.delenv("TOKENIZERS_PARALLELISM")
+    with rust_parallelism():
+        pass
+    assert "TOKENIZERS_PARALLELISM" not in os.environ
+
+
 def test_estimate_counts_a_quarter_token_per_ascii_char_one_per_other_char_and_the_longer_answer():
     assert estimate_token_lengths([sft("abcdefgh", "日本")]) == [4 * 3 + 2 + 2]
     assert estimate_token_lengths([pair("abcd", "x" * 40, "y")]) == [4 * 3 + 1 + 10]

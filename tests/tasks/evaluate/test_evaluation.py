@@ -21,6 +21,7 @@ from ftflow.tasks.evaluate.evaluation import (
     evaluate_variants,
     few_shot_prompt,
     generate,
+    generation_budget,
     reward_margins,
 )
 
@@ -310,3 +311,14 @@ def test_decide_reads_real_evaluation_output_and_the_preference_guard_runs(two_a
     assert {c.against for c in decision.comparisons} == {"base", "base_fewshot", "champion"}
     assert not decision.promote  # a random adapter has no exact answers: nothing clears the baselines
     assert decision.summary().startswith("REFUSE sft: heldout_exact +0.000 [0.000, 0.000] vs base")
+
+
+def test_generation_budget_is_sized_from_the_longest_reference(tokenizer):
+    references = ['{"city": "Paris"}', '{"city": "Tokyo", "country": "Japan"}']
+    longest = max(len(tokenizer(r, add_special_tokens=False)["input_ids"]) for r in references)
+    sized = math.ceil(longest * 1.25) + 1  # room for a slightly longer answer, and the end-of-turn token
+    assert generation_budget(eval_cfg(max_new_tokens=256), tokenizer, references) == sized
+    assert generation_budget(eval_cfg(max_new_tokens=3), tokenizer, references) == 3  # the config's cap stands
+    off = eval_cfg(max_new_tokens=256, budget_from_references=False)
+    assert generation_budget(off, tokenizer, references) == 256
+    assert generation_budget(eval_cfg(max_new_tokens=256), tokenizer, []) == 256

@@ -23,6 +23,8 @@ from ftflow.tasks.train.model import (
     build_lora_config,
     build_once,
     cache_root,
+    cpu_cores,
+    dequantized_4bit,
     load_base_model,
     load_tokenizer,
     model_fingerprint,
@@ -30,6 +32,7 @@ from ftflow.tasks.train.model import (
     quantized_device_map,
     resolve_model_path,
     trainable_parameters,
+    use_physical_cores,
 )
 
 
@@ -130,6 +133,51 @@ def test_4bit_inference_computes_in_the_configured_dtype_on_any_cpu(tiny_model_d
         quantized = model(input_ids=ids).logits
         dequantized = model.dequantize(dtype=torch.float32)(input_ids=ids).logits
     assert torch.allclose(quantized, dequantized, atol=1e-4)
+
+
+def test_dequantized_4bit_inference_is_bit_identical_and_undone(tiny_model_dir):
+    model = load_base_model(tiny_model_dir, model_cfg(tiny_model_dir), QuantizationConfig()).eval()
+    layers = _linear4bit_modules(model).values()
+    ids = torch.tensor([[1, 5, 9, 42, 7, 3], [4, 4, 8, 15, 16, 23]])
+    with torch.no_grad():
+        packed = model(input_ids=ids).logits
+        packed_generation = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+        with dequantized_4bit(model, log=pytest.fail):
+            assert all("forward" in m.__dict__ for m in layers)
+            once = model(input_ids=ids).logits
+            once_generation = model.generate(input_ids=ids, max_new_tokens=5, do_sample=False)
+    # The copy is what bitsandbytes computes at every forward, so nothing may move, not even the last bit.
+    assert torch.equal(packed, once) and torch.equal(packed_generation, once_generation)
+    assert all("forward" not in m.__dict__ for m in layers)
+
+
+def test_dequantized_4bit_leaves_gradients_and_oversized_models_to_bitsandbytes(tiny_model_dir, monkeypatch):
+    import ftflow.tasks.train.model as model_module
+
+    model = load_base_model(tiny_model_dir, model_cfg(tiny_model_dir), QuantizationConfig())
+    ids = torch.tensor([[1, 5, 9, 42]])
+    embeds = model.get_input_embeddings()(ids).detach().requires_grad_()
+    with dequantized_4bit(model):
+        model(inputs_embeds=embeds).logits.sum().backward()  # the packed path, whose backward bitsandbytes owns
+    assert embeds.grad is not None and torch.isfinite(embeds.grad).all()
+    said: list[str] = []
+    monkeypatch.setattr(model_module, "DEQUANTIZED_RAM_SHARE", 0.0)
+    with dequantized_4bit(model, log=said.append):
+        assert all("forward" not in m.__dict__ for m in _linear4bit_modules(model).values())
+    assert len(said) == 1 and "stay packed" in said[0]
+
+
+def test_torch_threads_follow_the_physical_cores_unless_omp_says(monkeypatch):
+    before = torch.get_num_threads()
+    try:
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        assert 1 <= cpu_cores() <= os.cpu_count()
+        assert use_physical_cores() == cpu_cores() == torch.get_num_threads()
+        torch.set_num_threads(1)
+        monkeypatch.setenv("OMP_NUM_THREADS", "1")
+        assert use_physical_cores() == 1  # the user's choice stands
+    finally:
+        torch.set_num_threads(before)
 
 
 def test_no_quantization_gives_torch_linear(tiny_model_dir):

@@ -162,3 +162,24 @@ def test_padding_free_needs_every_row_tokenized_and_within_the_window():
     assert not padding_free_fits(cfg(), fits)  # off by default: no faster with sdpa on CPU
     # peft ignores position ids for prompt learning: its virtual tokens would lead one packed sequence, not each row.
     assert not padding_free_fits(cfg(method="prompt_tuning", padding_free=True), fits)
+
+
+def test_sft_batches_are_grouped_by_length(padding_free_run):
+    from transformers.trainer_pt_utils import LengthGroupedSampler
+
+    trainer = padding_free_run["trainer"]
+    sampler = trainer._get_train_sampler()
+    assert isinstance(sampler, LengthGroupedSampler)
+    # The lengths it groups by are the rows' real token counts, as the formatting stage tokenized them.
+    assert sorted(sampler.lengths) == sorted(len(r["input_ids"]) for r in padding_free_run["rows"])
+
+
+def test_group_by_length_can_be_switched_off():
+    from ftflow.configs.schema import PipelineConfig
+    from ftflow.tasks.train.trainer import _kind_specific
+
+    rows = [{"input_ids": [1] * 4}]
+    on = _kind_specific("sft", PipelineConfig.model_validate({}), rows)[2]
+    off = _kind_specific("sft", PipelineConfig.model_validate({"sft": {"group_by_length": False}}), rows)[2]
+    assert on["train_sampling_strategy"] == "group_by_length"
+    assert "train_sampling_strategy" not in off  # transformers' default: shuffled

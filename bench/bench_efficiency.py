@@ -12,7 +12,8 @@ Prints, in one process, on the machine it runs on:
     the fp32 matmul rate ("CPU MFU");
   * levers, each measured side by side (alternating arms, ABBA) on the first mode: LoRA dropout 0.05 vs 0,
     LoRA weights bf16 (TRL's QLoRA cast) vs fp32, torch threads = physical cores vs default, padding-free vs
-    padded batches, eval max_new_tokens sized from the longest reference vs fixed 64, and where a trainer step
+    padded batches, length-grouped vs shuffled SFT batches, eval max_new_tokens sized from the longest reference
+    vs fixed 64, eval generation with 4-bit weights dequantized once and in one batch, and where a trainer step
     spends its time beyond a bare forward+backward (phase timers and a torch.profiler table).
 
 FLOP accounting (stated once, used everywhere; attention score/value products are not counted, they are ~2 %
@@ -956,6 +957,15 @@ class Bench:
             {before: tokens, pipeline: pf_tokens if pipeline_pf else tokens},
             before,
             note="TRL compute_loss+backward on the same rows; the pipeline arm is what `ftflow run demo` trains",
+        )
+        # The headline SFT rows above run the first version's recipe; this is the step the pipeline takes now.
+        self.add(
+            "sft",
+            mode,
+            "pipeline step (TRL loss+backward)",
+            Measure(arms[pipeline], tokens, sft_flops),
+            pipeline + ", same rows; from the 'all SFT levers' arm",
+            cpu=arms.cpu[pipeline],
         )
         self.length_grouping(mode, model, trainer, trainer_step, reps)
         model.zero_grad(set_to_none=True)

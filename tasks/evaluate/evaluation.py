@@ -187,12 +187,16 @@ def _completion_logps(model, tokenizer, prompts: list[list[dict]], answers: list
     enc = tokenizer(
         full_texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length, add_special_tokens=False
     ).to(device)
-    logits = model(**enc).logits[:, :-1].float()
-    targets = enc["input_ids"][:, 1:]
+    # Only answer tokens are scored, and every row's answer starts after the shortest prompt: the LM head and the
+    # vocabulary-wide log-softmax run from there on, not over the prompts (most of each row on the demo).
+    start = max(min(prompt_lens) - 1, 0)
+    length = enc["input_ids"].shape[1]
+    logits = model(**enc, logits_to_keep=length - start).logits[:, :-1].float()
+    targets = enc["input_ids"][:, start + 1 :]
     token_logps = torch.log_softmax(logits, dim=-1).gather(-1, targets.unsqueeze(-1)).squeeze(-1)
-    mask = enc["attention_mask"][:, 1:].clone()
+    mask = enc["attention_mask"][:, start + 1 :].clone()
     for i, n in enumerate(prompt_lens):
-        mask[i, : max(n - 1, 0)] = 0
+        mask[i, : max(n - 1 - start, 0)] = 0
     return (token_logps * mask).sum(-1).tolist(), mask.sum(-1).tolist()
 
 

@@ -178,6 +178,23 @@ def test_answer_logps_match_a_manual_forward(peft_model, tokenizer):
     assert logps[0] == pytest.approx(answer_part.sum().item(), rel=1e-4)
 
 
+def test_batched_answer_logps_equal_each_row_alone(peft_model, tokenizer):
+    # Rows with prompts of different lengths: the LM head runs from the shortest prompt's end, so a longer prompt's
+    # extra tokens must still be left out, and every answer token still scored.
+    rows = [*HELDOUT, example("Extract the city, please, from this much longer line: Lima is in Peru.", "Lima")]
+    prompts, answers = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+    with active_variant(peft_model, "base"):
+        together = answer_logps(peft_model, tokenizer, prompts, answers, eval_cfg(batch_size=3), 256)
+        alone = [answer_logps(peft_model, tokenizer, [p], [a], eval_cfg(), 256) for p, a in zip(prompts, answers)]
+    def answer_tokens(p, a):
+        full = tokenizer.apply_chat_template(p + a, tokenize=False)
+        asked = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)
+        return len(tokenizer(full, add_special_tokens=False)["input_ids"]) - len(tokenizer(asked)["input_ids"])
+
+    assert together[1] == [n[0] for _, n in alone] == [answer_tokens(p, a) for p, a in zip(prompts, answers)]
+    assert together[0] == pytest.approx([lp[0] for lp, _ in alone], rel=1e-4)
+
+
 # --- guards --------------------------------------------------------------------------------------
 
 

@@ -186,6 +186,7 @@ def test_batched_answer_logps_equal_each_row_alone(peft_model, tokenizer):
     with active_variant(peft_model, "base"):
         together = answer_logps(peft_model, tokenizer, prompts, answers, eval_cfg(batch_size=3), 256)
         alone = [answer_logps(peft_model, tokenizer, [p], [a], eval_cfg(), 256) for p, a in zip(prompts, answers)]
+
     def answer_tokens(p, a):
         full = tokenizer.apply_chat_template(p + a, tokenize=False)
         asked = tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True)

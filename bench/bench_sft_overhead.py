@@ -268,6 +268,8 @@ def worker_bare(spec: dict, out_dir: Path) -> dict:
         gradient_checkpointing=sft["gradient_checkpointing"],  # TRL's own default is True
         completion_only_loss=True,
         packing=False,
+        # The same batches in the same order as the pipeline's (sft.group_by_length), so both arms do the same work.
+        train_sampling_strategy="group_by_length" if sft["group_by_length"] else "random",
         bf16=cuda,
         use_cpu=not cuda,
         report_to="none",

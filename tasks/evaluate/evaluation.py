@@ -136,16 +136,9 @@ def generation_budget(cfg: EvalConfig, tokenizer, references: Sequence[str]) -> 
 
 @torch.no_grad()
 def generate(
-    model,
-    tokenizer,
-    prompts: list[list[dict]],
-    cfg: EvalConfig,
-    eos_token: str,
-    update: Optional[Update] = None,
-    max_new_tokens: Optional[int] = None,
+    model, tokenizer, prompts: list[list[dict]], cfg: EvalConfig, eos_token: str, update: Optional[Update] = None
 ) -> list[dict[str, Any]]:
-    """Greedy generations of up to `max_new_tokens` (default: the config's); `text` keeps the end-of-turn marker when
-    the model emitted it (the EOS-stop metric reads it)."""
+    """Greedy generations; `text` keeps the end-of-turn marker when the model emitted it (the EOS-stop metric reads it)."""
     tokenizer.padding_side = "left"
     eos_id = tokenizer.convert_tokens_to_ids(eos_token)
     device = next(model.parameters()).device
@@ -155,7 +148,7 @@ def generate(
         enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False).to(device)
         generated = model.generate(
             **enc,
-            max_new_tokens=max_new_tokens or cfg.max_new_tokens,
+            max_new_tokens=cfg.max_new_tokens,
             do_sample=False,
             eos_token_id=eos_id,
             pad_token_id=tokenizer.pad_token_id,
@@ -341,6 +334,7 @@ def _score_each(ctx: StageContext, model, tokenizer, variants: list[str], scorin
     references = [reference_text(ex) for ex in scoring.examples]
     answers = [ex["completion"] for ex in scoring.examples]
     budget = generation_budget(cfg, tokenizer, references)
+    sized = cfg.model_copy(update={"max_new_tokens": budget})
     if "generation" in sources and budget < cfg.max_new_tokens:
         ctx.log(
             f"generation budget {budget} new tokens (eval.max_new_tokens {cfg.max_new_tokens}, sized from the references)"
@@ -361,7 +355,7 @@ def _score_each(ctx: StageContext, model, tokenizer, variants: list[str], scorin
                 update = ctx.progress(f"eval-{variant.replace('_', '-')}", len(asked)) if ctx.progress else None
                 result = score_variant(
                     variant,
-                    generate(model, tokenizer, asked, cfg, eos_token, update, budget),
+                    generate(model, tokenizer, asked, sized, eos_token, update),
                     references,
                     prompts,
                     eos_token,

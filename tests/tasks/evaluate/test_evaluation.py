@@ -340,3 +340,13 @@ def test_generation_budget_is_sized_from_the_longest_reference(tokenizer):
     off = eval_cfg(max_new_tokens=256, budget_from_references=False)
     assert generation_budget(off, tokenizer, references) == 256
     assert generation_budget(eval_cfg(max_new_tokens=256), tokenizer, []) == 256
+
+
+def test_evaluation_generates_within_the_budget_sized_from_the_references(peft_model, tokenizer, tmp_path):
+    logs: list[str] = []
+    ctx = eval_ctx(tmp_path, logs.append, max_new_tokens=200, few_shot_k=0, cache_baselines=False)
+    results = evaluate_variants(ctx, peft_model, tokenizer, ["base", "sft"], EvalSets(TRAIN, HELDOUT, PAIRS))
+    budget = generation_budget(ctx.cfg.eval, tokenizer, [ex["completion"][-1]["content"] for ex in HELDOUT])
+    assert budget < 200 and any(f"generation budget {budget} new tokens" in line for line in logs)
+    # Random adapters on a random model ramble: no answer may run past the sized budget, the config's 200 aside.
+    assert max(p["new_tokens"] for r in results.values() for p in r.predictions) <= budget

@@ -81,12 +81,11 @@ def cpu_info() -> dict[str, Any]:
     except OSError:
         pass
     wanted = sorted(f for f in flags if f in ("avx2", "fma") or f.startswith(("avx512", "amx", "avx_vnni")))
-    try:
-        import psutil
+    from ftflow.tasks.train.model import cpu_cores
 
-        physical = psutil.cpu_count(logical=False) or os.cpu_count()
-    except ImportError:
-        physical = os.cpu_count()
+    # The count the pipeline sets torch to (affinity, one per physical core, the cgroup quota), so the threads
+    # lever compares torch's default with what a run actually uses.
+    physical = cpu_cores()
     return {
         "cpu": model,
         "flags": wanted,

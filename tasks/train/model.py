@@ -398,7 +398,7 @@ def dequantized_4bit(model, log: Callable[[str], None] = print):
     demo model, bench/bench_efficiency.py). The copy is what bitsandbytes computes each time (same dequantization,
     same dtype, same matmul), so outputs are bit-identical; it is used only without gradients, and dropped on
     leaving. Skipped, with a line in the log, when the copies would exceed DEQUANTIZED_RAM_SHARE of RAM."""
-    layers = [m for m in model.modules() if _dequantizable(m)] if hasattr(model, "modules") else []
+    layers = [m for m in model.modules() if _dequantizable(m)]
     wanted = sum(m.weight.quant_state.shape.numel() * 4 for m in layers)
     if layers and wanted > DEQUANTIZED_RAM_SHARE * available_memory("cpu"):
         log(f"4-bit weights stay packed for inference: {wanted / 2**30:.1f} GiB dequantized would not fit")

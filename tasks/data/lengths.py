@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import math
 import os
+import time
+from concurrent.futures import ThreadPoolExecutor
 from contextlib import contextmanager
+from dataclasses import dataclass
 from typing import Any, Callable, Iterator, Sequence
 
 from ftflow.tasks.data.rows import conversation
@@ -46,14 +49,25 @@ def rust_parallelism() -> Iterator[None]:
             os.environ["TOKENIZERS_PARALLELISM"] = saved
 
 
-def chat_token_lengths(tokenizer: Any) -> TokenLength:
+@dataclass
+class Rendered:
+    texts: list[str]  # one per conversation: a pair renders twice (prompt + chosen, prompt + rejected)
+    owner: list[int]  # the row each text belongs to
+    rows: int
+
+
+class ChatTokenLengths:
     """A batched `token_length` for run_quality: tokens after the tokenizer's chat template.
 
     A preference pair counts as its longer completion (prompt + chosen or prompt + rejected),
-    which is what DPO's max_length has to hold."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
+    which is what DPO's max_length has to hold. Calling it renders then counts; `measure_ahead` calls the
+    two halves on different threads, since only counting releases the GIL."""
 
-    def lengths(rows: list[dict]) -> list[int]:
+    def __init__(self, tokenizer: Any) -> None:
+        self.tokenizer = tokenizer
+        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+
+    def render(self, rows: list[dict]) -> Rendered:
         conversations, owner = [], []
         for i, row in enumerate(rows):
             if "messages" in row:
@@ -63,32 +77,62 @@ def chat_token_lengths(tokenizer: Any) -> TokenLength:
                 for completion in (row["chosen"], row["rejected"]):
                     conversations.append([*row["prompt"], {"role": "assistant", "content": completion}])
                     owner.append(i)
-        texts = tokenizer.apply_chat_template(conversations, tokenize=False)
-        if backend is not None and hasattr(backend, "encode_batch_fast"):
+        return Rendered(self.tokenizer.apply_chat_template(conversations, tokenize=False), owner, len(rows))
+
+    def count(self, rendered: Rendered) -> list[int]:
+        if self.backend is not None and hasattr(self.backend, "encode_batch_fast"):
             # Skips offsets and attention masks: only the count is needed.
             with rust_parallelism():
-                encoded = backend.encode_batch_fast(texts, add_special_tokens=False)
+                encoded = self.backend.encode_batch_fast(rendered.texts, add_special_tokens=False)
             counts = [len(e) for e in encoded]
         else:
-            counts = [len(ids) for ids in tokenizer(texts, add_special_tokens=False)["input_ids"]]
-        out = [0] * len(rows)
-        for i, n in zip(owner, counts):
+            counts = [len(ids) for ids in self.tokenizer(rendered.texts, add_special_tokens=False)["input_ids"]]
+        out = [0] * rendered.rows
+        for i, n in zip(rendered.owner, counts):
             out[i] = max(out[i], n)
         return out
 
-    return lengths
+    def __call__(self, rows: list[dict]) -> list[int]:
+        return self.count(self.render(rows))
 
 
-def measure_token_lengths(rows: list[dict], token_length: TokenLength) -> list[int]:
-    """`token_length` over `rows` in batches, refusing a function that loses or invents rows."""
-    out: list[int] = []
-    for start in range(0, len(rows), TOKEN_BATCH_ROWS):
-        batch = rows[start : start + TOKEN_BATCH_ROWS]
-        got = list(token_length(batch))
-        if len(got) != len(batch):
-            raise ValueError(f"token_length returned {len(got)} lengths for {len(batch)} rows")
-        out += map(int, got)
-    return out
+def chat_token_lengths(tokenizer: Any) -> ChatTokenLengths:
+    return ChatTokenLengths(tokenizer)
+
+
+def _timed(count: Callable[[Any], list[int]], prepared: Any) -> tuple[list[int], float]:
+    since = time.perf_counter()
+    return count(prepared), time.perf_counter() - since
+
+
+def measure_ahead(batches: Sequence[list[dict]], token_length: TokenLength) -> Iterator[tuple[list[int], float]]:
+    """Each batch's token lengths and the seconds spent on them, in order, refusing a function that loses or
+    invents rows.
+
+    With a `ChatTokenLengths`, a worker thread counts one batch with the Rust tokenizer (which releases the GIL
+    and uses every core) while the caller checks the batch before it and this thread renders the one after:
+    x1.3 on validation (bench/bench_validation.py). Rendering stays on the caller's thread because Jinja holds
+    the GIL, so in the worker it would stall the caller's checks and leave the cores idle."""
+    render = getattr(token_length, "render", None)
+    count = token_length.count if render is not None else token_length  # type: ignore[attr-defined]
+    pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-length")
+    try:
+        pending = None
+        for batch in [*batches, None]:
+            submitted = None
+            if batch is not None:
+                since = time.perf_counter()
+                prepared = render(batch) if render is not None else batch
+                submitted = (len(batch), pool.submit(_timed, count, prepared), time.perf_counter() - since)
+            if pending is not None:
+                expected, future, render_s = pending
+                got, count_s = future.result()
+                if len(got) != expected:
+                    raise ValueError(f"token_length returned {len(got)} lengths for {expected} rows")
+                yield list(map(int, got)), render_s + count_s
+            pending = submitted
+    finally:
+        pool.shutdown(wait=True, cancel_futures=True)
 
 
 def nearest_rank(values: Sequence[int], q: float) -> int:

@@ -13,7 +13,10 @@ Kept rows may carry flags instead: `pii` (cfg.pii == "flag") and, for preference
 The checks themselves live beside this module: checks.py (structure, PII), lengths.py (token
 lengths), repetition.py (degenerate answers), dedup.py (exact and near duplicates) and language.py; this
 module runs them in order.
-Speed matters (the bench wants 10k rows/s on 2 cores), which is why dedup and language are vectorized.
+Speed matters (the bench wants 10k rows/s on 2 cores), which is why dedup and language are vectorized and
+the tokenizer counts the next batch in a thread while a batch goes through repetition and language detection
+(languages are applied after deduplication, so the order above still decides every reason). Those three
+timings in stats["timings_s"] therefore overlap, and can sum to more than stats["seconds"].
 """
 
 from __future__ import annotations
@@ -37,7 +40,13 @@ from ftflow.tasks.data.dedup import (
     normalized_views,
 )
 from ftflow.tasks.data.language import DETECTABLE_LANGUAGES, LANGUAGE_MIN_PROBABILITY, detect_languages, language_text
-from ftflow.tasks.data.lengths import TokenLength, chat_token_lengths, estimate_token_lengths, measure_token_lengths
+from ftflow.tasks.data.lengths import (
+    TOKEN_BATCH_ROWS,
+    TokenLength,
+    chat_token_lengths,
+    estimate_token_lengths,
+    measure_ahead,
+)
 from ftflow.tasks.data.repetition import repetition_problem
 from ftflow.tasks.data.rows import Dropped, Kind, Record, conversation
 from ftflow.tasks.text import normalize_text
@@ -90,8 +99,8 @@ class _Pass:
     drops: Found = field(default_factory=dict)
     timings: dict[str, float] = field(default_factory=dict)
 
-    def apply(self, check: str, found: Found, since: float) -> None:
-        self.timings[check] = time.perf_counter() - since
+    def apply(self, check: str, found: Found, seconds: float) -> None:
+        self.timings[check] = seconds
         if found:
             self.drops.update(found)
             self.alive = [i for i in self.alive if i not in found]
@@ -108,24 +117,7 @@ def _run_structural(run: _Pass, rows: list[Any], kind: Kind) -> None:
             detail = check(rows[i], kind)
             if detail is not None:
                 found[i] = (reason, detail)
-        run.apply(reason, found, since)
-
-
-def _run_token_length(
-    run: _Pass, rows: list[Any], cfg: QualityConfig, token_length: Optional[TokenLength]
-) -> dict[int, int]:
-    since = time.perf_counter()
-    measured = measure_token_lengths([rows[i] for i in run.alive], token_length or estimate_token_lengths)
-    lengths = dict(zip(run.alive, measured))
-    found: Found = {}
-    for i in run.alive:
-        n = lengths[i]
-        if n < cfg.min_tokens:
-            found[i] = ("too_short", f"token length {n} < min_tokens {cfg.min_tokens}")
-        elif n > cfg.max_tokens:
-            found[i] = ("too_long", f"token length {n} > max_tokens {cfg.max_tokens}")
-    run.apply("token_length", found, since)
-    return lengths
+        run.apply(reason, found, time.perf_counter() - since)
 
 
 def _answers(row: dict[str, Any]) -> list[tuple[str, str]]:
@@ -138,21 +130,73 @@ def _answers(row: dict[str, Any]) -> list[tuple[str, str]]:
     return [("chosen", row["chosen"]), ("rejected", row["rejected"])]
 
 
-def _run_repetition(run: _Pass, rows: list[Any], cfg: QualityConfig) -> Counter[str]:
+def _length_problem(n: int, cfg: QualityConfig) -> Optional[tuple[str, str]]:
+    if n < cfg.min_tokens:
+        return ("too_short", f"token length {n} < min_tokens {cfg.min_tokens}")
+    if n > cfg.max_tokens:
+        return ("too_long", f"token length {n} > max_tokens {cfg.max_tokens}")
+    return None
+
+
+def _repetition_found(rows: list[Any], alive: list[int], cfg: QualityConfig, sides: Counter[str]) -> Found:
     """Degenerate answers; a degenerate rejected answer drops its pair too, since a looping answer loses to
     any chosen one and teaches the preference nothing about the mistakes that matter."""
-    since = time.perf_counter()
-    sides: Counter[str] = Counter()
     found: Found = {}
-    for i in run.alive:
+    for i in alive:
         for where, text in _answers(rows[i]):
             problem = repetition_problem(text, cfg.max_dup_line_frac, cfg.max_dup_ngram_char_frac, cfg.max_repeat_run)
             if problem:
                 found[i] = ("repetition", f"{where}: {problem}")
                 sides[where.split(" turn")[0]] += 1
                 break
-    run.apply("repetition", found, since)
-    return sides
+    return found
+
+
+@dataclass
+class _RowChecks:
+    """What the per-row pass found: every measured length, the repetition sides, each row's detected language."""
+
+    lengths: dict[int, int] = field(default_factory=dict)
+    repetition_sides: Counter[str] = field(default_factory=Counter)
+    languages: dict[int, tuple[str, float]] = field(default_factory=dict)
+    language_seconds: float = 0.0
+
+
+def _run_row_checks(run: _Pass, rows: list[Any], cfg: QualityConfig, token_length: Optional[TokenLength]) -> _RowChecks:
+    """Token length, then repetition, then language detection, batch by batch as the lengths arrive.
+
+    A batch's repetition check sees only the rows its lengths kept, as in the check order. Languages are
+    detected here too, while the tokenizer runs, and applied after deduplication (`_apply_language`)."""
+    out = _RowChecks()
+    seconds: Counter[str] = Counter()
+    found: dict[str, Found] = {"token_length": {}, "repetition": {}}
+    candidates = tuple(sorted(set(DETECTABLE_LANGUAGES) | set(cfg.languages)))
+    batches = [run.alive[at : at + TOKEN_BATCH_ROWS] for at in range(0, len(run.alive), TOKEN_BATCH_ROWS)]
+    measured_batches = measure_ahead([[rows[i] for i in b] for b in batches], token_length or estimate_token_lengths)
+    for batch, (measured, took) in zip(batches, measured_batches, strict=True):
+        seconds["token_length"] += took
+        out.lengths.update(zip(batch, measured))
+        survivors = []
+        for i, n in zip(batch, measured):
+            problem = _length_problem(n, cfg)
+            if problem:
+                found["token_length"][i] = problem
+            else:
+                survivors.append(i)
+
+        since = time.perf_counter()
+        repeated = _repetition_found(rows, survivors, cfg, out.repetition_sides)
+        found["repetition"].update(repeated)
+        seconds["repetition"] += time.perf_counter() - since
+
+        if cfg.languages:
+            since = time.perf_counter()
+            checked = [i for i in survivors if i not in repeated]
+            out.languages.update(zip(checked, detect_languages([language_text(rows[i]) for i in checked], candidates)))
+            out.language_seconds += time.perf_counter() - since
+    for check in ("token_length", "repetition"):
+        run.apply(check, found[check], seconds[check])
+    return out
 
 
 def _run_duplicates(run: _Pass, rows: list[Any], threshold: float) -> dict[int, tuple[str, str]]:
@@ -164,7 +208,7 @@ def _run_duplicates(run: _Pass, rows: list[Any], threshold: float) -> dict[int, 
         alive[pos]: ("exact_duplicate", f"same text as {run.where(alive[ref])}")
         for pos, ref in exact_duplicates([views[i][0] for i in alive]).items()
     }
-    run.apply("exact_duplicate", found, since)
+    run.apply("exact_duplicate", found, time.perf_counter() - since)
 
     since = time.perf_counter()
     alive = run.alive
@@ -172,25 +216,22 @@ def _run_duplicates(run: _Pass, rows: list[Any], threshold: float) -> dict[int, 
         alive[pos]: ("near_duplicate", f"near-duplicate of {run.where(alive[ref])} (Jaccard {sim:.2f} >= {threshold})")
         for pos, (ref, sim) in near_duplicates([views[i][1] for i in alive], threshold).items()
     }
-    run.apply("near_duplicate", found, since)
+    run.apply("near_duplicate", found, time.perf_counter() - since)
     return views
 
 
-def _run_language(run: _Pass, rows: list[Any], languages: list[str]) -> Counter[str]:
+def _apply_language(run: _Pass, checked: _RowChecks, languages: list[str]) -> Counter[str]:
     seen: Counter[str] = Counter()
     since = time.perf_counter()
     found: Found = {}
     if languages:
         allowed = set(languages)
-        detected = detect_languages(
-            [language_text(rows[i]) for i in run.alive],
-            tuple(sorted(set(DETECTABLE_LANGUAGES) | allowed)),
-        )
-        for i, (lang, p) in zip(run.alive, detected):
+        for i in run.alive:
+            lang, p = checked.languages[i]
             seen[lang] += 1
             if lang != "und" and lang not in allowed and p >= LANGUAGE_MIN_PROBABILITY:
                 found[i] = ("language", f"detected language {lang!r} (p={p:.2f}) not in {sorted(allowed)}")
-    run.apply("language", found, since)
+    run.apply("language", found, checked.language_seconds + time.perf_counter() - since)
     return seen
 
 
@@ -207,7 +248,7 @@ def _run_pii(run: _Pass, views: dict[int, tuple[str, str]], mode: str) -> tuple[
                 counts.update(kinds)
                 if mode == "drop":
                     found[i] = ("pii", "contains " + ", ".join(kinds))
-    run.apply("pii", found, since)
+    run.apply("pii", found, time.perf_counter() - since)
     return pii_found, counts
 
 
@@ -255,10 +296,9 @@ def run_quality(
     run = _Pass(records, list(range(len(rows))))
 
     _run_structural(run, rows, kind)
-    lengths = _run_token_length(run, rows, cfg, token_length)
-    repetition_sides = _run_repetition(run, rows, cfg)
+    checked = _run_row_checks(run, rows, cfg, token_length)
     views = _run_duplicates(run, rows, cfg.near_duplicate_threshold)
-    languages_seen = _run_language(run, rows, cfg.languages)
+    languages_seen = _apply_language(run, checked, cfg.languages)
     pii_found, pii_counts = _run_pii(run, views, cfg.pii)
     kept, flags, chosen_longer = _keep(run, rows, kind, pii_found if cfg.pii == "flag" else {})
 
@@ -276,7 +316,7 @@ def run_quality(
         else "estimate (no tokenizer: ~4 ASCII chars or 1 other char per token)",
         "languages": dict(languages_seen),
         "pii_kinds": dict(pii_counts),
-        "repetition_by_answer": dict(repetition_sides),
+        "repetition_by_answer": dict(checked.repetition_sides),
         "near_duplicate": {
             "num_perm": NUM_PERM,
             "shingle_chars": SHINGLE_CHARS,
@@ -296,7 +336,7 @@ def run_quality(
         counts_in=len(records),
         reasons={r: reasons[r] for r in REASONS if reasons[r]},
         flags={f: flags[f] for f in FLAGS if flags[f]},
-        token_lengths=[lengths[i] for i in run.alive],
+        token_lengths=[checked.lengths[i] for i in run.alive],
         stats=stats,
     )
 

@@ -43,15 +43,19 @@ def dup_line_frac(text: str) -> float:
 def dup_ngram_char_frac(tokens: list[str], n: int = NGRAM) -> float:
     """Share of word characters inside n-grams seen before (Gopher's `find_all_duplicate`: a repeat is skipped
     over whole, so overlapping repeats are not counted twice)."""
-    total = sum(len(w) for w in tokens)
+    total = sum(map(len, tokens))
     if len(tokens) < MIN_WORDS or not total:
+        return 0.0
+    grams = list(zip(*(tokens[k:] for k in range(n))))
+    # Most answers repeat no n-gram at all; the set says so at C speed and the walk below would count 0.
+    if len(set(grams)) == len(grams):
         return 0.0
     seen: set[tuple[str, ...]] = set()
     repeated, i = 0, 0
-    while i <= len(tokens) - n:
-        gram = tuple(tokens[i : i + n])
+    while i < len(grams):
+        gram = grams[i]
         if gram in seen:
-            repeated += sum(len(w) for w in gram)
+            repeated += sum(map(len, gram))
             i += n
         else:
             seen.add(gram)

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from ftflow.tasks.data.lengths import chat_token_lengths, estimate_token_lengths, measure_token_lengths, nearest_rank
+from ftflow.tasks.data.lengths import chat_token_lengths, estimate_token_lengths, measure_ahead, nearest_rank
 
 
 def sft(user: str, assistant: str, system: str | None = None) -> dict:
@@ -16,12 +16,16 @@ def pair(prompt: str, chosen: str, rejected: str) -> dict:
     return {"prompt": [{"role": "user", "content": prompt}], "chosen": chosen, "rejected": rejected}
 
 
-def test_chat_token_lengths_counts_the_templated_conversation():
+def smol_tokenizer():
     from ftflow.configs.schema import ModelConfig
     from ftflow.tasks.train.model import load_tokenizer, offline_env, resolve_model_path
 
     offline_env()
-    tokenizer = load_tokenizer(resolve_model_path(ModelConfig()), ModelConfig())
+    return load_tokenizer(resolve_model_path(ModelConfig()), ModelConfig())
+
+
+def test_chat_token_lengths_counts_the_templated_conversation():
+    tokenizer = smol_tokenizer()
     lengths = chat_token_lengths(tokenizer)
     row = sft(
         "How do I reset the password of my office laptop?",
@@ -56,17 +60,56 @@ def test_estimate_counts_a_quarter_token_per_ascii_char_one_per_other_char_and_t
     assert estimate_token_lengths([pair("abcd", "x" * 40, "y")]) == [4 * 3 + 1 + 10]
 
 
-def test_measure_token_lengths_batches_and_refuses_a_wrong_count():
-    rows = [sft("q", "a")] * 5000
-    batches: list[int] = []
-
-    def count(batch: list[dict]) -> list[int]:
-        batches.append(len(batch))
-        return [7] * len(batch)
-
-    assert measure_token_lengths(rows, count) == [7] * 5000 and batches == [2048, 2048, 904]
+def test_measure_ahead_keeps_the_order_and_refuses_a_wrong_count():
+    batches = [[sft("q", "a")] * n for n in (5, 1, 3)]
+    got = [lengths for lengths, _ in measure_ahead(batches, lambda rows: [len(rows)] * len(rows))]
+    assert got == [[5] * 5, [1], [3] * 3]
     with pytest.raises(ValueError, match="returned 1 lengths for 10 rows"):
-        measure_token_lengths(rows[:10], lambda batch: [1])
+        list(measure_ahead([[sft("q", "a")] * 10], lambda batch: [1]))
+
+
+def test_measure_ahead_renders_here_and_counts_in_a_worker_one_batch_ahead():
+    """Jinja holds the GIL, so it stays on the caller's thread; the Rust count runs in the worker while the
+    caller works on the batch before, and the worker is gone once the batches are done."""
+    import threading
+
+    from ftflow.tasks.data.lengths import ChatTokenLengths
+
+    tokenizer = smol_tokenizer()
+    events: list[tuple[str, str, int]] = []
+
+    class Recording(ChatTokenLengths):
+        def render(self, rows):
+            events.append(("render", threading.current_thread().name, len(rows)))
+            return super().render(rows)
+
+        def count(self, rendered):
+            events.append(("count", threading.current_thread().name, rendered.rows))
+            return super().count(rendered)
+
+    batches = [[sft("How are you?", "Fine, thanks.")] * n for n in (2, 3, 4)]
+    measured = measure_ahead(batches, Recording(tokenizer))
+    first, _ = next(measured)
+    # When the first batch is handed over, it has been counted and the second is already rendered and
+    # submitted (the third is not rendered yet: the caller's checks on the first run meanwhile).
+    assert [n for kind, _, n in events if kind == "render"] == [2, 3]
+    assert [n for kind, _, n in events if kind == "count"][:1] == [2]
+    rest = [lengths for lengths, _ in measured]
+    assert [first, *rest] == [chat_token_lengths(tokenizer)(b) for b in batches]
+    assert {name for kind, name, _ in events if kind == "render"} == {threading.current_thread().name}
+    assert {name.split("_")[0] for kind, name, _ in events if kind == "count"} == {"token-length"}
+    assert not any(t.name.startswith("token-length") for t in threading.enumerate())
+
+
+def test_a_failing_count_stops_the_worker_and_reaches_the_caller():
+    import threading
+
+    def broken(rows):
+        raise RuntimeError("tokenizer exploded")
+
+    with pytest.raises(RuntimeError, match="tokenizer exploded"):
+        list(measure_ahead([[sft("q", "a")]] * 4, broken))
+    assert not any(t.name.startswith("token-length") for t in threading.enumerate())
 
 
 def test_nearest_rank_is_always_an_observed_value():

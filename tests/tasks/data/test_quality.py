@@ -348,6 +348,23 @@ def test_every_input_row_ends_up_exactly_once_in_kept_or_dropped():
     assert len(result.token_lengths) == len(result.kept)
 
 
+def test_decisions_do_not_depend_on_how_rows_are_batched_for_the_tokenizer_thread(monkeypatch):
+    """Token length, repetition and language run batch by batch with the tokenizer a batch ahead; cutting the
+    rows into batches of 3 (dropped rows and duplicates straddling the cuts) must give the same result."""
+    import ftflow.tasks.data.quality as quality
+
+    looping = sft("Are you sure?", "Sure.\nSure.\nSure.\nSure.")
+    rows = clean_rows() + list(BAD_ROWS.values()) + [looping] + clean_rows() + [BAD_ROWS["language"], "not a row"]
+    cfg = QualityConfig(min_tokens=8, max_tokens=200, pii="drop")
+    whole = run(rows, cfg)
+    monkeypatch.setattr(quality, "TOKEN_BATCH_ROWS", 3)
+    cut = run(rows, cfg)
+    assert [(d.line, d.reason, d.detail) for d in cut.dropped] == [(d.line, d.reason, d.detail) for d in whole.dropped]
+    assert [r.line for r in cut.kept] == [r.line for r in whole.kept] and cut.token_lengths == whole.token_lengths
+    assert cut.stats["languages"] == whole.stats["languages"]
+    assert {"too_long", "repetition", "exact_duplicate", "language"} <= set(cut.reasons)
+
+
 def test_without_a_tokenizer_the_estimate_is_used_and_said_so():
     result = run_quality(records(clean_rows()), "sft", CFG)
     assert result.stats["token_length_source"].startswith("estimate")

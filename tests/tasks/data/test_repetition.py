@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import random
 from pathlib import Path
 
 import pytest
@@ -50,6 +51,36 @@ def test_longest_run_counts_back_to_back_copies_of_a_unit_and_ignores_punctuatio
     assert longest_run(words("I am sorry. I am sorry. I am sorry.")) == 3
     assert longest_run(words("Wait!!!!!!!! ... ok")) == 1
     assert longest_run(words("all different words here")) == 1
+
+
+def _reference_dup_ngram_char_frac(tokens: list[str], n: int = 5) -> float:
+    """Gopher's count as a plain walk over positions: the definition the fast version must equal."""
+    total = sum(len(w) for w in tokens)
+    if len(tokens) < 10 or not total:
+        return 0.0
+    seen, repeated, i = set(), 0, 0
+    while i <= len(tokens) - n:
+        gram = tuple(tokens[i : i + n])
+        if gram in seen:
+            repeated += sum(len(w) for w in gram)
+            i += n
+        else:
+            seen.add(gram)
+            i += 1
+    return repeated / total
+
+
+def test_the_ngram_shortcut_equals_the_reference_walk_on_random_token_streams():
+    rng = random.Random(0)
+    alphabet = ["a", "b", "c", "ok", "no", ".", "!", ",", "x1", "yes"]
+    for _ in range(3000):
+        size = rng.randint(0, 60)
+        tokens = [rng.choice(alphabet[: rng.randint(2, len(alphabet))]) for _ in range(size)]
+        if tokens and rng.random() < 0.5:  # plant a looping unit somewhere
+            unit = tokens[: rng.randint(1, 8)]
+            at = rng.randint(0, len(tokens))
+            tokens[at:at] = unit * rng.randint(2, 12)
+        assert dup_ngram_char_frac(tokens) == _reference_dup_ngram_char_frac(tokens), tokens
 
 
 @pytest.mark.parametrize(

@@ -19,6 +19,7 @@ MAX_UNIT_WORDS = 8  # a looping unit is up to this many words ("I am sorry." is 
 MIN_LINES = 3  # with fewer lines, one repeat is already a third of them
 MIN_WORDS = 2 * NGRAM  # fewer words hold at most one pair of 5-grams
 
+_TANDEM = re.compile(r"(.{1,%d})\1" % MAX_UNIT_WORDS, re.DOTALL)
 _WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f]|[^\W_]+|[^\w\s]", re.UNICODE)
 
 
@@ -63,11 +64,21 @@ def dup_ngram_char_frac(tokens: list[str], n: int = NGRAM) -> float:
     return repeated / total
 
 
+def _has_tandem_repeat(tokens: list[str]) -> bool:
+    """Whether some unit of 1..MAX_UNIT_WORDS words is immediately followed by a copy of itself.
+
+    Without one, no unit has two copies in a row and `longest_run` is 1. Most answers have none, and a
+    backreference regex over the words (one character per distinct word) says so at C speed, where the
+    loop in `longest_run` costs 8 Python steps per word (bench/bench_validation.py)."""
+    ids: dict[str, int] = {}
+    return _TANDEM.search("".join([chr(ids.setdefault(w, len(ids))) for w in tokens])) is not None
+
+
 def longest_run(tokens: list[str]) -> int:
     """Most back-to-back copies of one unit of 1..MAX_UNIT_WORDS words that holds a letter or digit
     ("no no no", "thanks! thanks! thanks!"); runs of punctuation alone ("!!!", "...") do not count."""
     best = 1
-    if len(set(tokens)) == len(tokens):
+    if len(set(tokens)) == len(tokens) or not _has_tandem_repeat(tokens):
         return best
     wordy = [w[0].isalnum() for w in tokens]
     for size in range(1, MAX_UNIT_WORDS + 1):

@@ -70,17 +70,38 @@ def _reference_dup_ngram_char_frac(tokens: list[str], n: int = 5) -> float:
     return repeated / total
 
 
-def test_the_ngram_shortcut_equals_the_reference_walk_on_random_token_streams():
+def _reference_longest_run(tokens: list[str]) -> int:
+    """Back-to-back copies counted position by position for every unit size: the definition `longest_run`
+    (which skips that walk for text without a repeated unit) must equal."""
+    best = 1
+    wordy = [w[0].isalnum() for w in tokens]
+    for size in range(1, 9):
+        streak = 0
+        for i in range(len(tokens) - size):
+            streak = streak + 1 if tokens[i] == tokens[i + size] else 0
+            start = i + 1 - streak
+            if streak and 1 + streak // size > best and any(wordy[start : start + size]):
+                best = 1 + streak // size
+    return best
+
+
+def test_the_shortcuts_equal_the_reference_walks_on_random_token_streams():
+    from ftflow.tasks.data.repetition import _has_tandem_repeat
+
     rng = random.Random(0)
-    alphabet = ["a", "b", "c", "ok", "no", ".", "!", ",", "x1", "yes"]
-    for _ in range(3000):
+    alphabet = ["a", "b", "c", "ok", "no", ".", "!", ",", "x1", "yes"] + [f"w{k}" for k in range(40)]
+    shortcut_taken = 0
+    for _ in range(4000):
         size = rng.randint(0, 60)
         tokens = [rng.choice(alphabet[: rng.randint(2, len(alphabet))]) for _ in range(size)]
         if tokens and rng.random() < 0.5:  # plant a looping unit somewhere
             unit = tokens[: rng.randint(1, 8)]
             at = rng.randint(0, len(tokens))
             tokens[at:at] = unit * rng.randint(2, 12)
+        shortcut_taken += len(set(tokens)) < len(tokens) and not _has_tandem_repeat(tokens)
         assert dup_ngram_char_frac(tokens) == _reference_dup_ngram_char_frac(tokens), tokens
+        assert longest_run(tokens) == _reference_longest_run(tokens), tokens
+    assert shortcut_taken > 300  # streams with repeated words but no unit twice in a row
 
 
 @pytest.mark.parametrize(

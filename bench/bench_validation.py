@@ -13,6 +13,7 @@ same run: plain json.loads of the same rows, and exact-dedup only. Goal: >= 10,0
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import os
 import random
@@ -170,6 +171,19 @@ def synthetic_rows(n: int, seed: int = 0) -> list[dict]:
     return rows
 
 
+def decisions_digest(result) -> str:
+    """A digest of everything validation decided (not how fast): kept lines and flags, dropped lines with
+    reason and detail, token lengths and the stats other than timings. A speed change must leave it equal."""
+    stats = {k: v for k, v in result.stats.items() if k not in ("timings_s", "seconds", "rows_per_s")}
+    decided = [
+        [(r.line, r.flags) for r in result.kept],
+        [(d.line, d.reason, d.detail) for d in result.dropped],
+        result.token_lengths,
+        stats,
+    ]
+    return hashlib.sha256(json.dumps(decided, sort_keys=True, ensure_ascii=False).encode()).hexdigest()[:16]
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--rows", type=int, default=100_000)
@@ -242,6 +256,7 @@ def main() -> None:
     print(f"ratio_validation_vs_exact_dedup_only {total_s / exact_only_s:.1f}")
     print(f"goal_10k_rows_per_s {'met' if len(records) / total_s >= 10_000 else 'NOT met'}")
     print(f"kept {len(result.kept)} ({result.kept_ratio:.1%})")
+    print(f"decisions_sha256 {decisions_digest(result)} (equal across commits = the same rows kept and dropped, why)")
     for reason, count in result.reasons.items():
         print(f"dropped.{reason} {count}")
     for flag, count in result.flags.items():

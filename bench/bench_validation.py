@@ -254,6 +254,20 @@ def main() -> None:
     print(f"ratio_validation_vs_json_loads {total_s / json_s:.1f}")
     print(f"baseline_exact_dedup_only_s {exact_only_s:.3f}")
     print(f"ratio_validation_vs_exact_dedup_only {total_s / exact_only_s:.1f}")
+    if token_length is not None:
+        # The floor for exact counts: the template and the Rust tokenizer alone, on every row at once, no check.
+        started = time.perf_counter()
+        rendered = token_length.render(parsed)
+        render_s = time.perf_counter() - started
+        started = time.perf_counter()
+        token_length.count(rendered)
+        count_s = time.perf_counter() - started
+        print(f"baseline_chat_template_render_only_s {render_s:.3f}")
+        print(
+            f"baseline_token_count_only_s {count_s:.3f} ({len(records) / count_s:.0f} rows/s: the tokenizer on "
+            f"every core with nothing else, the most any validation with exact token lengths can reach here)"
+        )
+        print(f"ratio_validation_vs_token_count_only {total_s / count_s:.2f}")
     print(f"goal_10k_rows_per_s {'met' if len(records) / total_s >= 10_000 else 'NOT met'}")
     print(f"kept {len(result.kept)} ({result.kept_ratio:.1%})")
     print(f"decisions_sha256 {decisions_digest(result)} (equal across commits = the same rows kept and dropped, why)")

@@ -14,7 +14,7 @@ The checks themselves live beside this module: checks.py (structure, PII), lengt
 lengths), repetition.py (degenerate answers), dedup.py (exact and near duplicates) and language.py; this
 module runs them in order.
 Speed matters (the bench wants 10k rows/s on 2 cores), which is why dedup and language are vectorized and
-the tokenizer counts the next batch in a thread while a batch goes through repetition and language detection
+the tokenizer counts batches ahead in a thread while a batch goes through repetition and language detection
 (languages are applied after deduplication, so the order above still decides every reason). Those three
 timings in stats["timings_s"] therefore overlap, and can sum to more than stats["seconds"].
 """

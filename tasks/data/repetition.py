@@ -64,14 +64,31 @@ def dup_ngram_char_frac(tokens: list[str], n: int = NGRAM) -> float:
     return repeated / total
 
 
+class _WordCodes(dict):
+    """One character per distinct word, kept across calls so that a known word maps at C speed.
+
+    Threads may share it: setdefault never gives one word two codes, and two words that race for one code
+    only make `_has_tandem_repeat` say yes where `longest_run`'s exact walk then finds no run."""
+
+    def __missing__(self, word: str) -> str:
+        return self.setdefault(word, chr(len(self) % 0x110000))
+
+
+MAX_CODES = 500_000  # then a fresh table, so that a long run of unique words cannot grow memory without end
+_codes = _WordCodes()
+
+
 def _has_tandem_repeat(tokens: list[str]) -> bool:
-    """Whether some unit of 1..MAX_UNIT_WORDS words is immediately followed by a copy of itself.
+    """Whether some unit of 1..MAX_UNIT_WORDS words may be immediately followed by a copy of itself.
 
     Without one, no unit has two copies in a row and `longest_run` is 1. Most answers have none, and a
     backreference regex over the words (one character per distinct word) says so at C speed, where the
     loop in `longest_run` costs 8 Python steps per word (bench/bench_validation.py)."""
-    ids: dict[str, int] = {}
-    return _TANDEM.search("".join([chr(ids.setdefault(w, len(ids))) for w in tokens])) is not None
+    global _codes
+    codes = _codes  # one table for the whole text, even if another thread replaces it meanwhile
+    if len(codes) > MAX_CODES:
+        codes = _codes = _WordCodes()
+    return _TANDEM.search("".join(map(codes.__getitem__, tokens))) is not None
 
 
 def longest_run(tokens: list[str]) -> int:

@@ -39,6 +39,42 @@ def test_chat_token_lengths_counts_the_templated_conversation():
     assert lengths([row, p]) == [expected_sft, expected_pair]
 
 
+def test_plain_turns_render_straight_through_the_template_exactly_as_apply_chat_template_does():
+    """Plain {"role", "content"} turns skip apply_chat_template's per-message copying; any other message (here a
+    None-valued key, which apply_chat_template drops and this template would print) still goes through it."""
+    tokenizer = smol_tokenizer()
+    tokenizer.chat_template = (
+        "{% for m in messages %}{{ m['role'] }}{% if m.name is defined %}({{ m.name }}){% endif %}: "
+        "{{ m['content'] }}{{ eos_token }}\n{% endfor %}"
+    )
+    lengths = chat_token_lengths(tokenizer)
+    assert lengths.direct is not None
+    with_none = {"messages": [{"role": "user", "content": "Hi", "name": None}, {"role": "assistant", "content": "Yo"}]}
+    named = {"messages": [{"role": "user", "content": "Hi", "name": "Ann"}, {"role": "assistant", "content": "Yo"}]}
+    rows = [sft("Hello", "World", system="Be brief."), with_none, pair("Capital of Japan?", "Tokyo.", "Osaka."), named]
+    conversations = [
+        rows[0]["messages"],
+        with_none["messages"],
+        [*rows[2]["prompt"], {"role": "assistant", "content": "Tokyo."}],
+        [*rows[2]["prompt"], {"role": "assistant", "content": "Osaka."}],
+        named["messages"],
+    ]
+    rendered = lengths.render(rows)
+    assert rendered.texts == tokenizer.apply_chat_template(conversations, tokenize=False)
+    assert rendered.texts[1] == "user: Hi<|im_end|>\nassistant: Yo<|im_end|>\n"
+    assert rendered.texts[4].startswith("user(Ann): Hi")
+    assert lengths.direct is not None
+
+
+def test_a_direct_render_that_differs_from_apply_chat_template_is_dropped_for_good():
+    tokenizer = smol_tokenizer()
+    lengths = chat_token_lengths(tokenizer)
+    lengths.direct = lambda messages: "not what the template renders"  # a transformers change that broke the path
+    rows = [sft("Hello", "World"), sft("Bonjour", "Le monde")]
+    assert lengths.render(rows).texts == tokenizer.apply_chat_template([r["messages"] for r in rows], tokenize=False)
+    assert lengths.direct is None
+
+
 def test_batch_encoding_runs_parallel_and_puts_the_setting_back(monkeypatch):
     import os
 
@@ -68,12 +104,12 @@ def test_measure_ahead_keeps_the_order_and_refuses_a_wrong_count():
         list(measure_ahead([[sft("q", "a")] * 10], lambda batch: [1]))
 
 
-def test_measure_ahead_renders_here_and_counts_in_a_worker_one_batch_ahead():
+def test_measure_ahead_renders_here_and_counts_in_a_worker_batches_ahead():
     """Jinja holds the GIL, so it stays on the caller's thread; the Rust count runs in the worker while the
-    caller works on the batch before, and the worker is gone once the batches are done."""
+    caller works on an earlier batch, and the worker is gone once the batches are done."""
     import threading
 
-    from ftflow.tasks.data.lengths import ChatTokenLengths
+    from ftflow.tasks.data.lengths import BATCHES_AHEAD, ChatTokenLengths
 
     tokenizer = smol_tokenizer()
     events: list[tuple[str, str, int]] = []
@@ -87,12 +123,13 @@ def test_measure_ahead_renders_here_and_counts_in_a_worker_one_batch_ahead():
             events.append(("count", threading.current_thread().name, rendered.rows))
             return super().count(rendered)
 
-    batches = [[sft("How are you?", "Fine, thanks.")] * n for n in (2, 3, 4)]
+    sizes = list(range(2, BATCHES_AHEAD + 4))
+    batches = [[sft("How are you?", "Fine, thanks.")] * n for n in sizes]
     measured = measure_ahead(batches, Recording(tokenizer))
     first, _ = next(measured)
-    # When the first batch is handed over, it has been counted and the second is already rendered and
-    # submitted (the third is not rendered yet: the caller's checks on the first run meanwhile).
-    assert [n for kind, _, n in events if kind == "render"] == [2, 3]
+    # When the first batch is handed over, it has been counted and the next BATCHES_AHEAD are already rendered
+    # and submitted (the one after is not rendered yet: the caller's checks on the first run meanwhile).
+    assert [n for kind, _, n in events if kind == "render"] == sizes[: BATCHES_AHEAD + 1]
     assert [n for kind, _, n in events if kind == "count"][:1] == [2]
     rest = [lengths for lengths, _ in measured]
     assert [first, *rest] == [chat_token_lengths(tokenizer)(b) for b in batches]

@@ -104,6 +104,27 @@ def test_the_shortcuts_equal_the_reference_walks_on_random_token_streams():
     assert shortcut_taken > 300  # streams with repeated words but no unit twice in a row
 
 
+def test_a_small_shared_code_table_that_refills_and_collides_only_costs_the_exact_walk(monkeypatch):
+    """The word codes outlive each call; with the table capped at 7 words it is replaced mid-stream and codes
+    collide, and every answer still equals the reference walk (a collision can only add a false 'maybe')."""
+    from ftflow.tasks.data import repetition
+
+    monkeypatch.setattr(repetition, "MAX_CODES", 7)
+    monkeypatch.setattr(repetition, "_codes", repetition._WordCodes())
+    monkeypatch.setattr(repetition._WordCodes, "__missing__", lambda self, w: self.setdefault(w, chr(len(self) % 3)))
+    rng = random.Random(1)
+    alphabet = [f"w{k}" for k in range(30)]
+    maybe = 0
+    for _ in range(1000):
+        tokens = rng.sample(alphabet, rng.randint(0, 20))  # no word twice, so no unit repeats
+        if tokens and rng.random() < 0.5:
+            at = rng.randint(0, len(tokens))
+            tokens[at:at] = tokens[max(0, at - 3) : at] * 3
+        maybe += repetition._has_tandem_repeat(tokens)
+        assert longest_run(tokens) == _reference_longest_run(tokens), tokens
+    assert maybe > 500  # with 3 codes nearly everything collides, and the walk still answers exactly
+
+
 @pytest.mark.parametrize(
     "text, measure_name",
     [

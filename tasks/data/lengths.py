@@ -154,8 +154,9 @@ def measure_ahead(batches: Sequence[list[dict]], token_length: TokenLength) -> I
 
     With a `ChatTokenLengths`, a worker thread counts batches with the Rust tokenizer (which releases the GIL
     and uses every core) while the caller checks an earlier one and this thread renders up to BATCHES_AHEAD
-    after it: x1.19 on validation of 100k rows with one ahead (bench/bench_validation.py). Rendering stays on the caller's thread because
-    Jinja holds the GIL, so in the worker it would stall the caller's checks and leave the cores idle."""
+    after it: x1.19 on validation of 100k rows with one ahead (bench/bench_validation.py). Rendering stays on
+    the caller's thread because Jinja holds the GIL, so in the worker it would stall the caller's checks and
+    leave the cores idle."""
     render = getattr(token_length, "render", None)
     count = token_length.count if render is not None else token_length  # type: ignore[attr-defined]
     pool = ThreadPoolExecutor(max_workers=1, thread_name_prefix="token-length")

@@ -69,7 +69,7 @@ class ChatTokenLengths:
 
     def __init__(self, tokenizer: Any) -> None:
         self.tokenizer = tokenizer
-        self.backend = getattr(tokenizer, "backend_tokenizer", None)
+        self.backend = _unpadded(getattr(tokenizer, "backend_tokenizer", None))
         self.direct = _direct_template(tokenizer)
 
     def render(self, rows: list[dict]) -> Rendered:
@@ -124,6 +124,19 @@ class ChatTokenLengths:
 
     def __call__(self, rows: list[dict]) -> list[int]:
         return self.count(self.render(rows))
+
+
+def _unpadded(backend: Any) -> Any:
+    """The Rust tokenizer without the padding or truncation a tokenizer.json may carry: encoding through it
+    directly (unlike transformers' __call__, which sets both per call) would otherwise count padded or cut rows."""
+    if backend is None or (getattr(backend, "padding", None) is None and getattr(backend, "truncation", None) is None):
+        return backend
+    from tokenizers import Tokenizer
+
+    copy = Tokenizer.from_str(backend.to_str())  # the caller's tokenizer keeps its settings
+    copy.no_padding()
+    copy.no_truncation()
+    return copy
 
 
 def _direct_template(tokenizer: Any) -> Optional[Callable[[list[dict]], str]]:

@@ -75,6 +75,18 @@ def test_a_direct_render_that_differs_from_apply_chat_template_is_dropped_for_go
     assert lengths.direct is None
 
 
+def test_padding_or_truncation_in_the_tokenizer_file_does_not_change_the_count():
+    """Some tokenizer.json files carry padding or truncation; the count goes past transformers' __call__ (which
+    turns both off per call), so it must not inherit them, and the caller's tokenizer keeps its settings."""
+    rows = [sft("Hi", "Hello there, how can I help?"), sft("A much longer question " * 20, "And an answer " * 30)]
+    expected = chat_token_lengths(smol_tokenizer())(rows)
+    tokenizer = smol_tokenizer()
+    tokenizer.backend_tokenizer.enable_padding(length=700)
+    tokenizer.backend_tokenizer.enable_truncation(max_length=16)
+    assert expected[1] > 16 and chat_token_lengths(tokenizer)(rows) == expected
+    assert tokenizer.backend_tokenizer.padding["length"] == 700 and tokenizer.backend_tokenizer.truncation
+
+
 def test_batch_encoding_runs_parallel_and_puts_the_setting_back(monkeypatch):
     import os
 

@@ -25,6 +25,7 @@ from ftflow.tasks.train.model import (
     cache_root,
     cpu_cores,
     dequantized_4bit,
+    forget_kept_base,
     load_base_model,
     load_tokenizer,
     model_fingerprint,
@@ -440,6 +441,95 @@ def test_an_entry_without_its_marker_is_rebuilt(tmp_path):
     calls: list = []
     build_once(target, _slow_build(calls, 0))
     assert len(calls) == 1 and (target / "weights").read_text() == "w"
+
+
+# --- the base is read once per process on CPU ------------------------------------------------------------
+
+
+@pytest.fixture
+def counted_reads(monkeypatch):
+    """How often the weights were read from disk: a spy on the real loader (it still loads)."""
+    import ftflow.tasks.train.model as model_module
+
+    forget_kept_base()
+    reads: list[str] = []
+    real = model_module._load_base
+
+    def spy(path, *args):
+        reads.append(path)
+        return real(path, *args)
+
+    monkeypatch.setattr(model_module, "_load_base", spy)
+    yield reads
+    forget_kept_base()
+
+
+def _logits(model) -> torch.Tensor:
+    with torch.no_grad():
+        return model.eval()(input_ids=torch.tensor([[1, 5, 9, 42, 7, 3]])).logits
+
+
+def test_a_later_load_is_a_copy_of_the_kept_base_equal_to_a_fresh_read(tiny_model_dir, counted_reads):
+    cfg, q = model_cfg(tiny_model_dir), QuantizationConfig()
+    first = load_base_model(tiny_model_dir, cfg, q)
+    second = load_base_model(tiny_model_dir, cfg, q)
+    assert counted_reads == [tiny_model_dir]
+    assert second is not first
+    a, b = _linear4bit_modules(first), _linear4bit_modules(second)
+    assert a.keys() == b.keys() and len(b) == 14
+    for name in a:
+        assert a[name].weight.data_ptr() != b[name].weight.data_ptr(), name
+        assert b[name].weight.quant_state.nested and not b[name].support_avx512bf16_for_cpu, name
+    forget_kept_base()
+    fresh = load_base_model(tiny_model_dir, cfg, q)
+    assert len(counted_reads) == 2
+    assert torch.equal(_logits(second), _logits(fresh)) and torch.equal(_logits(first), _logits(fresh))
+
+
+def test_what_a_caller_does_to_its_copy_does_not_reach_the_next_load(tiny_model_dir, counted_reads):
+    from peft import get_peft_model
+
+    cfg, q = model_cfg(tiny_model_dir), QuantizationConfig()
+    pristine = _logits(load_base_model(tiny_model_dir, cfg, q))
+    trained = get_peft_model(
+        load_base_model(tiny_model_dir, cfg, q), build_lora_config(LoraConfig(r=4, alpha=8, dropout=0.0))
+    )
+    for p in trained.parameters():
+        if p.requires_grad:
+            torch.nn.init.normal_(p)
+    merged = trained.merge_and_unload()
+    merged.model.embed_tokens.weight.data.mul_(3.0)
+    assert not torch.equal(_logits(merged), pristine)
+    assert torch.equal(_logits(load_base_model(tiny_model_dir, cfg, q)), pristine)
+    assert len(counted_reads) == 1
+
+
+def test_another_quantization_or_a_folder_rewritten_in_place_is_read_again(tmp_path, tiny_model_dir, counted_reads):
+    from safetensors.torch import load_file, save_file
+
+    root = _copy_model(tmp_path, tiny_model_dir)
+    cfg = model_cfg(root)
+    before = _logits(load_base_model(str(root), cfg, QuantizationConfig()))
+    plain = load_base_model(str(root), cfg, QuantizationConfig(mode=Quantization.none))
+    assert not _linear4bit_modules(plain) and len(counted_reads) == 2
+    weights = root / "model.safetensors"
+    tensors = load_file(weights)
+    tensors["model.norm.weight"] = tensors["model.norm.weight"] * 2  # a new checkpoint saved over the old one
+    save_file(tensors, weights, metadata={"format": "pt"})
+    after = _logits(load_base_model(str(root), cfg, QuantizationConfig()))
+    assert len(counted_reads) == 3 and not torch.equal(before, after)
+    weights.write_bytes(weights.read_bytes()[:1000])
+    with pytest.raises(ModelLoadError, match="safetensors"):
+        load_base_model(str(root), cfg, QuantizationConfig())
+
+
+def test_a_base_above_its_ram_share_is_not_kept(tiny_model_dir, counted_reads, monkeypatch):
+    import ftflow.tasks.train.model as model_module
+
+    monkeypatch.setattr(model_module, "BASE_KEEP_RAM_SHARE", 0.0)
+    for _ in range(2):
+        load_base_model(tiny_model_dir, model_cfg(tiny_model_dir), QuantizationConfig())
+    assert counted_reads == [tiny_model_dir, tiny_model_dir]
 
 
 # --- bad model files are input errors, named, not retried ------------------------------------------------

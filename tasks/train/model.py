@@ -300,14 +300,16 @@ def load_base_model(path: str, cfg: ModelConfig, q: QuantizationConfig, auto_cla
     at its first one) and callers train or merge their own copy. Not on CUDA, where quantizing is a kernel and a
     kept copy would cost VRAM, nor for a model above BASE_KEEP_RAM_SHARE of the RAM."""
     device = pick_device(cfg)
-    key = _base_key(path, cfg, q, auto_class) if device == "cpu" else None
+    # Before the kept base: a machine without a working bitsandbytes gets the same clear error on every call.
+    quant = bnb_config(q, device)
+    key = _base_key(path, cfg, quant, auto_class) if device == "cpu" else None
     with _KEPT_LOCK:
         kept = _KEPT.get(key) if key is not None else None
     if kept is not None:
         model = copy.deepcopy(kept)
         use_physical_cores()
         return model
-    model = _load_base(path, cfg, q, auto_class, device)
+    model = _load_base(path, cfg, quant, auto_class, device)
     if key is not None and _footprint(model) <= BASE_KEEP_RAM_SHARE * available_memory("cpu"):
         with _KEPT_LOCK:
             _KEPT.clear()
@@ -327,7 +329,7 @@ def forget_kept_base() -> None:
         _KEPT.clear()
 
 
-def _base_key(path: str, cfg: ModelConfig, q: QuantizationConfig, auto_class) -> tuple:
+def _base_key(path: str, cfg: ModelConfig, quant, auto_class) -> tuple:
     """What the loaded weights depend on. For a local folder that includes each file's size and mtime, so a folder
     rewritten in place (a new conversion, a fresh checkpoint) is read again rather than served from memory."""
     files: tuple = ()
@@ -341,7 +343,7 @@ def _base_key(path: str, cfg: ModelConfig, q: QuantizationConfig, auto_class) ->
         path,
         files,
         cfg.model_dump_json(),
-        q.model_dump_json(),
+        quant.to_json_string(use_diff=False) if quant is not None else None,
         getattr(auto_class, "__qualname__", None),
         getattr(auto_class, "__module__", None),
     )
@@ -351,12 +353,11 @@ def _footprint(model) -> int:
     return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
-def _load_base(path: str, cfg: ModelConfig, q: QuantizationConfig, auto_class, device: str):
+def _load_base(path: str, cfg: ModelConfig, quant, auto_class, device: str):
     from transformers import AutoModelForCausalLM
 
     from ftflow.tasks.secrets import hf_token
 
-    quant = bnb_config(q, device)
     kwargs = dict(
         dtype=_dtype(cfg.dtype, device),
         revision=cfg.revision,

@@ -523,6 +523,16 @@ def test_another_quantization_or_a_folder_rewritten_in_place_is_read_again(tmp_p
         load_base_model(str(root), cfg, QuantizationConfig())
 
 
+def test_a_kept_base_still_needs_a_working_bitsandbytes(tiny_model_dir, counted_reads, monkeypatch):
+    import sys
+
+    load_base_model(tiny_model_dir, model_cfg(tiny_model_dir), QuantizationConfig())
+    # A machine whose bitsandbytes cannot load cannot exist here (it loads fine), so its import is made to fail.
+    monkeypatch.setitem(sys.modules, "bitsandbytes", None)
+    with pytest.raises(ModelLoadError, match="needs bitsandbytes"):
+        load_base_model(tiny_model_dir, model_cfg(tiny_model_dir), QuantizationConfig())
+
+
 def test_a_base_above_its_ram_share_is_not_kept(tiny_model_dir, counted_reads, monkeypatch):
     import ftflow.tasks.train.model as model_module
 

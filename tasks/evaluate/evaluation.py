@@ -289,6 +289,14 @@ def _score_loss(result: VariantResult, logps: list[float], counts: list[int]) ->
 
 
 def _pair_logps(model, tokenizer, pairs: list[dict], cfg: EvalConfig, max_length: int):
+    from ftflow.tasks.evaluate.pairs import shared_prefix_logps, shares_prefixes
+
+    if shares_prefixes(model):
+        # Two rows per pair run after the shared prefix: as many rows per batch as scoring each side whole.
+        per_batch = max(1, min(cfg.batch_size, LOGPS_MAX_BATCH) // 2)
+        shared = shared_prefix_logps(model, tokenizer, pairs, max_length, per_batch)
+        if shared is not None:
+            return shared
     prompts = [p["prompt"] for p in pairs]
     chosen, _ = answer_logps(model, tokenizer, prompts, [p["chosen"] for p in pairs], cfg, max_length)
     rejected, _ = answer_logps(model, tokenizer, prompts, [p["rejected"] for p in pairs], cfg, max_length)

@@ -196,6 +196,22 @@ def test_batched_answer_logps_equal_each_row_alone(peft_model, tokenizer):
     assert together[0] == pytest.approx([lp[0] for lp, _ in alone], rel=1e-4)
 
 
+def test_answer_logps_batch_rows_by_length_and_answer_in_the_callers_order(peft_model, tokenizer):
+    # Longest first, batches of 2: sorted batching regroups the rows; each score must still land on its own row.
+    rows = [
+        example("Extract the city, please, from this much longer line: Lima is in Peru, far south.", "Lima"),
+        example("Extract the city: Tokyo is my home town, and I love it.", '{"city": "Tokyo"}'),
+        example("Extract the city: Rome.", '{"city": "Rome", "country": "Italy"}'),
+        example("City: Oslo.", "Oslo"),
+    ]
+    prompts, answers = [r["prompt"] for r in rows], [r["completion"] for r in rows]
+    with active_variant(peft_model, "sft"):
+        together = answer_logps(peft_model, tokenizer, prompts, answers, eval_cfg(batch_size=2), 256)
+        alone = [answer_logps(peft_model, tokenizer, [p], [a], eval_cfg(), 256) for p, a in zip(prompts, answers)]
+    assert together[1] == [n[0] for _, n in alone]
+    assert together[0] == pytest.approx([lp[0] for lp, _ in alone], rel=1e-4)
+
+
 # --- guards --------------------------------------------------------------------------------------
 
 

@@ -296,7 +296,7 @@ def load_base_model(path: str, cfg: ModelConfig, q: QuantizationConfig, auto_cla
     On CPU the last base loaded stays in memory and each later call gets a copy of it: stages that follow each
     other in one process (SFT, DPO, selection, evaluation) then read and quantize the weights once. NF4
     quantization on CPU is bitsandbytes' generic path (a bucketize over every weight), two thirds of a 1.7 s load
-    of the demo model against 0.15 s for a copy. The copy is taken before any forward (bitsandbytes repacks a layer
+    of the demo model against 0.12 s for a copy. The copy is taken before any forward (bitsandbytes repacks a layer
     at its first one) and callers train or merge their own copy. Not on CUDA, where quantizing is a kernel and a
     kept copy would cost VRAM, nor for a model above BASE_KEEP_RAM_SHARE of the RAM."""
     device = pick_device(cfg)
@@ -310,7 +310,7 @@ def load_base_model(path: str, cfg: ModelConfig, q: QuantizationConfig, auto_cla
         use_physical_cores()
         return model
     model = _load_base(path, cfg, quant, auto_class, device)
-    if key is not None and _footprint(model) <= BASE_KEEP_RAM_SHARE * available_memory("cpu"):
+    if key is not None and model.get_memory_footprint() <= BASE_KEEP_RAM_SHARE * available_memory("cpu"):
         with _KEPT_LOCK:
             _KEPT.clear()
             _KEPT[key] = copy.deepcopy(model)
@@ -347,10 +347,6 @@ def _base_key(path: str, cfg: ModelConfig, quant, auto_class) -> tuple:
         getattr(auto_class, "__qualname__", None),
         getattr(auto_class, "__module__", None),
     )
-
-
-def _footprint(model) -> int:
-    return sum(t.numel() * t.element_size() for t in (*model.parameters(), *model.buffers()))
 
 
 def _load_base(path: str, cfg: ModelConfig, quant, auto_class, device: str):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+import json
 import math
 import os
+import re
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -19,6 +21,9 @@ TOKEN_BATCH_ROWS = 2048
 # Batches rendered and queued for counting before the caller takes the first: with some in hand, neither
 # thread waits on the other when one batch runs long (x1.06 over one ahead, bench/bench_validation.py).
 BATCHES_AHEAD = 3
+# Pieces between special tokens whose counts are kept across batches; then a fresh table, so that a long run
+# of unique answers cannot grow memory without end (about 2 bytes a character for most text).
+PIECE_CACHE_CHARS = 16_000_000
 
 
 def estimate_token_lengths(rows: list[dict]) -> list[int]:
@@ -71,6 +76,9 @@ class ChatTokenLengths:
         self.tokenizer = tokenizer
         self.backend = _unpadded(getattr(tokenizer, "backend_tokenizer", None))
         self.direct = _direct_template(tokenizer)
+        self.splitter = _special_splitter(self.backend)
+        self.pieces: dict[str, int] = {}
+        self.piece_chars = 0
 
     def render(self, rows: list[dict]) -> Rendered:
         conversations, owner = [], []
@@ -111,16 +119,44 @@ class ChatTokenLengths:
 
     def count(self, rendered: Rendered) -> list[int]:
         if self.backend is not None and hasattr(self.backend, "encode_batch_fast"):
-            # Skips offsets and attention masks: only the count is needed.
-            with rust_parallelism():
-                encoded = self.backend.encode_batch_fast(rendered.texts, add_special_tokens=False)
-            counts = [len(e) for e in encoded]
+            counts = self._by_pieces(rendered.texts) if self.splitter is not None else None
+            if counts is None:
+                counts = self._encoded(rendered.texts)
         else:
             counts = [len(ids) for ids in self.tokenizer(rendered.texts, add_special_tokens=False)["input_ids"]]
         out = [0] * rendered.rows
         for i, n in zip(rendered.owner, counts):
             out[i] = max(out[i], n)
         return out
+
+    def _encoded(self, texts: list[str]) -> list[int]:
+        # Skips offsets and attention masks: only the count is needed.
+        with rust_parallelism():
+            return [len(e) for e in self.backend.encode_batch_fast(texts, add_special_tokens=False)]
+
+    def _by_pieces(self, texts: list[str]) -> Optional[list[int]]:
+        """Counts as one special token each plus the pieces between them, each distinct piece encoded once.
+
+        The tokenizer itself splits a text at its special tokens before normalizing and pre-tokenizing the
+        pieces one by one, so the counts add up; a system prompt, a repeated turn or a duplicate row is then
+        encoded once for the whole run (x0.75 tokenizer CPU on the bench's 100k rows, bench/bench_validation.py).
+        Each batch checks its first text against encoding it whole, and any difference sends this and every
+        later batch back to whole texts. None then."""
+        split = [self.splitter.split(text) for text in texts]  # type: ignore[union-attr]
+        known = self.pieces
+        if self.piece_chars > PIECE_CACHE_CHARS:
+            known.clear()
+            self.piece_chars = 0
+        new = list(dict.fromkeys(piece for pieces in split for piece in pieces if piece not in known))
+        if new:
+            known.update(zip(new, self._encoded(new)))
+            self.piece_chars += sum(map(len, new))
+        counts = [len(pieces) - 1 + sum(map(known.__getitem__, pieces)) for pieces in split]
+        if counts and counts[0] != self._encoded(texts[:1])[0]:
+            self.splitter = None
+            known.clear()
+            return None
+        return counts
 
     def __call__(self, rows: list[dict]) -> list[int]:
         return self.count(self.render(rows))
@@ -137,6 +173,24 @@ def _unpadded(backend: Any) -> Any:
     copy.no_padding()
     copy.no_truncation()
     return copy
+
+
+def _special_splitter(backend: Any) -> Optional[re.Pattern[str]]:
+    """A pattern that splits text where the tokenizer splits it first: at its added tokens, longest first.
+
+    None where the pieces would not count independently: an added token that swallows the spaces beside it,
+    matches only whole words or after normalization, or a Metaspace pre-tokenizer that marks only the text's
+    first piece (prepend_scheme "first", as in Llama-2 and Mistral tokenizers)."""
+    if backend is None or not hasattr(backend, "get_added_tokens_decoder"):
+        return None
+    added = list(backend.get_added_tokens_decoder().values())
+    if not added or any(t.lstrip or t.rstrip or t.single_word or t.normalized for t in added):
+        return None
+    if '"prepend_scheme":"first"' in json.dumps(
+        json.loads(backend.to_str()).get("pre_tokenizer"), separators=(",", ":")
+    ):
+        return None
+    return re.compile("|".join(re.escape(t.content) for t in sorted(added, key=lambda t: -len(t.content))))
 
 
 def _direct_template(tokenizer: Any) -> Optional[Callable[[list[dict]], str]]:

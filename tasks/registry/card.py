@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any, Optional
 
 import yaml
@@ -241,8 +242,9 @@ def gather_facts(client, run_id: str, subject: Optional[CardSubject] = None) -> 
     run = client.get_run(run_id)
     params, metrics, tags = run.data.params, run.data.metrics, run.data.tags
     try:
-        local = client.download_artifacts(run_id, "config/resolved_config.yaml", tempfile.mkdtemp(prefix="card-"))
-        config = yaml.safe_load(open(local, encoding="utf-8")) or {}
+        with tempfile.TemporaryDirectory(prefix="card-") as scratch:
+            local = client.download_artifacts(run_id, "config/resolved_config.yaml", scratch)
+            config = yaml.safe_load(Path(local).read_text(encoding="utf-8")) or {}
     except (MlflowException, OSError):
         config = {}
     subject = subject or CardSubject()

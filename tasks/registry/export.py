@@ -35,6 +35,7 @@ from typing import Any, Callable, Optional
 
 from ftflow.configs.schema import PipelineConfig, Quantization
 from ftflow.tasks.errors import PipelineError
+from ftflow.tasks.registry.downloads import download_dir
 from ftflow.tasks.registry.packaging import RunSettings
 
 Log = Callable[[str], None]
@@ -172,7 +173,7 @@ def _download_logged_model_adapter(client, model_id: str) -> Optional[str]:
         location = client.get_logged_model(model_id).artifact_location
         local = mlflow.artifacts.download_artifacts(
             artifact_uri=f"{location.rstrip('/')}/artifacts/adapter",
-            dst_path=tempfile.mkdtemp(prefix="ftflow-adapter-"),
+            dst_path=download_dir("adapter-"),
             tracking_uri=client.tracking_uri,
         )
     except Exception:
@@ -207,7 +208,7 @@ def find_adapter(client, run_id: str, version=None) -> Optional[str]:
         paths.insert(0, f"{packaged}/artifacts/adapter")
     for path in dict.fromkeys(paths):
         if _exists(client, run_id, path):
-            local = client.download_artifacts(run_id, path, tempfile.mkdtemp(prefix="ftflow-adapter-"))
+            local = client.download_artifacts(run_id, path, download_dir("adapter-"))
             if _is_trained_folder(local):
                 return local
     return None
@@ -218,8 +219,9 @@ def _run_config(client, run_id: str) -> RunSettings:
 
     if not _exists(client, run_id, "config/resolved_config.yaml"):
         raise ExportError(f"run {run_id} has no config/resolved_config.yaml; it was not logged by ftflow")
-    local = client.download_artifacts(run_id, "config/resolved_config.yaml", tempfile.mkdtemp(prefix="ftflow-cfg-"))
-    return RunSettings.from_config_dict(yaml.safe_load(Path(local).read_text(encoding="utf-8")) or {})
+    with tempfile.TemporaryDirectory(prefix="ftflow-cfg-") as scratch:
+        local = client.download_artifacts(run_id, "config/resolved_config.yaml", scratch)
+        return RunSettings.from_config_dict(yaml.safe_load(Path(local).read_text(encoding="utf-8")) or {})
 
 
 def resolve_source(client, spec: str) -> Source:
@@ -387,8 +389,9 @@ def heldout_examples(client, source: Source) -> list[dict[str, Any]]:
         raise ExportError(
             f"{source.spec}: run {source.run_id} has no eval/predictions.json to check the export against"
         )
-    local = client.download_artifacts(source.run_id, "eval/predictions.json", tempfile.mkdtemp(prefix="ftflow-pred-"))
-    table = json.loads(Path(local).read_text(encoding="utf-8"))
+    with tempfile.TemporaryDirectory(prefix="ftflow-pred-") as scratch:
+        local = client.download_artifacts(source.run_id, "eval/predictions.json", scratch)
+        table = json.loads(Path(local).read_text(encoding="utf-8"))
     rows = [dict(zip(table["columns"], row)) for row in table["data"]]
     if not rows:
         raise ExportError(f"{source.spec}: eval/predictions.json holds no held-out rows")

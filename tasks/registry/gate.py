@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import json
 import math
-import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, Optional
@@ -22,6 +21,7 @@ from ftflow.configs.schema import PipelineConfig
 from ftflow.tasks.errors import PipelineError
 from ftflow.tasks.evaluate import registry as metrics
 from ftflow.tasks.evaluate import stats
+from ftflow.tasks.registry.downloads import download_dir
 from ftflow.tasks.registry.packaging import package_model  # noqa: F401  (moved; callers import it from here)
 
 if TYPE_CHECKING:
@@ -262,9 +262,7 @@ def champion_version(client, name: str):
 def champion_adapter(client, version) -> Optional[str]:
     """Download the champion's adapter so it can be re-scored on this run's held-out prompts."""
     try:
-        local = client.download_artifacts(
-            version.run_id, "registry_model/artifacts/adapter", tempfile.mkdtemp(prefix="champion-")
-        )
+        local = client.download_artifacts(version.run_id, "registry_model/artifacts/adapter", download_dir("champion-"))
     except Exception:
         return None
     return local if Path(local, "adapter_config.json").exists() else None

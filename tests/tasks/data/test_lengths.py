@@ -166,3 +166,108 @@ def test_nearest_rank_is_always_an_observed_value():
     assert nearest_rank(list(range(20, 30)), 0.95) == 29 and nearest_rank(list(range(20, 30)), 0.5) == 24
     assert nearest_rank(list(range(1, 21)), 0.95) == 19  # 95% of 20 values lie at or below the 19th
     assert nearest_rank([5], 0.5) == 5
+
+
+def whole_counts(lengths, rows: list[dict]) -> list[int]:
+    """The reference: every rendered text encoded whole, the longer side of a pair kept."""
+    rendered = lengths.render(rows)
+    out = [0] * rendered.rows
+    for i, n in zip(rendered.owner, lengths._encoded(rendered.texts)):
+        out[i] = max(out[i], n)
+    return out
+
+
+def varied_rows() -> list[dict]:
+    multi = {
+        "messages": [
+            {"role": "system", "content": "Answer in the user's language."},
+            {"role": "user", "content": "東京の天気は？"},
+            {"role": "assistant", "content": "晴れです。"},
+            {"role": "user", "content": "And tomorrow?  \n\n"},
+            {"role": "assistant", "content": " Rain, then <|im_end|> sun.<|endoftext|>"},
+        ]
+    }
+    return [
+        sft("How do I reset my password?", "Open settings, then security."),
+        sft("How do I reset my password?", "Open settings, then security."),  # a duplicate row
+        sft("", "Nothing was asked.", system="Be brief."),
+        sft("Tabs\tand  spaces ", "\n\nleading newlines", system="Be brief."),
+        multi,
+        pair("Which city is the capital of Japan?", "Tokyo.", "Osaka, a city that is not the capital."),
+    ]
+
+
+def test_pieces_between_special_tokens_count_as_the_whole_text_does_and_repeats_are_encoded_once():
+    """The tokenizer splits at its special tokens before anything else, so a text's count is one per special
+    token plus its pieces' counts; a piece met before (the injected system prompt, a duplicate row) is not
+    encoded again, in this batch or a later one."""
+    lengths = chat_token_lengths(smol_tokenizer())
+    assert lengths.splitter is not None
+    rows = varied_rows()
+    expected = whole_counts(lengths, rows)
+    encoded: list[str] = []
+    whole = lengths._encoded
+
+    def spy(texts):
+        encoded.extend(texts)
+        return whole(texts)
+
+    lengths._encoded = spy
+    assert lengths(rows) == expected
+    default_system = "system\nYou are a helpful AI assistant named SmolLM, trained by Hugging Face"
+    pieces = [p for p in encoded if "<|im_start|>" not in p]
+    assert pieces.count(default_system) == 1 and pieces.count("user\nHow do I reset my password?") == 1
+    assert len(pieces) == len(set(pieces))
+    encoded.clear()
+    assert lengths(rows[:2]) == expected[:2]
+    assert [p for p in encoded if "<|im_start|>" not in p] == []  # every piece known: only the batch's check
+
+
+def test_a_metaspace_tokenizer_that_marks_only_the_first_piece_is_counted_whole():
+    """With prepend_scheme "first" (Llama-2, Mistral) a piece alone gets a "▁" it does not get after a special
+    token, so counting pieces one by one would be wrong: such a tokenizer counts whole texts."""
+    from tokenizers import Tokenizer, models, pre_tokenizers
+    from tokenizers.trainers import BpeTrainer
+    from transformers import PreTrainedTokenizerFast
+
+    backend = Tokenizer(models.BPE(unk_token="<unk>"))
+    backend.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="first")
+    trainer = BpeTrainer(vocab_size=200, special_tokens=["<unk>", "<s>", "</s>"])
+    backend.train_from_iterator(["hello world, this is a test of the tokenizer"] * 50, trainer)
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=backend, bos_token="<s>", eos_token="</s>", unk_token="<unk>")
+    tokenizer.chat_template = "{% for m in messages %}<s>{{ m['content'] }}</s>{% endfor %}"
+    lengths = chat_token_lengths(tokenizer)
+    assert lengths.splitter is None
+    rows = [sft("hello world", "this is a test"), sft("hello", "world")]
+    expected = [
+        len(tokenizer.apply_chat_template(r["messages"], tokenize=True, return_dict=True)["input_ids"]) for r in rows
+    ]
+    assert lengths(rows) == expected
+    # The same rows counted piece by piece would have been wrong, which is why the guard exists.
+    import re
+
+    lengths.splitter = re.compile("<s>|</s>")
+    assert lengths._by_pieces(lengths.render(rows).texts) is None and lengths.splitter is None
+
+
+def test_a_piece_count_that_differs_from_the_whole_text_is_dropped_for_good():
+    lengths = chat_token_lengths(smol_tokenizer())
+    rows = varied_rows()
+    expected = whole_counts(lengths, rows)
+    lengths.pieces["user\nHow do I reset my password?"] = 999  # a count that no longer adds up
+    assert lengths(rows) == expected
+    assert lengths.splitter is None and lengths(rows[::-1]) == expected[::-1]
+
+
+def test_the_piece_table_starts_afresh_past_its_size(monkeypatch):
+    import ftflow.tasks.data.lengths as lengths_module
+
+    monkeypatch.setattr(lengths_module, "PIECE_CACHE_CHARS", 50)
+    lengths = chat_token_lengths(smol_tokenizer())
+    rows = varied_rows()
+    expected = whole_counts(lengths, rows)
+    assert lengths(rows[:3]) == expected[:3] and lengths.piece_chars > 50
+    assert lengths(rows[4:5]) == expected[4:5]
+    # Only the last batch's pieces are left; counts stay right either way.
+    assert set(lengths.pieces) == set(lengths.splitter.split(lengths.render(rows[4:5]).texts[0]))
+    assert lengths(rows) == expected

@@ -97,8 +97,11 @@ def test_describe_version_names_decision_scores_digests_and_run():
     assert "r=16, alpha=32" in text
 
 
-def test_card_license_intended_use_and_limits_come_from_the_recipe(tmp_path):
-    """The demo recipe's registry section, logged as the pipeline logs it, reaches the card through a real store."""
+def test_card_license_intended_use_and_limits_come_from_the_recipe(tmp_path, monkeypatch):
+    """The demo recipe's registry section, logged as the pipeline logs it, reaches the card through a real store,
+    and the config's download leaves nothing behind in the temp folder (one card per promotion, export, serve)."""
+    import tempfile
+
     from mlflow import MlflowClient
 
     from ftflow.configs.loader import load_config
@@ -112,7 +115,11 @@ def test_card_license_intended_use_and_limits_come_from_the_recipe(tmp_path):
     run_id = client.create_run(experiment).info.run_id
     client.log_dict(run_id, redact_config_dict(cfg.model_dump(mode="json")), RESOLVED_CONFIG)
 
+    scratch = tmp_path / "tmp"
+    scratch.mkdir()
+    monkeypatch.setattr(tempfile, "tempdir", str(scratch))
     facts = gather_facts(client, run_id, CardSubject(stage="sft"))
+    assert list(scratch.iterdir()) == []
     card = build_card(facts)
     front = yaml.safe_load(card.split("---\n")[1])
     assert front["license"] == cfg.registry.license == "apache-2.0"

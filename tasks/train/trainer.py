@@ -70,6 +70,7 @@ def train(
         **{**common_args(section, out_dir / "checkpoints", ctx.cfg.seed, device), **own_args, **section.extra}
     )
     stream = step_stream(ctx, kind, args.max_steps)
+    score_labelled_positions_only()
     with keep_trainable_fp32(model, device):
         trainer = trainer_class(
             model=model,
@@ -174,6 +175,32 @@ def _kind_specific(kind: Kind, cfg: PipelineConfig, examples: list[dict[str, Any
         return trl.SFTConfig, trl.SFTTrainer, own
     # With ref_model left out, TRL builds the reference from the PeftModel's current adapter (the SFT one).
     return trl.DPOConfig, trl.DPOTrainer, {"beta": cfg.dpo.beta, "loss_type": [cfg.dpo.loss_type.value]}
+
+
+def score_labelled_positions_only() -> bool:
+    """Make TRL's fused LM head project only the labelled positions on a CPU too, as it does on Triton devices.
+
+    TRL 1.x's `add_fused_lm_head` (SFT, DPO, reward) scores every position, prompt and padding included, unless
+    the device runs Triton: a graph compiler (Neuron) would recompile for every new count of labelled positions. A
+    CPU compiles nothing, and there the projection onto the vocabulary and its log-softmax over unlabelled
+    positions (71 % of a demo SFT batch) cost about a quarter of an SFT or DPO step (bench/bench_efficiency.py).
+    The loss and gradients are the same: unlabelled positions are zeroed either way. Process-wide and idempotent;
+    False where the installed TRL has no such switch (its fused head then scores every position, as before)."""
+    import trl.trainer.utils as fused_head
+
+    uses_triton = getattr(fused_head, "_use_triton", None)
+    if not callable(uses_triton):
+        return False
+    if getattr(uses_triton, "ftflow_cpu", False):
+        return True
+
+    def compact(device) -> bool:
+        return device.type == "cpu" or uses_triton(device)
+
+    compact.ftflow_cpu = True  # type: ignore[attr-defined]
+    compact.original = uses_triton  # type: ignore[attr-defined]
+    fused_head._use_triton = compact
+    return True
 
 
 def padding_free_fits(cfg: PipelineConfig, examples: list[dict[str, Any]]) -> bool:

@@ -183,3 +183,64 @@ def test_group_by_length_can_be_switched_off():
     off = _kind_specific("sft", PipelineConfig.model_validate({"sft": {"group_by_length": False}}), rows)[2]
     assert on["train_sampling_strategy"] == "group_by_length"
     assert "train_sampling_strategy" not in off  # transformers' default: shuffled
+
+
+# --- TRL's fused LM head: only labelled positions on a CPU ---------------------------------------------------
+
+
+def _fused_loss_and_grads(model, batch: dict) -> tuple[torch.Tensor, dict[str, torch.Tensor]]:
+    model.zero_grad(set_to_none=True)
+    out = model(**batch, fused_lm_head=True)
+    out.loss.backward()
+    return out.loss.detach(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}
+
+
+def test_the_fused_lm_head_scores_only_labelled_positions_on_a_cpu_with_the_same_loss_and_gradients(
+    tiny_model_dir, monkeypatch
+):
+    """Prompt and padding positions (label -100) are not projected onto the vocabulary; the loss and every
+    gradient equal those of scoring every position, which is what TRL does on a CPU by itself."""
+    import trl.trainer.utils as fused_head
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from ftflow.tasks.train.trainer import score_labelled_positions_only
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(tiny_model_dir, dtype=torch.float32)
+    add_fused_lm_head(model)
+    input_ids = torch.randint(5, 200, (3, 12))
+    attention_mask = torch.ones_like(input_ids)
+    attention_mask[2, 8:] = 0  # a padded row
+    labels = input_ids.masked_fill(attention_mask == 0, -100)
+    labels[:, :6] = -100  # the prompt
+    batch = {"input_ids": input_ids, "attention_mask": attention_mask, "labels": labels}
+    projected: list[int] = []
+    apply = fused_head._ChunkedLogProbFunction.apply
+
+    def spy(hidden, *args):
+        projected.append(hidden.shape[0])
+        return apply(hidden, *args)
+
+    monkeypatch.setattr(fused_head._ChunkedLogProbFunction, "apply", spy)
+    assert score_labelled_positions_only() and score_labelled_positions_only()  # idempotent
+    compact = fused_head._use_triton
+    monkeypatch.setattr(fused_head, "_use_triton", compact.original)
+    every_loss, every_grads = _fused_loss_and_grads(model, batch)
+    monkeypatch.setattr(fused_head, "_use_triton", compact)
+    labelled_loss, labelled_grads = _fused_loss_and_grads(model, batch)
+
+    labelled = int((labels[:, 1:] != -100).sum())
+    assert projected == [3 * 11, labelled] and labelled == 6 + 6 + 2
+    torch.testing.assert_close(labelled_loss, every_loss)
+    assert every_grads.keys() == labelled_grads.keys() and len(every_grads) > 10
+    for name, grad in every_grads.items():
+        torch.testing.assert_close(labelled_grads[name], grad, rtol=1e-4, atol=1e-6, msg=name)
+
+
+def test_training_turns_the_labelled_only_head_on(padding_free_run):
+    import trl.trainer.utils as fused_head
+
+    assert getattr(fused_head._use_triton, "ftflow_cpu", False)
+    assert not fused_head._use_triton.original(torch.device("cpu"))
+    assert fused_head._use_triton(torch.device("cpu"))

@@ -6,6 +6,7 @@ import json
 import math
 import os
 import re
+import threading
 import time
 from collections import deque
 from concurrent.futures import ThreadPoolExecutor
@@ -79,6 +80,7 @@ class ChatTokenLengths:
         self.splitter = _special_splitter(self.backend)
         self.pieces: dict[str, int] = {}
         self.piece_chars = 0
+        self.piece_lock = threading.Lock()  # one table, whichever thread counts
 
     def render(self, rows: list[dict]) -> Rendered:
         conversations, owner = [], []
@@ -119,7 +121,8 @@ class ChatTokenLengths:
 
     def count(self, rendered: Rendered) -> list[int]:
         if self.backend is not None and hasattr(self.backend, "encode_batch_fast"):
-            counts = self._by_pieces(rendered.texts) if self.splitter is not None else None
+            with self.piece_lock:
+                counts = self._by_pieces(rendered.texts) if self.splitter is not None else None
             if counts is None:
                 counts = self._encoded(rendered.texts)
         else:
@@ -139,7 +142,7 @@ class ChatTokenLengths:
 
         The tokenizer itself splits a text at its special tokens before normalizing and pre-tokenizing the
         pieces one by one, so the counts add up; a system prompt, a repeated turn or a duplicate row is then
-        encoded once for the whole run (x0.75 tokenizer CPU on the bench's 100k rows, bench/bench_validation.py).
+        encoded once for the whole run (x0.70 count time on the bench's 100k rows, bench/bench_validation.py).
         Each batch checks its first text against encoding it whole, and any difference sends this and every
         later batch back to whole texts. None then."""
         split = [self.splitter.split(text) for text in texts]  # type: ignore[union-attr]

@@ -183,7 +183,7 @@ def score_labelled_positions_only() -> bool:
     TRL 1.x's `add_fused_lm_head` (SFT, DPO, reward) scores every position, prompt and padding included, unless
     the device runs Triton: a graph compiler (Neuron) would recompile for every new count of labelled positions. A
     CPU compiles nothing, and there the projection onto the vocabulary and its log-softmax over unlabelled
-    positions (71 % of a demo SFT batch) cost about a quarter of an SFT or DPO step (bench/bench_efficiency.py).
+    positions (70 % of a demo SFT batch) cost about a quarter of an SFT or DPO step (bench/bench_lm_head.py).
     The loss and gradients are the same: unlabelled positions are zeroed either way. Process-wide and idempotent;
     False where the installed TRL has no such switch (its fused head then scores every position, as before)."""
     import trl.trainer.utils as fused_head

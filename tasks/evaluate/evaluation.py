@@ -170,12 +170,21 @@ def generate(
     return out
 
 
-def _completion_logps(model, tokenizer, prompts: list[list[dict]], answers: list[list[dict]], max_length: int):
-    """Sum of log-probs and token counts of each answer given its prompt (teacher forcing)."""
+def _completion_logps(
+    model,
+    tokenizer,
+    prompts: list[list[dict]],
+    answers: list[list[dict]],
+    max_length: int,
+    full_texts: Optional[list[str]] = None,
+):
+    """Sum of log-probs and token counts of each answer given its prompt (teacher forcing). `full_texts`: each
+    prompt + answer already rendered with the chat template, when the caller has them."""
     tokenizer.padding_side = "right"
     device = next(model.parameters()).device
     prompt_texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
-    full_texts = [tokenizer.apply_chat_template(p + a, tokenize=False) for p, a in zip(prompts, answers)]
+    if full_texts is None:
+        full_texts = [tokenizer.apply_chat_template(p + a, tokenize=False) for p, a in zip(prompts, answers)]
     prompt_lens = [len(ids) for ids in tokenizer(prompt_texts, add_special_tokens=False)["input_ids"]]
     enc = tokenizer(
         full_texts, return_tensors="pt", padding=True, truncation=True, max_length=max_length, add_special_tokens=False
@@ -208,7 +217,9 @@ def answer_logps(model, tokenizer, prompts, answers, cfg: EvalConfig, max_length
     logps: list[float] = [0.0] * len(prompts)
     counts: list[int] = [0] * len(prompts)
     for idx in _batches(sorted(range(len(prompts)), key=lengths.__getitem__), min(cfg.batch_size, LOGPS_MAX_BATCH)):
-        lp, n = _completion_logps(model, tokenizer, [prompts[i] for i in idx], [answers[i] for i in idx], max_length)
+        lp, n = _completion_logps(
+            model, tokenizer, [prompts[i] for i in idx], [answers[i] for i in idx], max_length, [full[i] for i in idx]
+        )
         for i, value, count in zip(idx, lp, n):
             logps[i], counts[i] = value, int(count)
     return logps, counts

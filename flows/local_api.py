@@ -34,6 +34,7 @@ STARTUP_TIMEOUT_S = 300.0
 LOCK_NAME = ".ftflow-ephemeral-start.lock"
 PR_SET_PDEATHSIG = 1
 PORT_IN_USE_EXIT = 3  # uvicorn's exit status when it cannot bind
+LOG_PREFIX = "ftflow-prefect-server-"
 
 
 def _die_with(parent_pid: int):
@@ -54,6 +55,33 @@ def _free_port() -> int:
     with socket.socket() as s:
         s.bind(("127.0.0.1", 0))
         return s.getsockname()[1]
+
+
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:  # someone else's live process
+        return True
+    return True
+
+
+def _sweep_orphan_logs(folder: Path) -> None:
+    """Remove the server logs of processes that died before `LocalServer.stop` could (SIGKILL skips every
+    clean-up); the owner's pid is the first part of the name, so a live server's log is left alone."""
+    for path in folder.glob(f"{LOG_PREFIX}*.log"):
+        owner = path.name[len(LOG_PREFIX) :].split("-", 1)[0]
+        if owner.isdigit() and not _alive(int(owner)):
+            with contextlib.suppress(OSError):
+                path.unlink()
+
+
+def _new_log() -> Path:
+    _sweep_orphan_logs(Path(tempfile.gettempdir()))
+    fd, name = tempfile.mkstemp(prefix=f"{LOG_PREFIX}{os.getpid()}-", suffix=".log")
+    os.close(fd)
+    return Path(name)
 
 
 def _healthy(url: str) -> bool:
@@ -144,9 +172,7 @@ def start(timeout: Optional[float] = None) -> LocalServer:
     timeout = timeout or float(os.environ.get("FTFLOW_PREFECT_STARTUP_TIMEOUT_S", STARTUP_TIMEOUT_S))
     home = Path(get_current_settings().home).expanduser()
     home.mkdir(parents=True, exist_ok=True)
-    fd, log_name = tempfile.mkstemp(prefix="ftflow-prefect-server-", suffix=".log")
-    os.close(fd)
-    log_path = Path(log_name)
+    log_path = _new_log()
     with FileLock(str(home / LOCK_NAME), timeout=timeout):
         deadline = time.monotonic() + timeout
         port = _free_port()

@@ -301,7 +301,14 @@ def test_racing_gates_leave_the_alias_on_the_better_version_and_record_both(pref
 
 def _cli_env(tmp_path: Path) -> dict[str, str]:
     """A user's shell: no Prefect server configured (so the ephemeral API), Prefect's state in its own home."""
-    env = {**os.environ, "PREFECT_HOME": str(tmp_path / "prefect-home"), "HF_HUB_OFFLINE": "1"}
+    scratch = tmp_path / "tmp"  # its temporary files, where a test can see what a killed run left
+    scratch.mkdir(exist_ok=True)
+    env = {
+        **os.environ,
+        "PREFECT_HOME": str(tmp_path / "prefect-home"),
+        "HF_HUB_OFFLINE": "1",
+        "TMPDIR": str(scratch),
+    }
     for name in ("PREFECT_API_URL", "MLFLOW_TRACKING_URI"):
         env.pop(name, None)
     return env
@@ -400,6 +407,8 @@ def test_sigkill_takes_the_prefect_server_along_and_the_next_run_reconciles(tiny
         os.kill(proc.pid, signal.SIGKILL)  # only the run: its server must go by itself
         proc.wait()
         _wait_until(lambda: not any(_alive(p) for p in servers), 60, "the orphaned Prefect server exited")
+        orphan_logs = list((tmp_path / "tmp").glob(f"ftflow-prefect-server-{proc.pid}-*.log"))
+        assert orphan_logs, "SIGKILL gave the run no chance to remove its server's log"
     finally:
         if proc.poll() is None:
             os.killpg(proc.pid, signal.SIGKILL)
@@ -431,6 +440,7 @@ def test_sigkill_takes_the_prefect_server_along_and_the_next_run_reconciles(tiny
     assert killed.info.status == "FAILED"
     assert f"its process {proc.pid} on " in killed.data.tags["ftflow.reconciled"]
     assert "is gone" in killed.data.tags["failure_reason"]
+    assert not any(log.exists() for log in orphan_logs), "the next run should sweep the killed run's server log"
 
 
 @pytest.mark.slow

@@ -196,13 +196,37 @@ def _special_splitter(backend: Any) -> Optional[re.Pattern[str]]:
     return re.compile("|".join(re.escape(t.content) for t in sorted(added, key=lambda t: -len(t.content))))
 
 
+def remembered_attribute_checks(environment: Any) -> Any:
+    """An overlay of a Jinja sandbox (same filters, globals, extensions) that remembers each attribute verdict.
+
+    jinja2's sandbox judges an attribute by the object's type and the attribute's name alone
+    (`is_internal_attribute`, and `modifies_known_mutable` in the immutable sandbox), and asks again at every
+    access: chat templates read `loop.first` once per turn, a fifth of rendering 100k rows
+    (bench/bench_validation.py). The verdict per (type, name) is the sandbox's own, so nothing unsafe passes."""
+    overlay = environment.overlay()
+    judge = overlay.is_safe_attribute
+    verdicts: dict[tuple[type, str], bool] = {}
+
+    def is_safe_attribute(obj: Any, attr: str, value: Any) -> bool:
+        key = (type(obj), attr)
+        verdict = verdicts.get(key)
+        if verdict is None:
+            verdict = verdicts[key] = judge(obj, attr, value)
+        return verdict
+
+    overlay.is_safe_attribute = is_safe_attribute
+    return overlay
+
+
 def _direct_template(tokenizer: Any) -> Optional[Callable[[list[dict]], str]]:
     """The tokenizer's chat template compiled as apply_chat_template compiles it (transformers' cached
-    sandboxed compile), with the variables apply_chat_template passes; None where that is not available."""
+    sandboxed compile, in an overlay that remembers its attribute checks), with the variables
+    apply_chat_template passes; None where that is not available."""
     try:
         from transformers.utils.chat_template_utils import _compile_jinja_template
 
-        template = _compile_jinja_template(tokenizer.get_chat_template())
+        source = tokenizer.get_chat_template()
+        template = remembered_attribute_checks(_compile_jinja_template(source).environment).from_string(source)
         context = {**tokenizer.special_tokens_map, "tools": None, "documents": None, "add_generation_prompt": False}
     except Exception:  # a private helper of transformers: when it moves, rendering takes the public path
         return None

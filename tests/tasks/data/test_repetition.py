@@ -33,6 +33,14 @@ def test_words_split_latin_runs_cjk_characters_and_punctuation():
     assert words("要するに、佐藤さん") == ["要", "す", "る", "に", "、", "佐", "藤", "さ", "ん"]
 
 
+def test_ascii_text_splits_as_the_full_pattern_does():
+    from ftflow.tasks.data.repetition import _WORD
+
+    every_ascii = "".join(map(chr, range(128)))
+    for text in ("Could you, Ann?", "snake_case x\x1cy 3.14 -- MiXeD!!", every_ascii, every_ascii[::-1] * 3):
+        assert words(text) == _WORD.findall(text.casefold())
+
+
 def test_dup_line_frac_counts_lines_repeating_an_earlier_one():
     assert dup_line_frac("a\nb\na\na") == pytest.approx(2 / 4)
     assert dup_line_frac("a\n\n  a  \nb\nc") == pytest.approx(1 / 4)  # blank lines skipped, whitespace stripped

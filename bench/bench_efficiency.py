@@ -17,14 +17,18 @@ Prints, in one process, on the machine it runs on:
     spends its time beyond a bare forward+backward (phase timers and a torch.profiler table).
 
 FLOP accounting (stated once, used everywhere; attention score/value products are not counted, they are ~2 %
-at 130 tokens):
-  N      = weights that multiply every token: q/k/v/o/gate/up/down of all layers + the LM head, from the config
+at 130 tokens). The model FLOPs are the work the result needs, so wasted work lowers the MFU:
+  N      = weights that multiply every token: q/k/v/o/gate/up/down of all layers, from the config
+  H      = the LM head (vocabulary x hidden): it multiplies only the positions a loss or a next token reads
   N_lora = LoRA A and B weights
-  SFT    = (4 N + 6 N_lora) T   the base is frozen, so the backward computes input gradients (2 N T) but no
-                                weight gradients; full fine-tuning would be 6 N T
-  DPO    = (6 N + 8 N_lora) T   policy forward+backward plus the reference forward, T = chosen + rejected tokens
-  decode = 2 (N + N_lora) T     T = prompt tokens + generated positions (finished rows still compute)
-T counts real tokens (padding excluded), so padding, recomputation and de-quantization all lower the MFU.
+  SFT    = (4 N + 6 N_lora) T + 4 H L   the base is frozen, so the backward computes input gradients (2 N T) but
+                                        no weight gradients; L = labelled positions; full fine-tuning is 6 N T + ...
+  DPO    = (6 N + 8 N_lora) T + 6 H L   policy forward+backward plus the reference forward, T = chosen + rejected
+                                        tokens, L = their completion positions
+  decode = 2 (N + N_lora) T + 2 H R     T = prompt tokens + generated positions (finished rows still compute),
+                                        R = generated tokens (the prefill's last position gives the first)
+T counts real tokens (padding excluded), so padding, recomputation, de-quantization and a head projected over
+unlabelled positions all lower the MFU. Runs before `ba1fb91`'s bench counted H in N, for every token.
 """
 
 from __future__ import annotations
@@ -135,8 +139,26 @@ def demo_data(n_sft: int, n_pairs: int, n_prompts: int, n_refs: int):
 # --- model -------------------------------------------------------------------------------------------
 
 
-def flop_params(config, lora_r: int, targets: list[str]) -> tuple[int, int]:
-    """(N, N_lora) from the architecture, since 4/8-bit weights are packed and numel() would undercount them."""
+@dataclasses.dataclass(frozen=True)
+class Flops:
+    """The module docstring's FLOP accounting for one model: N, H and N_lora."""
+
+    body: int
+    head: int
+    lora: int
+
+    def sft(self, tokens: int, labelled: int) -> float:
+        return (4 * self.body + 6 * self.lora) * tokens + 4 * self.head * labelled
+
+    def dpo(self, tokens: int, labelled: int) -> float:
+        return (6 * self.body + 8 * self.lora) * tokens + 6 * self.head * labelled
+
+    def forward(self, tokens: int, heads: int) -> float:
+        return 2 * (self.body + self.lora) * tokens + 2 * self.head * heads
+
+
+def flop_params(config, lora_r: int, targets: list[str]) -> Flops:
+    """N, H and N_lora from the architecture, since 4/8-bit weights are packed and numel() would undercount them."""
     h, inter, layers, vocab = config.hidden_size, config.intermediate_size, config.num_hidden_layers, config.vocab_size
     head_dim = getattr(config, "head_dim", None) or h // config.num_attention_heads
     q_out = config.num_attention_heads * head_dim
@@ -150,9 +172,28 @@ def flop_params(config, lora_r: int, targets: list[str]) -> tuple[int, int]:
         "up_proj": (h, inter),
         "down_proj": (inter, h),
     }
-    n = layers * sum(i * o for i, o in shapes.values()) + vocab * h
-    n_lora = layers * sum(lora_r * (i + o) for name, (i, o) in shapes.items() if name in targets)
-    return n, n_lora
+    body = layers * sum(i * o for i, o in shapes.values())
+    lora = layers * sum(lora_r * (i + o) for name, (i, o) in shapes.items() if name in targets)
+    return Flops(body, vocab * h, lora)
+
+
+def labelled_positions(batch: dict) -> int:
+    """Positions whose next token a loss reads, counted as TRL's fused head counts them (labels shifted by one)."""
+    if "completion_mask" in batch:  # DPO: labels are the completion tokens
+        return int(batch["completion_mask"][..., 1:].sum())
+    return int((batch["labels"][..., 1:] != -100).sum())
+
+
+def lm_head_labelled_only(on: bool) -> None:
+    """TRL's fused LM head over labelled positions only (as tasks/train/trainer.py trains) or over every position
+    (TRL's own choice off Triton devices)."""
+    import trl.trainer.utils as fused_head
+
+    from ftflow.tasks.train.trainer import score_labelled_positions_only
+
+    score_labelled_positions_only()
+    if not on:
+        fused_head._use_triton = fused_head._use_triton.original
 
 
 def load_peft(cfg, path: str):
@@ -465,9 +506,11 @@ class Bench:
         t0 = time.perf_counter()
         model = load_peft(cfg, self.path)
         self.loads[mode] = time.perf_counter() - t0
-        n, n_lora = flop_params(model.config, cfg.lora.r, list(cfg.lora.target_modules))
-        self.n_params = (n, n_lora)
-        self.log(f"{mode}: loaded in {self.loads[mode]:.1f} s; N={n / 1e6:.1f}M, N_lora={n_lora / 1e6:.2f}M")
+        flops = self.flops = flop_params(model.config, cfg.lora.r, list(cfg.lora.target_modules))
+        self.log(
+            f"{mode}: loaded in {self.loads[mode]:.1f} s; N={flops.body / 1e6:.1f}M, H={flops.head / 1e6:.1f}M, "
+            f"N_lora={flops.lora / 1e6:.2f}M"
+        )
 
         # ---- SFT: the real trainer loop on one fixed batch (dataset = one batch, so every step is the same work)
         timer = StepTimer()
@@ -488,7 +531,7 @@ class Bench:
         batch = fixed_batch(trainer, self.device)
         tokens = real_tokens(batch)
         padded = int(batch["input_ids"].numel())
-        sft_flops = (4 * n + 6 * n_lora) * tokens
+        sft_flops = flops.sft(tokens, labelled_positions(batch))
         model.train()
         if light:
 
@@ -568,9 +611,11 @@ class Bench:
             "dpo",
             mode,
             "DPOTrainer step (train loop)",
-            Measure(timer.steps()[1:], dtokens, (6 * n + 8 * n_lora) * dtokens),
+            Measure(timer.steps()[1:], dtokens, flops.dpo(dtokens, labelled_positions(dbatch))),
             f"{len(self.pairs)} pairs = {dbatch['input_ids'].shape[0]} sequences, {dtokens} real tokens",
         )
+        if with_levers:
+            self.dpo_levers(mode, model, dpo, dbatch, reps)
 
         self.gen_rows(mode, model, cfg, with_levers, reps)
 
@@ -580,7 +625,7 @@ class Bench:
         Each run records the time after every decode step, so one run gives the prefill, the per-step decode time
         and the time any shorter max_new_tokens would have taken: greedy decoding's first k steps are the same
         work whatever the limit, and both limits then come from the same run under the same load."""
-        n, n_lora = self.n_params
+        flops = self.flops
         model.eval()
         if "default" in getattr(model, "peft_config", {}):
             model.set_adapter("default")
@@ -588,12 +633,11 @@ class Bench:
         limit = 64 if with_levers else (16 if light else cfg.eval.max_new_tokens)
         runs = [self.generate(model, limit) for _ in range(reps if with_levers else 1)]
         r = runs[0]
-        per_flop = 2 * (n + n_lora)
         self.add(
             "gen",
             mode,
             f"prefill, {r['rows']} prompts",
-            Measure([x["prefill_s"] for x in runs], r["prompt_tokens"], per_flop * r["prompt_tokens"]),
+            Measure([x["prefill_s"] for x in runs], r["prompt_tokens"], flops.forward(r["prompt_tokens"], r["rows"])),
             f"{r['prompt_tokens']} real prompt tokens (left-padded to {r['rows']} x {r['prompt_len']})",
         )
         decode = [statistics.median(x["step_s"]) for x in runs]
@@ -601,7 +645,7 @@ class Bench:
             "gen",
             mode,
             f"decode step, batch {r['rows']} (median of {len(r['step_s'])} steps)",
-            Measure(decode, r["rows"], per_flop * r["rows"]),
+            Measure(decode, r["rows"], flops.forward(r["rows"], r["rows"])),
             f"{r['stopped']}/{r['rows']} rows emitted EOS within {limit} tokens; "
             "finished rows keep computing until the batch ends",
         )
@@ -610,7 +654,11 @@ class Bench:
             "gen",
             mode,
             f"generate {r['steps']} new tokens, end to end",
-            Measure(total, r["rows"] * r["steps"], per_flop * (r["prompt_tokens"] + r["rows"] * r["steps"])),
+            Measure(
+                total,
+                r["rows"] * r["steps"],
+                flops.forward(r["prompt_tokens"] + r["rows"] * r["steps"], r["rows"] * r["steps"]),
+            ),
             "prefill + decode + sampling bookkeeping",
         )
         if with_levers:
@@ -737,9 +785,8 @@ class Bench:
         """What costs the SFT step beyond a bare forward+backward, on the batch and model trainer.train() left."""
         from torch import nn
 
-        n, n_lora = self.n_params
         tokens = real_tokens(batch)
-        sft_flops = (4 * n + 6 * n_lora) * tokens
+        sft_flops = self.flops.sft(tokens, labelled_positions(batch))
         lora_dtype = next(p.dtype for p in model.parameters() if p.requires_grad)
 
         model.train()
@@ -802,9 +849,11 @@ class Bench:
 
         # 3. LoRA dropout 0.05 vs 0 (the bernoulli masks)
         dropouts = [m for m in model.modules() if hasattr(m, "lora_dropout")]
-        saved = [dict(m.lora_dropout) for m in dropouts]
+        saved: list[dict] = []
 
         def no_dropout():
+            # Snapshot now: DPOTrainer later adds a "ref" adapter, whose dropout must come back as it was too.
+            saved[:] = [dict(m.lora_dropout) for m in dropouts]
             for m in dropouts:
                 for k in m.lora_dropout:
                     m.lora_dropout[k] = nn.Identity()
@@ -920,8 +969,33 @@ class Bench:
             f"{tuple(pf_batch['input_ids'].shape)} with a block-diagonal mask from position_ids (sdpa)",
         )
 
-        # 7. all together, as tasks/train/trainer.py trains now: fp32 LoRA weights on CPU, padding-free batches,
-        # the demo recipe's dropout
+        # 7. TRL's fused LM head over every position (its choice off Triton devices) vs the labelled ones only
+        every = "every position (TRL on a CPU)"
+        arms = side_by_side(
+            {
+                every: (noop, trainer_step(batch), noop),
+                "labelled positions only": (
+                    lambda: lm_head_labelled_only(True),
+                    trainer_step(batch),
+                    lambda: lm_head_labelled_only(False),
+                ),
+            },
+            reps,
+            self.device,
+        )
+        positions = batch["input_ids"].shape[0] * (batch["input_ids"].shape[1] - 1)
+        self.lever(
+            "LM head positions",
+            mode,
+            arms,
+            {k: tokens for k in arms},
+            every,
+            note=f"TRL compute_loss+backward, same batch: {labelled_positions(batch)} labelled of {positions} "
+            "positions projected onto the vocabulary",
+        )
+
+        # 8. all together, as tasks/train/trainer.py trains now: fp32 LoRA weights on CPU, padding-free batches,
+        # the demo recipe's dropout, the LM head over labelled positions only
         from ftflow.tasks.train.trainer import padding_free_fits
 
         recipe_p = self.recipe.lora.dropout
@@ -932,14 +1006,18 @@ class Bench:
                 q.data = q.data.to(torch.float32 if self.device == "cpu" else lora_dtype)
             if recipe_p == 0:
                 no_dropout()
+            lm_head_labelled_only(True)
 
         def as_before():
             for q in trainable:
                 q.data = q.data.to(lora_dtype)
             restore_dropout()
+            lm_head_labelled_only(False)
+
+        self.as_pipeline = (as_pipeline, as_before)
 
         pipeline = f"pipeline ({'fp32' if self.device == 'cpu' else dtype_name(lora_dtype)} LoRA, "
-        pipeline += f"{'padding-free' if pipeline_pf else 'padded'}, dropout {recipe_p})"
+        pipeline += f"{'padding-free' if pipeline_pf else 'padded'}, dropout {recipe_p}, labelled-only head)"
         before = f"first version ({dtype_name(lora_dtype)} LoRA, padded, dropout {p})"
         arms = side_by_side(
             {
@@ -967,6 +1045,40 @@ class Bench:
             cpu=arms.cpu[pipeline],
         )
         self.length_grouping(mode, model, trainer, trainer_step, reps)
+        model.zero_grad(set_to_none=True)
+
+    def dpo_levers(self, mode, model, dpo, batch, reps) -> None:
+        """The DPO step as the first version took it vs as tasks/train/trainer.py takes it now (sft_levers' switch:
+        fp32 LoRA weights on a CPU, the recipe's dropout, the LM head over completion positions only)."""
+        as_pipeline, as_before = self.as_pipeline
+        tokens = real_tokens(batch)
+
+        def step():
+            loss = dpo.compute_loss(model, dict(batch))
+            loss.backward()
+            model.zero_grad(set_to_none=True)
+
+        model.train()
+        before, pipeline = "first version (TRL's DPO step)", "pipeline (as the SFT lever's pipeline arm)"
+        arms = side_by_side(
+            {before: (noop, step, noop), pipeline: (as_pipeline, step, as_before)}, reps, self.device, warm=True
+        )
+        self.lever(
+            "all DPO levers",
+            mode,
+            arms,
+            {k: tokens for k in arms},
+            before,
+            note="TRL DPO compute_loss (policy and reference forward) + backward on the same pairs",
+        )
+        self.add(
+            "dpo",
+            mode,
+            "pipeline step (TRL loss+backward)",
+            Measure(arms[pipeline], tokens, self.flops.dpo(tokens, labelled_positions(batch))),
+            f"{pipeline}, same pairs; from the 'all DPO levers' arm",
+            cpu=arms.cpu[pipeline],
+        )
         model.zero_grad(set_to_none=True)
 
     def length_grouping(self, mode, model, trainer, trainer_step, reps) -> None:
@@ -1064,10 +1176,11 @@ class Bench:
                 + ", ".join(f"{m} {v['best'] / 1e9:.0f}" for m, v in after.items())
                 + f" GFLOP/s; MFU below is against the best seen, {self.peak / 1e9:.0f} GFLOP/s"
             )
-        n, n_lora = self.n_params
+        f = self.flops
         lines.append(
-            f"model: N = {n / 1e6:.1f}M matmul weights/token, N_lora = {n_lora / 1e6:.2f}M; "
-            "SFT (4N+6N_lora)T, DPO (6N+8N_lora)T, decode 2(N+N_lora)T; MFU = model FLOP/s / fp32 matmul best"
+            f"model: N = {f.body / 1e6:.1f}M matmul weights/token, H = {f.head / 1e6:.1f}M LM head, "
+            f"N_lora = {f.lora / 1e6:.2f}M; SFT (4N+6N_lora)T+4HL, DPO (6N+8N_lora)T+6HL, decode 2(N+N_lora)T+2HR "
+            "(L labelled positions, R generated tokens); MFU = model FLOP/s / fp32 matmul best"
         )
         lines.append("load s: " + ", ".join(f"{m} {s:.1f}" for m, s in self.loads.items()))
         lines.append("")
@@ -1268,7 +1381,7 @@ def main(argv: Optional[list[str]] = None) -> int:
         payload = {
             "machine": info,
             "matmul": bench.matmul,
-            "n_params": bench.n_params,
+            "flop_params": dataclasses.asdict(bench.flops),
             "loads_s": bench.loads,
             "rows": [r.as_dict() for r in bench.rows],
             "levers": bench.levers,

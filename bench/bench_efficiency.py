@@ -13,8 +13,9 @@ Prints, in one process, on the machine it runs on:
   * levers, each measured side by side (alternating arms, ABBA) on the first mode: LoRA dropout 0.05 vs 0,
     LoRA weights bf16 (TRL's QLoRA cast) vs fp32, torch threads = physical cores vs default, padding-free vs
     padded batches, length-grouped vs shuffled SFT batches, eval max_new_tokens sized from the longest reference
-    vs fixed 64, eval generation with 4-bit weights dequantized once and in one batch, and where a trainer step
-    spends its time beyond a bare forward+backward (phase timers and a torch.profiler table).
+    vs fixed 64, eval generation with 4-bit weights dequantized once and in one batch, TRL's fused LM head over
+    every position vs the labelled ones, all of them as the pipeline trains (SFT and DPO), and where a trainer
+    step spends its time beyond a bare forward+backward (phase timers and a torch.profiler table).
 
 FLOP accounting (stated once, used everywhere; attention score/value products are not counted, they are ~2 %
 at 130 tokens). The model FLOPs are the work the result needs, so wasted work lowers the MFU:

@@ -29,7 +29,7 @@ at 130 tokens). The model FLOPs are the work the result needs, so wasted work lo
   decode = 2 (N + N_lora) T + 2 H R     T = prompt tokens + generated positions (finished rows still compute),
                                         R = generated tokens (the prefill's last position gives the first)
 T counts real tokens (padding excluded), so padding, recomputation, de-quantization and a head projected over
-unlabelled positions all lower the MFU. Runs before `ba1fb91`'s bench counted H in N, for every token.
+unlabelled positions all lower the MFU. Before `1f7a6c8` this bench counted H in N, for every token.
 """
 
 from __future__ import annotations

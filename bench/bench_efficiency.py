@@ -193,8 +193,8 @@ def lm_head_labelled_only(on: bool) -> None:
     from ftflow.tasks.train.trainer import score_labelled_positions_only
 
     score_labelled_positions_only()
-    if not on:
-        fused_head._use_triton = fused_head._use_triton.original
+    if not on:  # a TRL without the switch leaves nothing to undo
+        fused_head._use_triton = getattr(fused_head._use_triton, "original", fused_head._use_triton)
 
 
 def load_peft(cfg, path: str):

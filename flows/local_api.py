@@ -57,22 +57,14 @@ def _free_port() -> int:
         return s.getsockname()[1]
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except (ProcessLookupError, OverflowError):
-        return False
-    except PermissionError:  # someone else's live process
-        return True
-    return True
-
-
 def _sweep_orphan_logs(folder: Path) -> None:
     """Remove the server logs of processes that died before `LocalServer.stop` could (SIGKILL skips every
     clean-up); the owner's pid is the first part of the name, so a live server's log is left alone."""
+    from ftflow.tasks.tracking import pid_alive
+
     for path in folder.glob(f"{LOG_PREFIX}*.log"):
         owner = path.name[len(LOG_PREFIX) :].split("-", 1)[0]
-        if owner.isdigit() and not _alive(int(owner)):
+        if owner.isdigit() and not pid_alive(int(owner)):
             with contextlib.suppress(OSError):
                 path.unlink()
 

@@ -255,6 +255,17 @@ def process_tags() -> dict[str, str]:
     return {HOST_TAG: socket.gethostname(), PID_TAG: str(os.getpid()), PID_STARTED_TAG: process_started(os.getpid())}
 
 
+def pid_alive(pid: int) -> bool:
+    """Whether a process with this pid exists on this host (it may be a later process that reused the pid)."""
+    try:
+        os.kill(pid, 0)
+    except (ProcessLookupError, OverflowError):
+        return False
+    except PermissionError:
+        pass  # alive, owned by someone else
+    return True
+
+
 def owner_alive(tags: dict[str, str]) -> Optional[bool]:
     """Whether the process a run's tags name is alive: None when it ran on another host or is not recorded."""
     import socket
@@ -262,12 +273,8 @@ def owner_alive(tags: dict[str, str]) -> Optional[bool]:
     if tags.get(HOST_TAG) != socket.gethostname() or not tags.get(PID_TAG, "").isdigit():
         return None
     pid = int(tags[PID_TAG])
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
+    if not pid_alive(pid):
         return False
-    except PermissionError:
-        pass  # alive, owned by someone else
     started = tags.get(PID_STARTED_TAG)
     return not started or process_started(pid) in ("", started)
 

@@ -101,7 +101,7 @@ def main() -> None:
     path = resolve_model_path(cfg.model)
     tokenizer = load_tokenizer(path, cfg.model)
     n = max(cfg.sft.per_device_batch_size, cfg.dpo.per_device_batch_size)
-    pairs, examples = heldout(cfg, n)
+    pairs, examples, _ = heldout(cfg, n)
     print(cpu_line())
     print(
         f"recipe: {args.recipe}  model: {path}  quantization: {cfg.quantization.mode.value}  "

@@ -1,4 +1,5 @@
-"""Log-probs of a preference pair's two answers, with the tokens the two sides share run through the model once.
+"""Log-probs of a preference pair's two answers, with the tokens the two sides share run through the model once
+(and the cache checks that generation's shared prompt openings use too, evaluation.prompt_inputs).
 
 A pair's chosen and rejected rows are the same conversation up to where the answers part: the whole prompt (on
 the demo about two thirds of a row, with the template's system prompt), and often the answers' first tokens too.
@@ -21,7 +22,7 @@ def _cache_name() -> str:
     return "cache" if "cache" in getattr(CausalLMOutputWithPast, "__dataclass_fields__", {}) else "past_key_values"
 
 
-_CACHE = _cache_name()
+CACHE_KWARG = _cache_name()
 
 
 def shares_prefixes(model) -> bool:
@@ -76,9 +77,18 @@ def shared_prefix_logps(
     return out_c, out_r
 
 
-def _score_batch(model, rows: list[tuple[list[int], list[int], int, int]]) -> Optional[list[tuple[float, float]]]:
+def full_attention_cache(out):
+    """The attention cache a forward returned, or None unless every layer keeps every earlier position (a sliding
+    window or linear attention keeps something else, so a copied prefix cache would not be the plain case)."""
     from transformers.cache_utils import DynamicLayer
 
+    cache = getattr(out, CACHE_KWARG, None)
+    if cache is None or any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
+        return None
+    return cache
+
+
+def _score_batch(model, rows: list[tuple[list[int], list[int], int, int]]) -> Optional[list[tuple[float, float]]]:
     device = next(model.parameters()).device
     width = max(s for _, _, s, _ in rows)
     # Prefixes left-padded, so every row's last prefix token sits in the last column; positions count real tokens.
@@ -96,8 +106,8 @@ def _score_batch(model, rows: list[tuple[list[int], list[int], int, int]]) -> Op
         use_cache=True,
         logits_to_keep=keep,
     )
-    cache = getattr(out, _CACHE)
-    if cache is None or any(type(layer) is not DynamicLayer for layer in getattr(cache, "layers", [None])):
+    cache = full_attention_cache(out)
+    if cache is None:
         return None
     prefix_logits = _log_probs(out.logits)
     # Remainders, interleaved chosen/rejected to match the cache doubled in place, right-padded.
@@ -116,7 +126,7 @@ def _score_batch(model, rows: list[tuple[list[int], list[int], int, int]]) -> Op
             attention_mask=torch.cat([prefix_mask.repeat_interleave(2, dim=0), tail_mask], dim=-1).to(device),
             position_ids=(starts[:, None] + torch.arange(longest)[None, :]).to(device),
             use_cache=False,
-            **{_CACHE: cache},
+            **{CACHE_KWARG: cache},
         ).logits
     )
     scores = []

@@ -1,4 +1,5 @@
-"""Evaluation fixtures: the tiny model's tokenizer, and the tiny base with adapters that change its outputs."""
+"""Evaluation fixtures: the tiny model's tokenizer, the tiny base with adapters that change its outputs, and a
+sliding-window model."""
 
 from __future__ import annotations
 
@@ -44,3 +45,21 @@ def peft_model(tiny_model_dir):
 def two_adapters(tiny_model_dir):
     """The tiny base with a candidate (`sft`) and a `champion` adapter, both randomised differently."""
     return random_adapters(tiny_model_dir, ["sft", "champion"], seed=2)
+
+
+@pytest.fixture(scope="module")
+def sliding_window_model(tokenizer):
+    """A one-layer random Mistral whose attention keeps a sliding window: its cache is not plain full attention."""
+    from transformers import MistralConfig, MistralForCausalLM
+
+    torch.manual_seed(0)
+    config = MistralConfig(
+        vocab_size=len(tokenizer),
+        hidden_size=32,
+        intermediate_size=64,
+        num_hidden_layers=1,
+        num_attention_heads=2,
+        num_key_value_heads=1,
+        sliding_window=8,
+    )
+    return MistralForCausalLM(config).eval()

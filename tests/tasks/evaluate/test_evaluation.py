@@ -13,6 +13,7 @@ from ftflow.tasks.errors import DataError
 from ftflow.tasks.evaluate.evaluation import (
     EvalSets,
     VariantResult,
+    _common_opening,
     active_variant,
     answer_logps,
     answer_losses,
@@ -22,6 +23,7 @@ from ftflow.tasks.evaluate.evaluation import (
     few_shot_prompt,
     generate,
     generation_budget,
+    prompt_inputs,
     reward_margins,
 )
 
@@ -124,6 +126,99 @@ def test_generate_stops_at_end_token(peft_model, tokenizer):
     assert out[0]["new_tokens"] == 1
     assert out[0]["text"] == marker
     assert out[0]["answer"] == ""
+
+
+def positions(mask: torch.Tensor) -> torch.Tensor:
+    """What `generate` gives a left-padded row: real tokens count from 0, padding sits at 0."""
+    return (mask.cumsum(-1) - 1).clamp(min=0)
+
+
+def whole_prompt_logits(model, tokenizer, prompts):
+    """Last-position logits of each prompt run whole, left-padded (how generation ran before openings were shared)."""
+    tokenizer.padding_side = "left"
+    texts = [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts]
+    enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
+    return model(**enc, position_ids=positions(enc["attention_mask"])).logits[:, -1]
+
+
+def shared_prompt_logits(model, tokenizer, prompts):
+    """`prompt_inputs` and the last-position logits of its first forward: what `generate` runs after the opening."""
+    from ftflow.tasks.evaluate.pairs import CACHE_KWARG
+
+    rows = tokenizer(
+        [tokenizer.apply_chat_template(p, tokenize=False, add_generation_prompt=True) for p in prompts],
+        add_special_tokens=False,
+    )["input_ids"]
+    inputs = prompt_inputs(model, tokenizer, rows)
+    cache, mask = inputs[CACHE_KWARG], inputs["attention_mask"]
+    opening = cache.get_seq_length()
+    out = model(
+        input_ids=inputs["input_ids"][:, opening:],
+        attention_mask=mask,
+        position_ids=positions(mask)[:, opening:],
+        **{CACHE_KWARG: cache},
+    )
+    return opening, out.logits[:, -1]
+
+
+FEW_SHOT = [few_shot_prompt(ex["prompt"], TRAIN) for ex in HELDOUT + [example("Extract the city: Lima.", "x")]]
+
+
+@pytest.mark.parametrize("variant", ["base", "sft"])
+def test_a_shared_opening_runs_once_and_the_next_token_is_the_whole_prompts(peft_model, tokenizer, variant):
+    with torch.no_grad(), active_variant(peft_model, variant):
+        opening, got = shared_prompt_logits(peft_model, tokenizer, FEW_SHOT)
+        want = whole_prompt_logits(peft_model, tokenizer, FEW_SHOT)
+    # The shots are the opening every prompt shares (up to the question's first tokens); only the rest runs per row.
+    shots = tokenizer(tokenizer.apply_chat_template(FEW_SHOT[0][:-1], tokenize=False), add_special_tokens=False)
+    assert opening >= len(shots["input_ids"]) > 50
+    assert torch.allclose(got, want, atol=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["base", "sft"])
+def test_batched_generation_with_a_shared_opening_answers_as_each_prompt_alone(peft_model, tokenizer, variant):
+    prompts = FEW_SHOT + [ex["prompt"] for ex in HELDOUT]  # the last two share only the template's opening
+    cfg = eval_cfg(max_new_tokens=6, batch_size=8)
+    with active_variant(peft_model, variant):
+        batched = generate(peft_model, tokenizer, prompts, cfg, EOS)
+        alone = [generate(peft_model, tokenizer, [p], cfg, EOS)[0] for p in prompts]
+    assert [g["answer"] for g in batched] == [g["answer"] for g in alone]
+
+
+def test_common_opening_leaves_every_row_a_token_to_run():
+    assert _common_opening([[1, 2, 3, 4], [1, 2, 3, 5], [1, 2, 9]]) == 2
+    assert _common_opening([[1, 2, 3], [1, 2, 3]]) == 2
+    assert _common_opening([[1, 2], [1, 2, 3, 4]]) == 1
+    assert _common_opening([[7, 1], [8, 1]]) == 0
+
+
+def test_prompts_without_a_shared_cache_run_whole_left_padded(tiny_model_dir, tokenizer):
+    # Prompt tuning prepends virtual tokens at every forward, and a lone prompt shares with nobody: no cache.
+    from peft import PromptTuningConfig, TaskType, get_peft_model
+
+    from ftflow.configs.schema import ModelConfig, Quantization, QuantizationConfig
+    from ftflow.tasks.evaluate.pairs import CACHE_KWARG
+    from ftflow.tasks.train.model import load_base_model
+
+    base = load_base_model(
+        tiny_model_dir, ModelConfig(name_or_path=tiny_model_dir), QuantizationConfig(mode=Quantization.none)
+    )
+    model = get_peft_model(base, PromptTuningConfig(task_type=TaskType.CAUSAL_LM, num_virtual_tokens=4)).eval()
+    rows = [[5, 6, 7], [5, 6, 8, 9]]
+    for m, batch in ((model, rows), (base, rows[:1])):
+        inputs = prompt_inputs(m, tokenizer, batch)
+        assert CACHE_KWARG not in inputs
+    inputs = prompt_inputs(model, tokenizer, rows)
+    assert inputs["input_ids"].tolist() == [[tokenizer.pad_token_id, 5, 6, 7], [5, 6, 8, 9]]
+    assert inputs["attention_mask"].tolist() == [[0, 1, 1, 1], [1, 1, 1, 1]]
+
+
+def test_a_sliding_window_model_generates_from_whole_prompts(sliding_window_model, tokenizer):
+    from ftflow.tasks.evaluate.pairs import CACHE_KWARG
+
+    with torch.no_grad():
+        inputs = prompt_inputs(sliding_window_model, tokenizer, [[5, 6, 7], [5, 6, 8, 9]])
+    assert CACHE_KWARG not in inputs and inputs["input_ids"].shape == (2, 4)
 
 
 # --- score math ---------------------------------------------------------------------------------

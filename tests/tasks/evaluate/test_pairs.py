@@ -99,21 +99,9 @@ def test_prompt_tuning_adapters_score_each_side_whole(tiny_model_dir, tokenizer)
     assert got == want
 
 
-def test_a_sliding_window_cache_is_not_shared(tokenizer):
+def test_a_sliding_window_cache_is_not_shared(sliding_window_model, tokenizer):
     # A sliding-window layer drops what falls out of its window: a doubled prefix cache is not the plain case.
-    from transformers import MistralConfig, MistralForCausalLM
-
-    torch.manual_seed(0)
-    config = MistralConfig(
-        vocab_size=len(tokenizer),
-        hidden_size=32,
-        intermediate_size=64,
-        num_hidden_layers=1,
-        num_attention_heads=2,
-        num_key_value_heads=1,
-        sliding_window=8,
-    )
-    model = MistralForCausalLM(config).eval()
+    model = sliding_window_model
     assert shared_prefix_logps(model, tokenizer, PAIRS, 256, 4) is None
     with torch.no_grad():
         got = _pair_logps(model, tokenizer, PAIRS, EvalConfig(batch_size=16), 256)

@@ -176,8 +176,10 @@ def test_a_shared_opening_runs_once_and_the_next_token_is_the_whole_prompts(peft
 
 
 @pytest.mark.parametrize("variant", ["base", "sft"])
-def test_batched_generation_with_a_shared_opening_answers_as_each_prompt_alone(peft_model, tokenizer, variant):
-    prompts = FEW_SHOT + [ex["prompt"] for ex in HELDOUT]  # the last two share only the template's opening
+@pytest.mark.parametrize("mixed", [False, True], ids=["shots-shared", "template-opening-shared"])
+def test_batched_generation_with_a_shared_opening_answers_as_each_prompt_alone(peft_model, tokenizer, variant, mixed):
+    # Few-shot prompts alone share the shots; with zero-shot prompts beside them only the template's opening.
+    prompts = FEW_SHOT + ([ex["prompt"] for ex in HELDOUT] if mixed else [])
     cfg = eval_cfg(max_new_tokens=6, batch_size=8)
     with active_variant(peft_model, variant):
         batched = generate(peft_model, tokenizer, prompts, cfg, EOS)

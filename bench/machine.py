@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import re
 from pathlib import Path
 
@@ -22,4 +23,9 @@ def cpu_line() -> str:
         f for f in (flags.group(1).split() if flags else []) if f in ("avx2", "fma") or f.startswith(("avx512", "amx"))
     )
     cores = len(re.findall(r"^processor\s*:", text, re.M))
-    return f"CPU: {model.group(1).strip() if model else 'unknown'} x{cores}; flags: {' '.join(wanted) or 'none'}"
+    # A run pinned to fewer CPUs (`taskset -c 0`: the one-core proxy for a 2-vCPU, one-core VM) says so.
+    allowed = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else cores
+    pinned = f", pinned to {allowed}" if allowed < cores else ""
+    return (
+        f"CPU: {model.group(1).strip() if model else 'unknown'} x{cores}{pinned}; flags: {' '.join(wanted) or 'none'}"
+    )

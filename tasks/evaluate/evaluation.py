@@ -187,11 +187,10 @@ def prompt_inputs(model, tokenizer, rows: list[list[int]]) -> dict[str, Any]:
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)
     for b, row in enumerate(rows):
-        # The opening, a gap of padding, then the row's remainder against the right edge.
-        starts = (0, width - len(row) + shared) if shared else (width - len(row),)
-        for start, part in zip(starts, (row[:shared], row[shared:]) if shared else (row,)):
-            ids[b, start : start + len(part)] = torch.tensor(part, dtype=torch.long)
-            mask[b, start : start + len(part)] = 1
+        # The shared opening (none when nothing is shared), a gap of padding, then the rest against the right edge.
+        rest = width - (len(row) - shared)
+        ids[b, :shared], ids[b, rest:] = torch.tensor(row[:shared]), torch.tensor(row[shared:])
+        mask[b, :shared], mask[b, rest:] = 1, 1
     inputs: dict[str, Any] = {"input_ids": ids.to(device), "attention_mask": mask.to(device)}
     if cache is not None:
         cache.batch_repeat_interleave(len(rows))

@@ -179,10 +179,11 @@ def prompt_inputs(model, tokenizer, rows: list[list[int]]) -> dict[str, Any]:
     identical on the demo, in half the time for the few-shot baseline: bench/bench_eval_scoring.py)."""
     device = next(model.parameters()).device
     shared = _common_opening(rows) if len(rows) > 1 and shares_prefixes(model) else 0
-    opening = torch.tensor([rows[0][:shared]], dtype=torch.long, device=device)
-    cache = full_attention_cache(model(input_ids=opening, use_cache=True, logits_to_keep=1)) if shared else None
-    if cache is None:
-        shared = 0
+    cache = None
+    if shared:
+        opening = torch.tensor([rows[0][:shared]], dtype=torch.long, device=device)
+        cache = full_attention_cache(model(input_ids=opening, use_cache=True, logits_to_keep=1))
+    shared = shared if cache is not None else 0
     width = shared + max(len(r) - shared for r in rows)
     ids = torch.full((len(rows), width), tokenizer.pad_token_id, dtype=torch.long)
     mask = torch.zeros_like(ids)

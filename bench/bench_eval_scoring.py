@@ -232,6 +232,8 @@ def bench_generation(model, tokenizer, cfg, examples: list[dict], shots: list[di
         shared = sum(len(r) for r in rows) - sum((len(b) - 1) * _common_opening(b) for b in batches if len(b) > 1)
 
         def whole(asked=prompts):
+            # The "before" arm: the same real model and `generate`, with only the choice to share an opening
+            # answered no, so `prompt_inputs` runs every prompt whole and left-padded as generation did before.
             with mock.patch.object(evaluation, "shares_prefixes", lambda model: False):
                 return generate(model, tokenizer, asked, sized, eos)
 

@@ -2,14 +2,18 @@
 
     .venv/bin/python bench/bench_demo.py                              # the demo as `make demo` runs it
     .venv/bin/python bench/bench_demo.py sft.max_steps=20 lora.r=8    # key.sub=value overrides, passed through
+    .venv/bin/python bench/bench_demo.py --sweep                      # the rank sweep as `make sweep` runs it
     .venv/bin/python bench/bench_demo.py --dry-run                    # print the command and the paths, run nothing
-    options: --recipe NAME (default demo) --workdir DIR (default: a new temp dir) --json out.json --no-prefect
+    options: --recipe NAME (default demo, or sweep with --sweep) --workdir DIR (default: a new temp dir)
+             --json out.json --no-prefect
 
 The run happens in a scratch folder (its cwd), with its own SQLite MLflow store (tracking.tracking_uri=),
 outputs (output_dir=) and Prefect home, so it neither reads nor writes the repository's mlflow.db or runs/.
 Afterwards it prints the subprocess wall time, the MLflow run's duration and every timing metric the run
 logged (sft/wall_s, dpo/wall_s, *_runtime, ...), and the Prefect task runs of the flow run with their
-durations, so the stages add up against the total.
+durations, so the stages add up against the total. With --sweep (`ftflow sweep sweep`) the MLflow run is the
+sweep's parent, each arm's child run gets a line (its duration, candidate, training wall, held-out score), and
+the stages an arm runs inside its `sweep-arm` task are listed under it, indented.
 """
 
 from __future__ import annotations
@@ -30,14 +34,15 @@ sys.path.insert(0, str(Path(__file__).resolve().parent))
 from machine import AVX2_ENV, cpu_line  # noqa: E402
 
 TIMING_SUFFIXES = ("wall_s", "elapsed_s", "_runtime", "_seconds", "_time_s")
+HEADLINE = ("eval/heldout_exact", "eval/heldout_chrf", "eval/heldout_logprob")
 
 
-def demo_command(work: Path, overrides: list[str], recipe: str = "demo") -> list[str]:
+def demo_command(work: Path, overrides: list[str], recipe: str = "demo", verb: str = "run") -> list[str]:
     exe = ROOT / ".venv" / "bin" / "ftflow"
     base = [str(exe)] if exe.exists() else [sys.executable, "-m", "ftflow.cli"]
     return [
         *base,
-        "run",
+        verb,
         recipe,
         f"output_dir={work / 'runs'}",
         f"tracking.tracking_uri={tracking_uri(work)}",
@@ -70,10 +75,15 @@ def mlflow_timings(work: Path) -> dict[str, Any]:
     client = MlflowClient(tracking_uri=tracking_uri(work))
     runs = []
     for exp in client.search_experiments():
-        runs += client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=5)
-    if not runs:
+        runs += client.search_runs([exp.experiment_id], order_by=["attributes.start_time DESC"], max_results=50)
+    # The flow's own run: a sweep's arms are its children, started after it.
+    top = [r for r in runs if "mlflow.parentRunId" not in r.data.tags]
+    if not top:
         return {"error": "no MLflow run found"}
-    run = max(runs, key=lambda r: r.info.start_time)
+    run = max(top, key=lambda r: r.info.start_time)
+    arms = sorted(
+        (r for r in runs if r.data.tags.get("mlflow.parentRunId") == run.info.run_id), key=lambda r: r.info.start_time
+    )
     metrics = run.data.metrics
     timing = {k: v for k, v in sorted(metrics.items()) if k.endswith(TIMING_SUFFIXES) or k.endswith("/duration_s")}
     duration = (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None
@@ -84,6 +94,19 @@ def mlflow_timings(work: Path) -> dict[str, Any]:
         "timing_metrics": timing,
         "peak_memory": {k: v for k, v in sorted(metrics.items()) if "peak_memory" in k},
         "eval": {k: v for k, v in sorted(metrics.items()) if k.startswith("eval/") and k.count("/") == 1},
+        "arms": [arm_line(a) for a in arms],
+    }
+
+
+def arm_line(run) -> dict[str, Any]:
+    m = run.data.metrics
+    return {
+        "name": run.info.run_name,
+        "status": run.info.status,
+        "run_s": (run.info.end_time - run.info.start_time) / 1000 if run.info.end_time else None,
+        "candidate": run.data.tags.get("candidate"),
+        "train_wall_s": m.get("arm/wall_s"),
+        "eval": {k: v for k, v in sorted(m.items()) if k.startswith("eval/") and k.count("/") == 1},
     }
 
 
@@ -102,8 +125,10 @@ async def main():
         tasks = await client.read_task_runs(flow_run_filter=FlowRunFilter(id=FlowRunFilterId(any_=[fr.id])))
         rows = []
         for t in sorted(tasks, key=lambda t: t.start_time or t.expected_start_time):
+            # A task run inside another (a sweep arm's stages) names its parent among its inputs.
+            nested = any(getattr(i, "id", None) for i in (t.task_inputs or {}).get("__parents__", []))
             rows.append({"name": t.name, "state": t.state_name, "run_s": t.total_run_time.total_seconds(),
-                         "start": t.start_time.isoformat() if t.start_time else None})
+                         "start": t.start_time.isoformat() if t.start_time else None, "nested": nested})
         print(json.dumps({"flow_run": fr.name, "state": fr.state_name, "flow_s": fr.total_run_time.total_seconds(),
                           "tasks": rows}))
 
@@ -144,6 +169,13 @@ def report(result: dict[str, Any]) -> str:
             lines.append(f"    {k:40} {v:10.0f}")
         for k, v in ml.get("eval", {}).items():
             lines.append(f"    {k:40} {v:10.3f}")
+        for arm in ml.get("arms", []):
+            scores = ", ".join(f"{k[5:]} {v:.3f}" for k, v in arm["eval"].items() if k in HEADLINE)
+            run_s = f"{arm['run_s']:.1f} s" if arm["run_s"] is not None else "unfinished"
+            train = f", training {arm['train_wall_s']:.1f} s" if arm["train_wall_s"] is not None else ""
+            lines.append(
+                f"  arm {arm['name']} ({arm['status']}): {run_s}{train}; candidate {arm['candidate']}; {scores}"
+            )
     pf = result.get("prefect")
     if pf:
         if "error" in pf:
@@ -151,14 +183,15 @@ def report(result: dict[str, Any]) -> str:
         else:
             lines.append(
                 f"prefect flow run {pf['flow_run']} ({pf['state']}): {pf['flow_s']:.1f} s flow run time; "
-                "task runs in start order (the first train-* is SFT, the second DPO)"
+                "task runs in start order (train is SFT, align DPO; a sweep arm's stages indented under it)"
             )
             for t in pf["tasks"]:
                 share = t["run_s"] / result["wall_s"] if result["wall_s"] else 0
-                lines.append(f"    {t['name']:40} {t['run_s']:10.1f} s  {share:6.1%} of wall  ({t['state']})")
+                name = ("  " + t["name"]) if t.get("nested") else t["name"]
+                lines.append(f"    {name:40} {t['run_s']:10.1f} s  {share:6.1%} of wall  ({t['state']})")
             lines.append(
                 f"    {'(outside tasks: imports, startup, flow glue)':40} "
-                f"{result['wall_s'] - sum(t['run_s'] for t in pf['tasks']):10.1f} s"
+                f"{result['wall_s'] - sum(t['run_s'] for t in pf['tasks'] if not t.get('nested')):10.1f} s"
             )
     return "\n".join(lines)
 
@@ -166,7 +199,8 @@ def report(result: dict[str, Any]) -> str:
 def main(argv: Optional[list[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
     ap.add_argument("overrides", nargs="*", help="key.sub=value, passed to `ftflow run demo`")
-    ap.add_argument("--recipe", default="demo", help="recipe to run (tiny: a minutes-long check of this script)")
+    ap.add_argument("--recipe", help="recipe to run (default demo, or sweep with --sweep; tiny: a quick check)")
+    ap.add_argument("--sweep", action="store_true", help="run `ftflow sweep` (the rank sweep) instead of `ftflow run`")
     ap.add_argument("--dry-run", action="store_true", help="print the command and paths, run nothing")
     ap.add_argument("--workdir", help="scratch folder (default: a new temp dir, kept for inspection)")
     ap.add_argument("--no-prefect", action="store_true", help="skip reading the Prefect task runs")
@@ -184,7 +218,8 @@ def main(argv: Optional[list[str]] = None) -> int:
         work = Path(tempfile.gettempdir()) / "bench-demo-XXXXXXXX"  # named only: a dry run creates nothing
     else:
         work = Path(tempfile.mkdtemp(prefix="bench-demo-")).resolve()
-    cmd = demo_command(work, args.overrides, args.recipe)
+    recipe = args.recipe or ("sweep" if args.sweep else "demo")
+    cmd = demo_command(work, args.overrides, recipe, "sweep" if args.sweep else "run")
     env = demo_env(work, isolate_prefect=not args.no_prefect)
     if args.emulate_avx2:
         env.update(AVX2_ENV)

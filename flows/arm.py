@@ -1,7 +1,7 @@
 """One arm of a rank sweep as its own flow run (sweep.fan_out=deployment): the `arm` deployment in prefect.yaml.
 
 Wiring only. The parameters are references, never data: the URI and sha256 of the inputs the sweep stored
-once (config, formatted data, evaluation sets, champion, base scores), the arm's overrides, and the sweep's
+once (config, formatted data, evaluation sets, the base model's and the champion's scores), the arm's overrides, and the sweep's
 MLflow parent run. The arm checks the digest, trains and evaluates in a child run of that parent, and leaves
 its outcome beside the inputs for the sweep to collect. A retry of the same flow run resumes its child run,
 and with it training from the last checkpoint.
@@ -35,7 +35,7 @@ def arm_flow(inputs_uri: str, digest: str, overrides: list[str], parent_run_id: 
     run = open_arm_run(cfg, parent_run_id)
     ctx = steps.context(cfg, inputs.model, run)
     try:
-        outcome = train_arm(ctx, inputs.train_set, inputs.sets, inputs.champion, inputs.baselines)
+        outcome = train_arm(ctx, inputs.train_set, inputs.sets, inputs.baselines)
     except Exception as err:
         # FAILED before Prefect retries: the retry resumes this run instead of finding it still RUNNING.
         steps.fail(run, err, [], label=f"Sweep arm {' '.join(overrides)}")

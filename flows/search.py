@@ -1,6 +1,7 @@
 """Hyperparameter search: an Optuna study over the typed search space, one MLflow child run per trial.
 
-Validation, formatting and the base model's scores are done once for all trials, as in the rank sweep. Each
+Validation, formatting and the base model's and champion's scores are done once for all trials, as in the
+rank sweep; each trial scores only its candidate on held-out. Each
 trial trains in its own child run with the pruning callback reporting the validation metric to the study;
 trials are ranked on validation (the study's objective) and only the best completed trial meets the gate,
 on held-out.
@@ -41,9 +42,7 @@ def run_trial(
     arm = replace(ctx, cfg=cfg, run=run, work_dir=stages.run_dir(cfg, run))
     pruning = search.PruningCallback(trial, arm, inputs.sets.validation, cfg.search.eval_every)
     try:
-        outcome = train_arm(
-            replace(arm, callbacks=(pruning,)), inputs.train_set, inputs.sets, inputs.champion, inputs.baselines
-        )
+        outcome = train_arm(replace(arm, callbacks=(pruning,)), inputs.train_set, inputs.sets, inputs.baselines)
     except search.Pruned as err:
         run.set_tags({"optuna.state": "PRUNED", "failure_reason": str(err)})
         run.log_metrics({"search/pruned_at_step": pruning.last})
@@ -93,8 +92,8 @@ def search_flow(
         steps.check_judge(ctx)
         train_set, sets = steps.prepare(ctx, explains_failure)
         champion = steps.find_champion(ctx)
-        baselines = steps.evaluate(replace(ctx, run=None), sets, {})
-        inputs = sweeps.ArmInputs(cfg.model_dump(mode="json"), ctx.model, train_set, sets, champion, baselines)
+        baselines = steps.evaluate(replace(ctx, run=None), sets, stages.rescorable(champion))
+        inputs = sweeps.ArmInputs(cfg.model_dump(mode="json"), ctx.model, train_set, sets, baselines)
 
         name = cfg.search.study_name or f"search-{parent.run_id}"
         study = search.study(cfg, name)

@@ -1,9 +1,11 @@
 """LoRA rank sweep: the whole chain (SFT → DPO → evaluation) once per arm, one MLflow child run per arm.
 
-Validation and formatting run once (content-cached) for all arms, and the base model is scored once;
-every arm gets the same data, seed and steps. Each arm picks its candidate (SFT or DPO) on the validation
-split, and the arms are ranked on that validation score (ties to the smaller r); only the best arm meets the
-gate, on the held-out split, which no choice here has read.
+Validation and formatting run once (content-cached) for all arms, and what no arm changes (the base model
+zero- and few-shot, the registry's champion) is scored once; every arm gets the same data, seed and steps.
+Each arm picks its candidate (SFT or DPO) on the validation split and scores only that one on the held-out
+split: the comparison and the gate read nothing else, and a second adapter's held-out pass would add a
+third of an arm's evaluation time on a CPU. The arms are ranked on their validation score (ties to the
+smaller r); only the best arm meets the gate, on the held-out split, which no choice here has read.
 """
 
 from __future__ import annotations
@@ -31,7 +33,6 @@ def train_arm(
     arm: stages.StageContext,
     train_set: FormattedData,
     sets: EvalSets,
-    champion: Optional[stages.Champion],
     baselines: stages.Results,
 ) -> dict[str, Any]:
     """The chain for one arm in its own (child) run `arm.run`: train, choose on validation, evaluate; the outcome."""
@@ -40,7 +41,8 @@ def train_arm(
     sft = steps.train(arm, "sft", train_set.sft)
     aligned = steps.align(arm, train_set.sft, train_set.preference, sft.adapter_dir)
     trained = steps.select_candidate(arm, sets, stages.Trained.of(sft, aligned))
-    results = steps.evaluate(arm, sets, trained.scored(champion), trained.candidate, baselines)
+    candidate = trained.candidate
+    results = steps.evaluate(arm, sets, {candidate: trained.adapters[candidate]}, candidate, baselines)
     stages.log_losses(arm, trained)
     cost = {
         "wall_s": trained.wall_s,
@@ -75,7 +77,6 @@ def sweep_arm(
     ctx: stages.StageContext,
     train_set: FormattedData,
     sets: EvalSets,
-    champion: Optional[stages.Champion],
     baselines: stages.Results,
 ) -> dict[str, Any]:
     """One arm: ctx.cfg is the arm's config and ctx.run the parent run; the arm gets its own nested MLflow run.
@@ -86,7 +87,7 @@ def sweep_arm(
     run = RunLogger.start(cfg, run_name=arm_run_name(cfg), parent_run_id=ctx.run.run_id, tags={"pipeline": "sweep-arm"})
     arm = replace(ctx, run=run, work_dir=stages.run_dir(cfg, run))
     try:
-        return train_arm(arm, train_set, sets, champion, baselines)
+        return train_arm(arm, train_set, sets, baselines)
     except Exception as err:
         steps.fail(run, err, [], label=f"Sweep arm r={cfg.lora.r}")
         return sweeps.outcome(cfg, run.run_id, "FAILED", error=f"{type(err).__name__}: {err}")
@@ -242,21 +243,21 @@ def sweep_flow(
         steps.check_judge(ctx)
         train_set, sets = steps.prepare(ctx, explains_failure)
         champion = steps.find_champion(ctx)
-        # The base model does not change between arms: score it (zero- and few-shot) once for all of them.
-        baselines = steps.evaluate(replace(ctx, run=None), sets, {})
+        # Neither the base model nor the champion changes between arms: score them once for all of them.
+        baselines = steps.evaluate(replace(ctx, run=None), sets, stages.rescorable(champion))
 
         arm_contexts = [replace(ctx, cfg=sweeps.arm_config(cfg, r, a)) for r, a in arms]
         if cfg.sweep.fan_out == "deployment":
-            inputs = sweeps.ArmInputs(cfg.model_dump(mode="json"), ctx.model, train_set, sets, champion, baselines)
+            inputs = sweeps.ArmInputs(cfg.model_dump(mode="json"), ctx.model, train_set, sets, baselines)
             uri, digest = store_inputs(cfg, inputs)
             parent.set_tags({"sweep.fan_out": "deployment", "sweep.inputs_uri": uri, "sweep.inputs_sha256": digest})
             launched = launch_arms(cfg, uri, digest, parent.run_id, arms)
             outcomes = wait_for_arms(cfg, [str(fr.id) for fr in launched], uri)
         elif cfg.sweep.concurrent:
-            futures = [sweep_arm.submit(arm, train_set, sets, champion, baselines) for arm in arm_contexts]
+            futures = [sweep_arm.submit(arm, train_set, sets, baselines) for arm in arm_contexts]
             outcomes = [f.result() for f in futures]
         else:
-            outcomes = [sweep_arm(arm, train_set, sets, champion, baselines) for arm in arm_contexts]
+            outcomes = [sweep_arm(arm, train_set, sets, baselines) for arm in arm_contexts]
 
         primary = cfg.eval.resolved_primary_metric
         rows = sweeps.comparison(outcomes, cfg)

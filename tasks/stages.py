@@ -446,9 +446,12 @@ class Trained:
 
     def scored(self, champion: Optional[Champion]) -> dict[str, str]:
         """The adapters evaluation scores: every trained one, and the champion's when it can be re-scored."""
-        if champion is not None and champion.adapter_dir:
-            return {**self.adapters, "champion": champion.adapter_dir}
-        return self.adapters
+        return {**self.adapters, **rescorable(champion)}
+
+
+def rescorable(champion: Optional[Champion]) -> dict[str, str]:
+    """{"champion": its adapter} when the champion can be re-scored on this run's held-out rows, else {}."""
+    return {"champion": champion.adapter_dir} if champion is not None and champion.adapter_dir else {}
 
 
 def _scoring_model(ctx: StageContext, adapters: dict[str, str]):

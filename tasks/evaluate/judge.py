@@ -139,15 +139,18 @@ def pairwise_score(first: Optional[str], swapped: Optional[str]) -> float:
 
 
 def judge_variants(ctx: StageContext, results: dict[str, VariantResult]) -> list[dict[str, Any]]:
-    """Judge every tuned variant's held-out answers (the first eval.judge.max_examples); adds the per-example
-    judge metric to each result and returns one row per verdict for the MLflow table."""
+    """Judge every tuned variant's held-out answers (the first eval.judge.max_examples) that has no verdict yet;
+    adds the per-example judge metric to each result and returns one row per verdict for the MLflow table.
+
+    A result judged already (a sweep judges the champion once, beside the base, and hands it to every arm) is
+    not asked about again: the judge is a paid call and would answer the same."""
     cfg = ctx.cfg.eval.judge
     judge = client(cfg)
     metric = registry.get(registry.JUDGE_METRICS[cfg.mode.value])
     base = results["base"].predictions[: cfg.max_examples]
     rows: list[dict[str, Any]] = []
     for variant, result in results.items():
-        if not metric.for_variant(variant):
+        if not metric.for_variant(variant) or metric.name in result.metrics:
             continue
         scores: list[float] = []
         for mine, theirs in zip(result.predictions[: cfg.max_examples], base):

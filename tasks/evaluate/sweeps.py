@@ -138,13 +138,12 @@ OUTCOMES = "sweep-outcomes"
 @dataclass
 class ArmInputs:
     """Everything an arm reads, stored once for all arms: the parent's resolved config (as JSON), the base model,
-    the formatted train set, the evaluation sets, the champion and the base model's scores."""
+    the formatted train set, the evaluation sets, and the scores no arm changes (base, few-shot, champion)."""
 
     config: dict[str, Any]
     model: Any
     train_set: Any
     sets: Any
-    champion: Any
     baselines: Any
 
 

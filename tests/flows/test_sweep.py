@@ -40,9 +40,15 @@ def test_sweep_lands_as_parent_with_three_children(prefect_harness, tiny_cfg, ml
     assert len(children) == 3
     pairs = sorted((int(c.data.params["lora.r"]), int(c.data.params["lora.alpha"])) for c in children)
     assert pairs == [(8, 16), (16, 32), (32, 64)]
-    keys = [set(c.data.metrics) for c in children]
-    assert keys[0] == keys[1] == keys[2]
-    assert {"eval/heldout_exact", "arm/wall_s", "arm/peak_memory_mb", "arm/trainable_params"} <= keys[0]
+    headline = [{k for k in c.data.metrics if k.count("/") < 2} for c in children]
+    assert headline[0] == headline[1] == headline[2]
+    assert {"eval/heldout_exact", "arm/wall_s", "arm/peak_memory_mb", "arm/trainable_params"} <= headline[0]
+    for c in children:
+        # Held-out scores of the arm's candidate only: the adapter validation passed over is not scored on it.
+        chosen, passed_over = c.data.tags["candidate"], {"sft": "dpo", "dpo": "sft"}[c.data.tags["candidate"]]
+        assert f"eval/{chosen}/heldout_exact" in c.data.metrics and "eval/base/heldout_exact" in c.data.metrics
+        assert not any(k.startswith(f"eval/{passed_over}/") for k in c.data.metrics)
+        assert f"validation/{passed_over}/heldout_exact" in c.data.metrics
     params = sorted(c.data.metrics["arm/trainable_params"] for c in children)
     assert params[0] * 2 == params[1] and params[1] * 2 == params[2]  # LoRA parameters grow linearly with r
 
@@ -78,3 +84,38 @@ def test_arms_and_best_arm_rules():
         {"r": 16, "status": "FINISHED", "validation": {"heldout_loss": 1.5}, "metrics": {"heldout_loss": 3.0}},
     ]
     assert sweeps.best_arm(by_loss, "heldout_loss")["r"] == 16
+
+
+def test_champion_scored_once_and_each_arm_scores_its_candidate_only(prefect_harness, tiny_cfg, monkeypatch):
+    """With a champion in the registry, a sweep re-scores it once, beside the base, not once per arm; each arm
+    scores only the adapter it chose on validation. A spy records what each evaluation call actually scored."""
+    from ftflow.pipeline import pipeline_flow
+    from ftflow.tasks.evaluate import evaluation
+
+    overrides = ["eval.primary_metric=heldout_logprob", "eval.max_examples=2", "eval.few_shot_k=0", "dpo.max_steps=1"]
+    cfg = config_from_dict(apply_overrides(tiny_cfg.model_dump(mode="json"), [*overrides, "sft.max_steps=1"]))
+    first = pipeline_flow(config=cfg)
+    client = MlflowClient(cfg.tracking.tracking_uri)
+    # Whatever the first gate decided: its version is made the champion, as an operator could.
+    client.set_registered_model_alias(cfg.registry.model_name, "champion", first["gate"]["version"])
+
+    scored: list[list[str]] = []
+    real = evaluation.evaluate_variants
+
+    def spy(ctx, model, tokenizer, variants, sets, precomputed=None):
+        scored.append([v for v in variants if v not in (precomputed or {})])
+        return real(ctx, model, tokenizer, variants, sets, precomputed)
+
+    monkeypatch.setattr(evaluation, "evaluate_variants", spy)
+    sweep_cfg = config_from_dict(
+        apply_overrides(cfg.model_dump(mode="json"), ["sweep.ranks=[4,8]", "sft.max_steps=2", "dpo.max_steps=1"])
+    )
+    out = sweep_flow(config=sweep_cfg)
+
+    assert scored[0] == ["base", "champion"]  # once, for both arms
+    candidates = [arm["candidate"] for arm in out["arms"]]
+    assert scored[1:] == [[c] for c in candidates]
+    children = [client.get_run(arm["run_id"]) for arm in out["arms"]]
+    champion_scores = {c.data.metrics["eval/champion/heldout_logprob"] for c in children}
+    assert len(champion_scores) == 1  # each arm logged the one champion score
+    assert out["gate"] is not None and "vs champion" in out["gate"]["summary"]

@@ -45,7 +45,7 @@ class RewardResult:
 
 def _reward_base(ctx: StageContext):
     from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
-    from transformers import AutoModelForSequenceClassification
+    from transformers import AutoModelForSequenceClassification, set_seed
 
     from ftflow.tasks.train.model import load_base_model
 
@@ -57,6 +57,7 @@ def _reward_base(ctx: StageContext):
             return AutoModelForSequenceClassification.from_pretrained(path, num_labels=1, **kwargs)
 
     cfg = ctx.cfg
+    set_seed(cfg.seed)  # the new score head and LoRA weights, as in trainer.trainable_model
     model = load_base_model(ctx.model.path, cfg.model, cfg.quantization, OneScore)
     if cfg.quantization.mode != Quantization.none:
         model = prepare_model_for_kbit_training(model)

@@ -124,9 +124,14 @@ def trainable_model(
     """What `cfg.resolved_method` trains: a LoRA adapter on the (quantized) base, virtual tokens (prompt tuning),
     or every weight (full). `start_adapter` continues earlier training: an adapter, or full weights for `full`."""
     from peft import PeftModel, get_peft_model, prepare_model_for_kbit_training
+    from transformers import set_seed
 
     from ftflow.tasks.train.model import build_peft_config, load_base_model
 
+    # A new adapter's weights (LoRA's A, prompt tuning's tokens) come from the global generators: unseeded here,
+    # they would follow whatever the process ran before (a sweep's earlier arms, a deployment's earlier runs),
+    # and one config would train different adapters depending on the arm order.
+    set_seed(cfg.seed)
     if cfg.resolved_method == Method.full:
         from ftflow.tasks.train.model import check_full_fits
 

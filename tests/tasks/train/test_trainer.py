@@ -244,3 +244,26 @@ def test_training_turns_the_labelled_only_head_on(padding_free_run):
     assert getattr(fused_head._use_triton, "ftflow_cpu", False)
     assert not fused_head._use_triton.original(torch.device("cpu"))
     assert fused_head._use_triton(torch.device("cpu"))
+
+
+def test_a_new_adapter_starts_from_the_config_seed_whatever_ran_before(tiny_model_dir):
+    """A sweep trains its arms one after another in one process: each arm's LoRA weights must not depend on how
+    much of the global generators the arms before it used."""
+    from ftflow.configs.loader import load_config
+    from ftflow.tasks.train.trainer import trainable_model
+
+    cfg = load_config("tiny", [f"model.name_or_path={tiny_model_dir}", "lora.r=4"])
+
+    def fresh_lora() -> dict[str, torch.Tensor]:
+        model = trainable_model(cfg, tiny_model_dir)
+        return {n: p.detach().clone() for n, p in model.named_parameters() if "lora_A" in n}
+
+    first = fresh_lora()
+    torch.rand(1000)  # what an earlier arm's training would have drawn
+    second = fresh_lora()
+    assert first and first.keys() == second.keys()
+    assert all(torch.equal(first[n], second[n]) for n in first)
+    other = load_config("tiny", [f"model.name_or_path={tiny_model_dir}", "lora.r=4", "seed=8"])
+    assert not all(
+        torch.equal(first[n], p) for n, p in trainable_model(other, tiny_model_dir).named_parameters() if n in first
+    )

@@ -1,10 +1,10 @@
 """One arm of a rank sweep as its own flow run (sweep.fan_out=deployment): the `arm` deployment in prefect.yaml.
 
 Wiring only. The parameters are references, never data: the URI and sha256 of the inputs the sweep stored
-once (config, formatted data, evaluation sets, the base model's and the champion's scores), the arm's overrides, and the sweep's
-MLflow parent run. The arm checks the digest, trains and evaluates in a child run of that parent, and leaves
-its outcome beside the inputs for the sweep to collect. A retry of the same flow run resumes its child run,
-and with it training from the last checkpoint.
+once (config, formatted data, evaluation sets, the base model's and the champion's scores), the arm's
+overrides, and the sweep's MLflow parent run. The arm checks the digest, trains and evaluates in a child run
+of that parent, and leaves its outcome beside the inputs for the sweep to collect. A retry of the same flow
+run resumes its child run, and with it training from the last checkpoint.
 """
 
 from __future__ import annotations

@@ -1,10 +1,9 @@
 """Hyperparameter search: an Optuna study over the typed search space, one MLflow child run per trial.
 
 Validation, formatting and the base model's and champion's scores are done once for all trials, as in the
-rank sweep; each trial scores only its candidate on held-out. Each
-trial trains in its own child run with the pruning callback reporting the validation metric to the study;
-trials are ranked on validation (the study's objective) and only the best completed trial meets the gate,
-on held-out.
+rank sweep. Each trial trains in its own child run with the pruning callback reporting the validation metric
+to the study, and scores only its candidate on held-out; trials are ranked on validation (the study's
+objective) and only the best completed trial meets the gate, on held-out.
 """
 
 from __future__ import annotations

@@ -742,7 +742,7 @@ class CompareConfig(Strict):
 class PipelineConfig(Strict):
     """A whole pipeline run: data → format → QLoRA SFT → DPO → evaluate → gate."""
 
-    seed: int = Field(42, description="Seed for training and data shuffling.")
+    seed: int = Field(42, description="Seed for training: a new adapter's initial weights and the data shuffling.")
     output_dir: str = Field("runs", description="Where adapters, checkpoints and reports are written.")
     model: ModelConfig = Field(default_factory=ModelConfig, description="Base model.")
     quantization: QuantizationConfig = Field(

@@ -586,23 +586,23 @@ def evaluate(
     if ctx.run is not None and cached:
         # Said on the run: these scores were computed by an earlier run (same content key), not by this one.
         ctx.run.set_tags({"eval.cached_variants": ",".join(cached)})
-    verdicts: list[dict[str, Any]] = []
     if cfg.eval.judge.enabled and names:
         from ftflow.tasks.evaluate.judge import judge_variants
 
-        verdicts = judge_variants(ctx, results)
+        judge_variants(ctx, results)
     if ctx.run is not None and names:
-        _log_results(ctx.run, results, candidate or names[-1], verdicts)
+        _log_results(ctx.run, results, candidate or names[-1])
     return results
 
 
-def _log_results(run: RunLogger, results: Results, candidate: str, verdicts: list[dict[str, Any]]) -> None:
+def _log_results(run: RunLogger, results: Results, candidate: str) -> None:
     import pandas as pd
 
     for variant, res in results.items():
         run.log_metrics({f"eval/{variant}/{k}": v for k, v in res.metrics.items()})
     run.log_metrics({f"eval/{k}": v for k, v in results[candidate].metrics.items()})
     run.log_table(pd.DataFrame([p for res in results.values() for p in res.predictions]), "eval/predictions.json")
+    verdicts = [row for res in results.values() for row in res.judged]
     if verdicts:
         run.log_table(pd.DataFrame(verdicts), "eval/judge.json")
 

@@ -8,6 +8,7 @@ pipeline's handling are real; only the far side is scripted:
   - GET  /v1/fine_tuning/jobs/{id}          validating_files → running → `outcome` (succeeded/failed/cancelled)
   - GET  /v1/fine_tuning/jobs/{id}/events   message and metrics events, newest first, as the API lists them
   - POST /v1/chat/completions               `ft:` models answer from `answers` (prompt → text); others say "I am not sure."
+  - GET  /v1/models                         one model: what the LLM judge's reachability check lists
 Nothing here feeds a measured table.
 """
 
@@ -145,6 +146,10 @@ class _Handler(BaseHTTPRequestHandler):
         s = self.script
         s.requests.append(("GET", self.path))
         parts = self.path.split("?")[0].strip("/").split("/")
+        if parts == ["v1", "models"]:
+            return self._send(
+                200, {"object": "list", "data": [{"id": "judge", "object": "model", "owned_by": "standin"}]}
+            )
         if parts[:3] != ["v1", "fine_tuning", "jobs"] or len(parts) < 4 or parts[3] not in s.jobs:
             return self._send(404, {"error": {"message": f"no route {self.path}"}})
         job = s.jobs[parts[3]]

@@ -69,6 +69,9 @@ class VariantResult:
     weights: dict[str, list[float]] = field(default_factory=dict)
     corpus: dict[str, float] = field(default_factory=dict)  # metrics with no per-example form (BLEU)
     cached: bool = False  # read from the evaluation cache (cache.py), not scored in this run
+    # The LLM judge's rows for this variant: they travel with the result, so a sweep arm handed the champion
+    # judged once logs the champion's verdicts beside its own candidate's.
+    judged: list[dict[str, Any]] = field(default_factory=list)
 
     @classmethod
     def of(

@@ -138,9 +138,9 @@ def pairwise_score(first: Optional[str], swapped: Optional[str]) -> float:
     return 0.5
 
 
-def judge_variants(ctx: StageContext, results: dict[str, VariantResult]) -> list[dict[str, Any]]:
+def judge_variants(ctx: StageContext, results: dict[str, VariantResult]) -> None:
     """Judge every tuned variant's held-out answers (the first eval.judge.max_examples) that has no verdict yet;
-    adds the per-example judge metric to each result and returns one row per verdict for the MLflow table.
+    adds the per-example judge metric to each result, and one row per verdict (`judged`) for the MLflow table.
 
     A result judged already (a sweep judges the champion once, beside the base, and hands it to every arm) is
     not asked about again: the judge is a paid call and would answer the same."""
@@ -148,11 +148,11 @@ def judge_variants(ctx: StageContext, results: dict[str, VariantResult]) -> list
     judge = client(cfg)
     metric = registry.get(registry.JUDGE_METRICS[cfg.mode.value])
     base = results["base"].predictions[: cfg.max_examples]
-    rows: list[dict[str, Any]] = []
     for variant, result in results.items():
         if not metric.for_variant(variant) or metric.name in result.metrics:
             continue
         scores: list[float] = []
+        rows: list[dict[str, Any]] = []
         for mine, theirs in zip(result.predictions[: cfg.max_examples], base):
             question, reference, answer = mine["prompt"], mine["reference"], mine["prediction"]
             row: dict[str, Any] = {"variant": variant, "prompt": question, "reference": reference, "answer": answer}
@@ -178,5 +178,5 @@ def judge_variants(ctx: StageContext, results: dict[str, VariantResult]) -> list
             rows.append(row)
         result.add(metric.name, scores)
         result.refresh()
+        result.judged = rows
         ctx.log(f"judged {variant}: {metric.name}={result.metrics[metric.name]:.3f} (n={len(scores)})")
-    return rows

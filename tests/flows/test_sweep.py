@@ -86,9 +86,13 @@ def test_arms_and_best_arm_rules():
     assert sweeps.best_arm(by_loss, "heldout_loss")["r"] == 16
 
 
-def test_champion_scored_once_and_each_arm_scores_its_candidate_only(prefect_harness, tiny_cfg, monkeypatch):
-    """With a champion in the registry, a sweep re-scores it once, beside the base, not once per arm; each arm
-    scores only the adapter it chose on validation. A spy records what each evaluation call actually scored."""
+def test_champion_scored_once_and_each_arm_scores_its_candidate_only(prefect_harness, tiny_cfg, monkeypatch, tmp_path):
+    """With a champion in the registry, a sweep re-scores and judges it once, beside the base, not once per arm;
+    each arm scores only the adapter it chose on validation, and logs the champion's verdicts beside its own.
+    A spy records what each evaluation call actually scored. The judge is tests/openai_standin.py, standing in
+    for a paid API: every reply is "I am not sure.", so the verdicts are ties and only the calls are counted."""
+    from openai_standin import Script, StandIn
+
     from ftflow.pipeline import pipeline_flow
     from ftflow.tasks.evaluate import evaluation
 
@@ -107,10 +111,11 @@ def test_champion_scored_once_and_each_arm_scores_its_candidate_only(prefect_har
         return real(ctx, model, tokenizer, variants, sets, precomputed)
 
     monkeypatch.setattr(evaluation, "evaluate_variants", spy)
-    sweep_cfg = config_from_dict(
-        apply_overrides(cfg.model_dump(mode="json"), ["sweep.ranks=[4,8]", "sft.max_steps=2", "dpo.max_steps=1"])
-    )
-    out = sweep_flow(config=sweep_cfg)
+    script = Script()
+    with StandIn(script) as judge_url:
+        judge = ["eval.judge.enabled=true", f"eval.judge.base_url={judge_url}", "eval.judge.model=judge"]
+        sweep = ["sweep.ranks=[4,8]", "sft.max_steps=2", "dpo.max_steps=1", *judge, "eval.judge.max_examples=1"]
+        out = sweep_flow(config=config_from_dict(apply_overrides(cfg.model_dump(mode="json"), sweep)))
 
     assert scored[0] == ["base", "champion"]  # once, for both arms
     candidates = [arm["candidate"] for arm in out["arms"]]
@@ -119,3 +124,13 @@ def test_champion_scored_once_and_each_arm_scores_its_candidate_only(prefect_har
     champion_scores = {c.data.metrics["eval/champion/heldout_logprob"] for c in children}
     assert len(champion_scores) == 1  # each arm logged the one champion score
     assert out["gate"] is not None and "vs champion" in out["gate"]["summary"]
+    # Pairwise: two calls (both orders) per judged answer; the champion once, then each arm's candidate.
+    assert sum(path == "/v1/chat/completions" for _, path in script.requests) == 2 * (1 + len(children))
+    for child, candidate in zip(children, candidates):
+        table = json.loads(
+            Path(client.download_artifacts(child.info.run_id, "eval/judge.json", str(tmp_path))).read_text()
+        )
+        assert sorted(row[table["columns"].index("variant")] for row in table["data"]) == sorted(
+            ["champion", candidate]
+        )
+        assert child.data.metrics["eval/champion/judge_win_rate"] == 0.5  # a tie: the stand-in never picks

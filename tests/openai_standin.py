@@ -1,4 +1,4 @@
-"""A loopback stand-in for the paid OpenAI API: the endpoints `backend: openai` uses, nothing more.
+"""A loopback stand-in for the paid OpenAI API: the endpoints `backend: openai` and the LLM judge use, nothing more.
 
 It stands in for https://api.openai.com because the real API costs money and cannot be reached from CI. The
 official `openai` client talks to it through `base_url`, so the requests, the client's parsing and the
